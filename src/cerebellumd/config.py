@@ -1,0 +1,417 @@
+"""Configuration: TOML validated by pydantic v2 models, one model per section.
+
+Every model forbids unknown keys and describes each field (the descriptions become the JSON
+Schema printed by `cerebellumd schema`). `load_config` adds the checks pydantic cannot do
+alone (expressions, signal references, driver names) and reports every problem with the file,
+line and dotted key, as `cerebellumd check` prints them.
+
+This module sits between the pure core and the shells: it imports `policies` (to build the
+core's frozen parameters) and the driver registry (to check names), and is imported by both
+`daemon` and `sim`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .policies.expr import ExpressionError, compile_expression
+from .policies.model import AccelState
+from .policies.types import (
+    DemandClass,
+    DemandSpec,
+    Guards,
+    OnStale,
+    PolicyParams,
+    SignalSpec,
+)
+
+PositiveMs = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DaemonConfig(Section):
+    node: str = Field("gateway", description="Node name: MQTT topics and metric context.",
+                      pattern=r"^[A-Za-z0-9_.-]+$")
+    tick_ms: PositiveMs = Field(10, description="Period of the decision loop in milliseconds.")
+    initial_state: Literal["off", "sleep", "idle", "active"] = Field(
+        "idle", description="Accelerator state assumed at start-up before the first read-back.")
+    safe_state: Literal["off", "sleep", "idle", "active"] = Field(
+        "idle", description="State the accelerator is left in on SIGTERM.")
+    state_file: Path | None = Field(
+        None, description="Where energy counters persist across restarts (atomic writes).")
+    persist_interval_s: float = Field(10.0, gt=0, description="How often the state file is written.")
+    telemetry_interval_ms: PositiveMs = Field(
+        1000, description="Period of the telemetry loop (power integration, exports).")
+
+
+class RealtimeConfig(Section):
+    uvloop: bool = Field(False, description="Run the event loop on uvloop when installed.")
+    cpu_affinity: list[int] = Field(default_factory=list, description="CPUs to pin the daemon to.")
+    sched_fifo_priority: int = Field(
+        0, ge=0, le=99, description="SCHED_FIFO priority (0 = normal scheduling).")
+    mlockall: bool = Field(False, description="Lock memory (mlockall) to avoid page faults.")
+    gc_freeze: bool = Field(True, description="gc.freeze() after start-up to shorten GC pauses.")
+
+
+class AcceleratorConfig(Section):
+    profile: str = Field("orin_nano", description="Power profile: a shipped name or a TOML path.")
+    driver: str = Field("simulated", description="Accelerator control driver, by registered name.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Driver-specific options.")
+    command_timeout_ms: PositiveMs = Field(5000, description="Time limit of one driver command.")
+    retries: int = Field(3, ge=0, le=20, description="Retries of a failed command (with backoff).")
+    retry_backoff_ms: PositiveMs = Field(200, description="First retry delay; doubles each retry.")
+
+
+class CanBusConfig(Section):
+    name: str = Field(..., description="Bus name (metrics label `bus`).", pattern=r"^[A-Za-z0-9_-]+$")
+    interface: str = Field(..., description="python-can interface: socketcan, slcan, udp_multicast, virtual, ...")
+    channel: str = Field(..., description="Channel (can0, /dev/ttyACM0@115200, multicast group, ...).")
+    bitrate: int | None = Field(None, gt=0, description="Nominal bitrate (bit/s).")
+    fd: bool = Field(False, description="CAN FD.")
+    data_bitrate: int | None = Field(None, gt=0, description="CAN FD data-phase bitrate.")
+    dbc: str = Field("builtin:vehicle.dbc", description="DBC file path, or builtin:NAME for a shipped one.")
+    dbc_strict: bool = Field(True, description="cantools strict mode (many real DBCs need false).")
+    filters: bool = Field(True, description="Install acceptance filters for the IDs the signals need.")
+    silence_timeout_ms: PositiveMs = Field(1000, description="No frame for this long = silent bus.")
+    queue_size: PositiveMs = Field(4096, description="Bound of the ingest queue (drops are counted).")
+    reconnect_backoff_ms: PositiveMs = Field(500, description="First reconnect delay; doubles up to 30 s.")
+    receive_own_messages: bool = Field(False, description="Passed to python-can.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for can.Bus.")
+
+
+class SignalConfig(Section):
+    can: str | None = Field(None, description="`Message.Signal` in the bus DBC.", pattern=r"^\w+\.\w+$")
+    bus: str | None = Field(None, description="CAN bus name (default: the first bus).")
+    someip: str | None = Field(None, description="SOME/IP field `notification.field`.")
+    mcu: str | None = Field(None, description="Companion-MCU reading name.")
+    max_age_ms: PositiveMs = Field(500, description="Older than this, the value is stale (unknown).")
+    on_stale: OnStale | None = Field(
+        None, description="wake | hold | ignore when stale; default wake if it feeds a critical demand, else ignore.")
+    description: str = Field("", description="Free text.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SignalConfig:
+        sources = [s for s in (self.can, self.someip, self.mcu) if s]
+        if len(sources) != 1:
+            raise ValueError("a signal needs exactly one source: can, someip or mcu")
+        return self
+
+
+class DemandConfig(Section):
+    name: str = Field(..., description="Demand name (metrics label `demand`).", pattern=r"^[A-Za-z0-9_]+$")
+    when: str = Field(..., description="Expression over signal names (safe subset, no eval).")
+    demand_class: DemandClass = Field(..., alias="class", description="critical | normal | anticipatory.")
+    confirm_ms: int = Field(0, ge=0, description="Wake validation: must hold this long (normal).")
+    deadline_ms: PositiveMs = Field(1000, description="How fast the accelerator must be active for it.")
+    description: str = Field("", description="Free text.")
+
+
+class PolicyConfig(Section):
+    name: str = Field("cerebellum_first", description="Name reported by evaluate.")
+    release_ms: int = Field(5000, ge=0, description="Stay active this long after the last demand ends.")
+    min_dwell_ms: int = Field(500, ge=0, description="No state change sooner than this (critical excepted).")
+    max_wake_cycles_per_hour: int = Field(60, ge=1, description="Non-critical wake cap.")
+    latency_budget_ms: PositiveMs = Field(
+        1500, description="Deadline of challenges that may come unannounced: bounds sleep depth.")
+    initial_idle_prediction_s: float = Field(30.0, gt=0, description="Idle-time guess before any history.")
+    idle_prediction_weight: float = Field(0.3, gt=0, le=1, description="EWMA weight of the newest idle gap.")
+    deepest_state: Literal["off", "sleep", "idle"] = Field("off", description="Never rest deeper than this.")
+    timeout_idle_s: float = Field(30.0, gt=0, description="Idle timeout of the `timeout` baseline.")
+    timeout_state: Literal["off", "sleep", "idle"] = Field("sleep", description="Rest state of the `timeout` baseline.")
+
+
+class GuardsConfig(Section):
+    battery_signal: str | None = Field(None, description="Signal with battery voltage (V).")
+    battery_min_v: float = Field(11.8, description="Below this only critical demands wake.")
+    temperature_signal: str | None = Field(None, description="Signal with accelerator temperature (°C).")
+    temperature_max_c: float = Field(95.0, description="Above this only critical demands wake.")
+
+
+class DomainConfig(Section):
+    name: str = Field(..., description="Domain name (metrics label `domain`).", pattern=r"^[A-Za-z0-9_]+$")
+    source: Literal["model", "constant", "hwmon", "mcu"] = Field(
+        ..., description="model: accelerator model; constant: fixed estimate; hwmon/mcu: measured.")
+    watts: float | None = Field(None, ge=0, description="Estimate for source=constant.")
+    sensor: str | None = Field(None, description="hwmon label/path or MCU reading for measured sources.")
+
+
+class PowerConfig(Section):
+    domains: list[DomainConfig] = Field(
+        default_factory=lambda: [
+            DomainConfig(name="accelerator", source="model"),
+            DomainConfig(name="gateway", source="constant", watts=3.5),
+            DomainConfig(name="mcu", source="constant", watts=0.6),
+        ],
+        description="Power domains; each joule is attributed to one.")
+
+
+class PrometheusConfig(Section):
+    enabled: bool = Field(True, description="Serve metrics.")
+    address: str = Field("127.0.0.1", description="Bind address (localhost by default).")
+    port: int = Field(9108, ge=0, le=65535, description="Port (0 = any free port).")
+
+
+class MqttConfig(Section):
+    enabled: bool = Field(False, description="Connect to an MQTT broker.")
+    host: str = Field("127.0.0.1", description="Broker host.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    prefix: str = Field("cerebellumd", description="Topic prefix: <prefix>/<node>/...")
+    username: str | None = Field(None, description="Username.")
+    password: str | None = Field(None, description="Password.")
+    password_file: Path | None = Field(None, description="File holding the password.")
+    tls_ca_file: Path | None = Field(None, description="CA bundle; enables TLS.")
+    tls_cert_file: Path | None = Field(None, description="Client certificate.")
+    tls_key_file: Path | None = Field(None, description="Client key.")
+    keepalive_s: int = Field(30, ge=5, description="MQTT keepalive.")
+    publish_interval_ms: PositiveMs = Field(1000, description="State is published at most this often.")
+    command_rate_per_minute: PositiveMs = Field(60, description="Commands beyond this rate are rejected.")
+    operators: list[str] = Field(default_factory=list, description="Owners allowed to command (empty: any).")
+    homeassistant_discovery: bool = Field(False, description="Publish Home Assistant discovery configs.")
+
+
+class Config(Section):
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="Daemon settings.")
+    realtime: RealtimeConfig = Field(default_factory=RealtimeConfig, description="Real-time settings.")
+    accelerator: AcceleratorConfig = Field(default_factory=AcceleratorConfig, description="Accelerator.")
+    can: list[CanBusConfig] = Field(default_factory=list, description="CAN buses.")
+    signals: dict[str, SignalConfig] = Field(default_factory=dict, description="Signals by name.")
+    demands: list[DemandConfig] = Field(default_factory=list, description="Demands (challenges).")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Policy parameters.")
+    guards: GuardsConfig = Field(default_factory=GuardsConfig, description="Battery and thermal guards.")
+    power: PowerConfig = Field(default_factory=PowerConfig, description="Power domains.")
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig, description="Metrics endpoint.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT telemetry and control.")
+
+
+# -- errors with file, line and key ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        super().__init__("\n".join(str(i) for i in issues))
+        self.issues = tuple(issues)
+
+
+_TABLE = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_.-]+)\s*=""")
+
+
+def locate(text: str, loc: Sequence[str | int]) -> int | None:
+    """Best line number (1-based) for a key path in a TOML text: the line of the deepest part of
+    the path found, so an unknown key points at itself and a missing one at its table."""
+    arrays: dict[str, int] = {}
+    table: tuple[str | int, ...] = ()
+    best_line, best_len = None, -1
+    target = tuple(loc)
+    for number, line in enumerate(text.splitlines(), start=1):
+        m = _TABLE.match(line)
+        if m:
+            parts = tuple(_unquote(p) for p in m.group(2).split("."))
+            if m.group(1) == "[[":
+                key = ".".join(parts)
+                arrays[key] = arrays.get(key, -1) + 1
+                table = (*parts, arrays[key])
+            else:
+                table = _with_indices(parts, arrays)
+            depth = _prefix_len(table, target)
+            if depth == len(table) and depth > best_len:
+                best_line, best_len = number, depth
+            continue
+        k = _KEY.match(line)
+        if k:
+            full = (*table, *(_unquote(p) for p in k.group(1).split(".")))
+            depth = _prefix_len(full, target)
+            if depth == len(full) and depth > best_len:
+                best_line, best_len = number, depth
+    return best_line
+
+
+def _with_indices(parts: tuple[str, ...], arrays: dict[str, int]) -> tuple[str | int, ...]:
+    out: list[str | int] = []
+    for i, part in enumerate(parts):
+        out.append(part)
+        key = ".".join(parts[: i + 1])
+        if key in arrays and i < len(parts) - 1:
+            out.append(arrays[key])
+    return tuple(out)
+
+
+def _unquote(part: str) -> str:
+    part = part.strip()
+    return part[1:-1] if len(part) >= 2 and part[0] == part[-1] and part[0] in "\"'" else part
+
+
+def _prefix_len(a: Sequence[str | int], b: Sequence[str | int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _dotted(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_config(text: str, file: str = "<config>") -> Config:
+    """Parse and validate a TOML text; raise ConfigError listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        raise ConfigError([ConfigIssue(file, int(m.group(1)) if m else None, "", f"TOML syntax: {exc}")]) from None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        issues = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (typo?)"
+            issues.append(ConfigIssue(file, locate(text, loc), _dotted(loc), msg))
+        raise ConfigError(issues) from None
+    issues = [ConfigIssue(file, locate(text, loc), _dotted(loc), msg) for loc, msg in semantic_issues(config)]
+    if issues:
+        raise ConfigError(issues)
+    return config
+
+
+_UNION_TAGS = {"function-after[_one_source(), SignalConfig]"}
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(p), None, "", f"cannot read: {exc.strerror}")]) from None
+    return parse_config(text, str(p))
+
+
+def builtin_example(name: str = "demo.toml") -> str:
+    return resources.files("cerebellumd").joinpath("examples", name).read_text(encoding="utf-8")
+
+
+def semantic_issues(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
+    """Checks across sections: expressions, signal and bus references, driver names."""
+    from .drivers.registry import known_names  # drivers sit below config; avoids a cycle at import
+
+    issues: list[tuple[tuple[str | int, ...], str]] = []
+    names = frozenset(config.signals)
+    bus_names = [b.name for b in config.can]
+    if len(set(bus_names)) != len(bus_names):
+        issues.append((("can",), "bus names must be unique"))
+    for name, sig in config.signals.items():
+        if sig.can and not config.can:
+            issues.append((("signals", name, "can"), "no [[can]] bus is configured"))
+        if sig.bus and sig.bus not in bus_names:
+            issues.append((("signals", name, "bus"), f"unknown bus {sig.bus!r}"))
+    seen: set[str] = set()
+    for i, demand in enumerate(config.demands):
+        if demand.name in seen:
+            issues.append((("demands", i, "name"), f"duplicate demand {demand.name!r}"))
+        seen.add(demand.name)
+        try:
+            compile_expression(demand.when, names)
+        except ExpressionError as exc:
+            issues.append((("demands", i, "when"), str(exc)))
+    for key in ("battery_signal", "temperature_signal"):
+        ref = getattr(config.guards, key)
+        if ref is not None and ref not in names:
+            issues.append((("guards", key), f"unknown signal {ref!r}"))
+    if config.accelerator.driver not in known_names("accelerator"):
+        issues.append(
+            (("accelerator", "driver"),
+             f"unknown driver {config.accelerator.driver!r}; known: {', '.join(sorted(known_names('accelerator')))}")
+        )
+    for i, bus in enumerate(config.can):
+        if bus.interface not in known_names("can"):
+            issues.append((("can", i, "interface"), f"unknown python-can interface {bus.interface!r}"))
+    from .profiles import ProfileError, load_profile
+
+    try:
+        load_profile(config.accelerator.profile)
+    except ProfileError as exc:
+        issues.append((("accelerator", "profile"), str(exc)))
+    domains = [d.name for d in config.power.domains]
+    if len(set(domains)) != len(domains):
+        issues.append((("power", "domains"), "domain names must be unique"))
+    for i, d in enumerate(config.power.domains):
+        if d.source == "constant" and d.watts is None:
+            issues.append((("power", "domains", i, "watts"), "source=constant needs watts"))
+    return issues
+
+
+# -- to the pure core --------------------------------------------------------------------------
+
+
+def policy_params(config: Config) -> PolicyParams:
+    names = frozenset(config.signals)
+    demands = tuple(
+        DemandSpec(
+            name=d.name,
+            expression=compile_expression(d.when, names),
+            demand_class=d.demand_class,
+            confirm_s=d.confirm_ms / 1000,
+            deadline_s=d.deadline_ms / 1000,
+        )
+        for d in config.demands
+    )
+    critical_inputs = {
+        n for d in demands if d.demand_class is DemandClass.CRITICAL for n in d.expression.names
+    }
+    signals = tuple(
+        SignalSpec(
+            name=name,
+            max_age_s=s.max_age_ms / 1000,
+            on_stale=s.on_stale or (OnStale.WAKE if name in critical_inputs else OnStale.IGNORE),
+        )
+        for name, s in config.signals.items()
+    )
+    p = config.policy
+    g = config.guards
+    return PolicyParams(
+        signals=signals,
+        demands=demands,
+        release_s=p.release_ms / 1000,
+        min_dwell_s=p.min_dwell_ms / 1000,
+        max_wake_cycles_per_hour=p.max_wake_cycles_per_hour,
+        latency_budget_s=p.latency_budget_ms / 1000,
+        initial_idle_prediction_s=p.initial_idle_prediction_s,
+        idle_prediction_weight=p.idle_prediction_weight,
+        deepest_state=AccelState(p.deepest_state),
+        guards=Guards(
+            battery_signal=g.battery_signal,
+            battery_min_v=g.battery_min_v,
+            temperature_signal=g.temperature_signal,
+            temperature_max_c=g.temperature_max_c,
+        ),
+    )

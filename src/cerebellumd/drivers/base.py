@@ -1,0 +1,49 @@
+"""The small interfaces every driver implements. Drivers move bytes and read hardware; they
+never decide. Each kind has one module per backend, registered by name (`registry.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from ..policies.model import AccelState
+
+
+class DriverError(Exception):
+    """A driver command failed; the message says what the hardware or the OS answered."""
+
+
+@runtime_checkable
+class AcceleratorDriver(Protocol):
+    """Controls the accelerator. Commands are idempotent; the shell bounds each call with a
+    timeout, retries with backoff and trusts only `async_read_state` for the result."""
+
+    kind: ClassVar[str]
+
+    async def async_open(self) -> None: ...
+
+    async def async_set_state(self, target: AccelState) -> None: ...
+
+    async def async_read_state(self) -> AccelState: ...
+
+    async def async_close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PowerReading:
+    """Watts for one domain; `measured` False means an estimate (exported as source=model)."""
+
+    watts: float
+    measured: bool
+
+
+@runtime_checkable
+class PowerSensor(Protocol):
+    kind: ClassVar[str]
+
+    async def async_read(self) -> PowerReading | None: ...
+
+
+#: Options given to a driver factory: the `options` table of its config section.
+DriverOptions = Mapping[str, Any]

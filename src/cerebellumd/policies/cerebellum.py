@@ -1,0 +1,276 @@
+"""The cerebellum-first policy: a pure `step(state, inputs, now) -> (state, decision)`.
+
+The gateway handles routine itself; the accelerator is woken only for validated demands,
+warmed by anticipatory ones, kept awake `release_s` after the last demand, then sent to the
+deepest resting state whose break-even time fits the predicted idle time and whose exit
+latency fits the latency budget of the challenges that may come unannounced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from .expr import Value
+from .model import AcceleratorModel, AccelState
+from .types import (
+    DemandClass,
+    DemandSpec,
+    DemandStatus,
+    Decision,
+    Hold,
+    HoldMode,
+    Inputs,
+    OnStale,
+    PolicyParams,
+    Sample,
+)
+
+_HOUR_S = 3600.0
+_STALE_RANK = {OnStale.IGNORE: 0, OnStale.HOLD: 1, OnStale.WAKE: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    target: AccelState
+    target_since: float
+    started_at: float
+    demands: tuple[DemandStatus, ...]
+    wake_active: bool = False  # some waking demand (or awake hold) held at the last step
+    last_demand_end: float | None = None
+    predicted_idle_s: float = 30.0
+    wake_times: tuple[float, ...] = ()
+    reason: str = "start"
+
+
+@dataclass(frozen=True, slots=True)
+class _Evaluated:
+    statuses: tuple[DemandStatus, ...]
+    active: tuple[DemandSpec, ...]
+    validations: tuple[tuple[str, str], ...]
+    stale: tuple[str, ...]
+    stale_woken: dict[str, str]  # demand -> stale signal that forced it true
+
+
+class CerebellumFirst:
+    """The default policy. Immutable; all mutable facts live in `PolicyState`."""
+
+    name = "cerebellum_first"
+
+    def __init__(self, params: PolicyParams, model: AcceleratorModel) -> None:
+        self.params = params
+        self.model = model
+        self._specs = {s.name: s for s in params.signals}
+
+    def initial_state(self, now: float, target: AccelState = AccelState.IDLE) -> PolicyState:
+        return PolicyState(
+            target=target,
+            target_since=now,
+            started_at=now,
+            demands=tuple(DemandStatus() for _ in self.params.demands),
+            predicted_idle_s=self.params.initial_idle_prediction_s,
+        )
+
+    # -- evaluation ---------------------------------------------------------------------
+
+    def stale_signals(self, samples: Mapping[str, Sample], now: float, started_at: float) -> tuple[str, ...]:
+        stale = []
+        for spec in self.params.signals:
+            sample = samples.get(spec.name)
+            if sample is None:
+                # Never received: give the bus one max_age after start before calling it stale.
+                if now - started_at > spec.max_age_s:
+                    stale.append(spec.name)
+            elif now - sample.time > spec.max_age_s:
+                stale.append(spec.name)
+        return tuple(stale)
+
+    def _evaluate(self, state: PolicyState, inputs: Inputs, now: float) -> _Evaluated:
+        stale = self.stale_signals(inputs.samples, now, state.started_at)
+        stale_set = set(stale)
+        env: dict[str, Value] = {}
+        for name, sample in inputs.samples.items():
+            if name not in stale_set:
+                env[name] = sample.value
+        statuses: list[DemandStatus] = []
+        active: list[DemandSpec] = []
+        validations: list[tuple[str, str]] = []
+        stale_woken: dict[str, str] = {}
+        for spec, status in zip(self.params.demands, state.demands, strict=True):
+            raw = spec.expression(env)
+            truth: bool
+            if raw is None:
+                policy, culprit = self._on_stale(spec, stale_set)
+                if policy is OnStale.WAKE:
+                    truth = True
+                    stale_woken[spec.name] = culprit
+                elif policy is OnStale.HOLD:
+                    truth = status.active
+                else:
+                    truth = False
+            else:
+                truth = bool(raw)
+            new_status, validation = self._validate(spec, status, truth, now)
+            statuses.append(new_status)
+            if validation:
+                validations.append((spec.name, validation))
+            if new_status.active:
+                active.append(spec)
+        return _Evaluated(tuple(statuses), tuple(active), tuple(validations), stale, stale_woken)
+
+    def _on_stale(self, spec: DemandSpec, stale: set[str]) -> tuple[OnStale, str]:
+        involved = sorted(n for n in spec.expression.names if n in stale or n not in self._specs)
+        best, culprit = OnStale.IGNORE, ""
+        for name in involved:
+            sig = self._specs.get(name)
+            policy = sig.on_stale if sig is not None else OnStale.IGNORE
+            if _STALE_RANK[policy] > _STALE_RANK[best]:
+                best, culprit = policy, name
+        return best, culprit
+
+    @staticmethod
+    def _validate(
+        spec: DemandSpec, status: DemandStatus, truth: bool, now: float
+    ) -> tuple[DemandStatus, str | None]:
+        if not truth:
+            if status.pending_since is not None and not status.active:
+                return DemandStatus(last_true=status.last_true), "expired"
+            return DemandStatus(last_true=status.last_true), None
+        if status.active:
+            return replace(status, last_true=now), None
+        if spec.demand_class is DemandClass.CRITICAL or spec.confirm_s <= 0:
+            validation = "validated" if spec.demand_class is DemandClass.NORMAL else None
+            return DemandStatus(active=True, last_true=now), validation
+        pending = status.pending_since if status.pending_since is not None else now
+        if now - pending >= spec.confirm_s:
+            return DemandStatus(active=True, pending_since=pending, last_true=now), "validated"
+        return DemandStatus(pending_since=pending, last_true=now), None
+
+    # -- decision -----------------------------------------------------------------------
+
+    def step(self, state: PolicyState, inputs: Inputs, now: float) -> tuple[PolicyState, Decision]:
+        p = self.params
+        ev = self._evaluate(state, inputs, now)
+        holds = sorted(
+            (h for h in inputs.holds if h.expires_at > now), key=lambda h: h.priority, reverse=True
+        )
+        top_hold: Hold | None = holds[0] if holds else None
+        sleep_hold = top_hold is not None and top_hold.mode is HoldMode.SLEEP
+
+        denied: str | None = None
+        critical = [d for d in ev.active if d.demand_class is DemandClass.CRITICAL]
+        normal = [d for d in ev.active if d.demand_class is DemandClass.NORMAL]
+        anticipatory = [d for d in ev.active if d.demand_class is DemandClass.ANTICIPATORY]
+        guard = self._guard(inputs.samples, now, state.started_at, ev.stale)
+        if (guard or sleep_hold) and (normal or anticipatory):
+            denied = guard or f"hold:{top_hold.owner if top_hold else ''}"
+            normal, anticipatory = [], []
+
+        wakers = critical + normal
+        awake_hold = top_hold is not None and top_hold.mode is HoldMode.AWAKE
+        want: AccelState
+        reason: str
+        bypass_dwell = False
+        if critical:
+            want, reason, bypass_dwell = AccelState.ACTIVE, self._demand_reason(critical[0], ev), True
+        elif normal:
+            want, reason = AccelState.ACTIVE, self._demand_reason(normal[0], ev)
+        elif awake_hold and top_hold is not None:
+            want, reason = AccelState.ACTIVE, f"hold:{top_hold.owner}"
+        else:
+            want, reason = self._rest_target(state, anticipatory, now, sleep_hold)
+
+        is_wake = want is AccelState.ACTIVE and state.target is not AccelState.ACTIVE
+        wake_times = tuple(t for t in state.wake_times if now - t < _HOUR_S)
+        if is_wake and not critical and len(wake_times) >= p.max_wake_cycles_per_hour:
+            denied = "cap:wake_cycles"
+            want, reason = self._rest_target(state, anticipatory, now, sleep_hold)
+            is_wake = False
+
+        # Hysteresis: hold the current target for min_dwell unless a critical demand says go.
+        if (
+            want is not state.target
+            and not bypass_dwell
+            and now - state.target_since < p.min_dwell_s
+        ):
+            want, reason, is_wake = state.target, "dwell", False
+
+        waking_now = bool(wakers) or awake_hold
+        last_end = state.last_demand_end
+        predicted = state.predicted_idle_s
+        if state.wake_active and not waking_now:
+            last_end = now
+        if is_wake:
+            wake_times = (*wake_times, now)
+            if state.last_demand_end is not None:
+                gap = now - state.last_demand_end
+                w = p.idle_prediction_weight
+                predicted = (1 - w) * predicted + w * gap
+
+        changed = want is not state.target
+        new_state = PolicyState(
+            target=want,
+            target_since=now if changed else state.target_since,
+            started_at=state.started_at,
+            demands=ev.statuses,
+            wake_active=waking_now,
+            last_demand_end=last_end,
+            predicted_idle_s=predicted,
+            wake_times=wake_times,
+            reason=reason,
+        )
+        decision = Decision(
+            target=want,
+            reason=reason,
+            changed=changed,
+            active_demands=tuple(d.name for d in ev.active),
+            stale_signals=ev.stale,
+            validations=ev.validations,
+            wake=is_wake,
+            denied=denied,
+        )
+        return new_state, decision
+
+    @staticmethod
+    def _demand_reason(spec: DemandSpec, ev: _Evaluated) -> str:
+        culprit = ev.stale_woken.get(spec.name)
+        return f"stale:{culprit}" if culprit else f"demand:{spec.name}"
+
+    def _guard(
+        self, samples: Mapping[str, Sample], now: float, started_at: float, stale: tuple[str, ...]
+    ) -> str | None:
+        g = self.params.guards
+        if g.battery_signal and g.battery_signal not in stale:
+            battery = samples.get(g.battery_signal)
+            if battery is not None and battery.value < g.battery_min_v:
+                return "guard:battery"
+        if g.temperature_signal and g.temperature_signal not in stale:
+            temp = samples.get(g.temperature_signal)
+            if temp is not None and temp.value > g.temperature_max_c:
+                return "guard:thermal"
+        return None
+
+    def _rest_target(
+        self,
+        state: PolicyState,
+        anticipatory: list[DemandSpec],
+        now: float,
+        sleep_hold: bool,
+    ) -> tuple[AccelState, str]:
+        p = self.params
+        if state.target is AccelState.ACTIVE and not sleep_hold:
+            ended = state.last_demand_end if not state.wake_active else now
+            if ended is not None and now - ended < p.release_s:
+                return AccelState.ACTIVE, "release"
+            if ended is None and now - state.target_since < p.release_s:
+                return AccelState.ACTIVE, "release"
+        # Predicted idle grows with the idle time already seen (a long quiet spell promotes
+        # to deeper states, as the menu governor corrects its guess).
+        idle_so_far = now - state.last_demand_end if state.last_demand_end is not None else 0.0
+        predicted = max(state.predicted_idle_s, idle_so_far)
+        if anticipatory:
+            budget = min(d.deadline_s for d in anticipatory)
+            chosen = self.model.deepest_state(predicted, budget)
+            return chosen, f"anticipate:{anticipatory[0].name}"
+        chosen = self.model.deepest_state(predicted, p.latency_budget_s, floor=p.deepest_state)
+        return chosen, f"rest:{chosen.value}"

@@ -1,0 +1,117 @@
+"""Frozen value types shared by every policy: what goes into `step` and what comes out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from .expr import Expression
+from .model import AccelState
+
+
+class DemandClass(StrEnum):
+    CRITICAL = "critical"
+    NORMAL = "normal"
+    ANTICIPATORY = "anticipatory"
+
+
+class OnStale(StrEnum):
+    WAKE = "wake"
+    HOLD = "hold"
+    IGNORE = "ignore"
+
+
+class HoldMode(StrEnum):
+    AWAKE = "awake"  # keep the accelerator active while held
+    SLEEP = "sleep"  # keep it resting; critical demands still win
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One signal value and the monotonic time it was received."""
+
+    value: float
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSpec:
+    name: str
+    max_age_s: float
+    on_stale: OnStale
+
+
+@dataclass(frozen=True, slots=True)
+class DemandSpec:
+    name: str
+    expression: Expression
+    demand_class: DemandClass
+    confirm_s: float = 0.0
+    deadline_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """An operator hold or an application lease, with an absolute expiry (monotonic s)."""
+
+    id: str
+    owner: str
+    reason: str
+    mode: HoldMode
+    expires_at: float
+    priority: int = 0  # higher wins; safety-critical leases use a high priority
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    battery_signal: str | None = None
+    battery_min_v: float = 0.0
+    temperature_signal: str | None = None
+    temperature_max_c: float = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyParams:
+    signals: tuple[SignalSpec, ...]
+    demands: tuple[DemandSpec, ...]
+    release_s: float = 5.0
+    min_dwell_s: float = 0.5
+    max_wake_cycles_per_hour: int = 60
+    latency_budget_s: float = 1.5
+    initial_idle_prediction_s: float = 30.0
+    idle_prediction_weight: float = 0.3
+    deepest_state: AccelState = AccelState.OFF
+    guards: Guards = field(default_factory=Guards)
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """What the shell hands to `step`: latest samples, operator holds, the accelerator state
+    read back from its driver, and whether this step runs on the fast path (frame arrival)."""
+
+    samples: Mapping[str, Sample]
+    holds: tuple[Hold, ...] = ()
+    actual: AccelState = AccelState.UNKNOWN
+    fast_path: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DemandStatus:
+    """Per-demand validation state (pending -> validated / expired, as EcuM wake validation)."""
+
+    active: bool = False
+    pending_since: float | None = None
+    last_true: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    target: AccelState
+    reason: str
+    changed: bool
+    active_demands: tuple[str, ...] = ()
+    stale_signals: tuple[str, ...] = ()
+    validations: tuple[tuple[str, str], ...] = ()  # (demand, "validated" | "expired")
+    wake: bool = False  # this decision starts a wake cycle
+    denied: str | None = None  # a guard or cap that kept a demand from waking
