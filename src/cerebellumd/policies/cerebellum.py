@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 from .expr import Value
 from .model import AcceleratorModel, AccelState
 from .types import (
+    Decision,
     DemandClass,
     DemandSpec,
     DemandStatus,
-    Decision,
     Hold,
     HoldMode,
     Inputs,

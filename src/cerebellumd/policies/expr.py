@@ -83,7 +83,7 @@ def _fail(node: ast.AST, what: str) -> ExpressionError:
     return ExpressionError(what, None if col is None else col + 1)
 
 
-def _compile(node: ast.expr, names: set[str]) -> Evaluator:  # noqa: C901 - one case per node
+def _compile(node: ast.expr, names: set[str]) -> Evaluator:
     if isinstance(node, ast.Constant):
         value = node.value
         if isinstance(value, bool) or (isinstance(value, int | float) and not isinstance(value, complex)):

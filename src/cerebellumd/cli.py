@@ -1,0 +1,211 @@
+"""The `cerebellumd` command line. The only module that wires `daemon` and `sim` together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ConfigError, builtin_example, load_config, parse_config
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        body = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            body["exc"] = self.formatException(record.exc_info)
+        return json.dumps(body)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.file)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return 1
+    print("OK")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(Config.model_json_schema(by_alias=True), indent=2))
+    return 0
+
+
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, reload_cb: object = None) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if reload_cb is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_cb)  # type: ignore[arg-type]
+
+
+async def _async_run(config: Config, config_path: str | None) -> int:
+    from .daemon.runtime import Daemon
+
+    daemon = Daemon(config, config_path=config_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    reload_tasks: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(daemon.async_reload())
+        reload_tasks.add(task)
+        task.add_done_callback(reload_tasks.discard)
+
+    _install_signal_handlers(loop, stop, reload)
+    await daemon.async_run(stop)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return 1
+    from .daemon.realtime import apply_realtime, install_event_loop_policy_if
+
+    install_event_loop_policy_if(config.realtime.uvloop)
+    apply_realtime(config.realtime)
+    return asyncio.run(_async_run(config, args.config))
+
+
+async def _async_demo(args: argparse.Namespace, config: Config) -> int:
+    import can
+    from rich.console import Console
+    from rich.live import Live
+
+    from .daemon.clock import Clock
+    from .daemon.ingest import load_dbc
+    from .daemon.live import render
+    from .daemon.runtime import Daemon
+    from .sim.cycles import load_cycle
+    from .sim.events import build_scenario
+    from .sim.plant import async_drive
+    from .sim.vehicle import VirtualVehicle
+
+    prometheus = config.prometheus.model_copy(update={"port": args.port, "address": args.address})
+    config = config.model_copy(update={"prometheus": prometheus})
+    cycle = await asyncio.to_thread(load_cycle, args.cycle)
+    scenario = build_scenario(cycle, args.seed)
+    bus_cfg = config.can[0]
+    db = await asyncio.to_thread(load_dbc, bus_cfg.dbc, bus_cfg.dbc_strict)
+    vehicle = VirtualVehicle(scenario, db)
+    clock = Clock(scale=args.speedup)
+    daemon = Daemon(config, clock=clock)
+    stop = asyncio.Event()
+    _install_signal_handlers(asyncio.get_running_loop(), stop)
+    duration = args.duration if args.duration is not None else cycle.duration_s
+    plant_bus = await asyncio.to_thread(
+        can.Bus, interface=bus_cfg.interface, channel=bus_cfg.channel, **bus_cfg.options)
+    console = Console(stderr=False)
+    await daemon.async_start()
+    print(f"cerebellumd demo: {cycle.name} seed {args.seed} at speed-up {args.speedup:g}; "
+          f"metrics on http://{config.prometheus.address}:{daemon.port}/metrics", flush=True)
+    start = clock.now()
+    plant = asyncio.create_task(async_drive(vehicle, plant_bus, clock.now, stop, start=start, until=duration))
+    live_enabled = not args.no_live and console.is_terminal
+    try:
+        if live_enabled:
+            with Live(render(daemon.snapshot()), console=console, refresh_per_second=4) as live:
+                while not stop.is_set() and not plant.done():
+                    live.update(render(daemon.snapshot(), title=f"cerebellumd demo — {cycle.name}"))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 0.25)
+        else:
+            await asyncio.wait({plant, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()
+        await asyncio.gather(plant, return_exceptions=True)
+        snap = daemon.snapshot()
+        await daemon.async_stop()
+        await asyncio.to_thread(plant_bus.shutdown)
+    summary = {
+        "cycle": cycle.name, "seed": args.seed, "speedup": args.speedup,
+        "plant_seconds": round(snap.time - start, 1), "events": len(scenario.events),
+        "wakes": snap.wakes, "sleeps": snap.sleeps, "frames": snap.frames,
+        "joules": {k: round(v, 1) for k, v in snap.joules.items()},
+    }
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        text = Path(args.config).read_text("utf-8") if args.config else builtin_example()
+        config = parse_config(text, args.config or "builtin:demo.toml")
+    except (OSError, ConfigError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return asyncio.run(_async_demo(args, config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cerebellumd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cerebellumd {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="human", choices=["human", "json"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run everything on embedded defaults, no hardware")
+    demo.add_argument("--duration", type=float, default=None, help="plant seconds to run (default: the whole cycle)")
+    demo.add_argument("--speedup", type=float, default=1.0, help="time runs this many times faster")
+    demo.add_argument("--cycle", default="udds", help="shipped cycle name or CSV path")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--config", default=None, help="config file (default: the shipped examples/demo.toml)")
+    demo.add_argument("--port", type=int, default=9108, help="metrics port (0 = any free port)")
+    demo.add_argument("--address", default="127.0.0.1", help="metrics bind address")
+    demo.add_argument("--no-live", action="store_true", help="no live terminal view")
+    demo.set_defaults(func=_cmd_demo)
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", required=True)
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_check)
+
+    schema = sub.add_parser("schema", help="print the JSON Schema of the config")
+    schema.set_defaults(func=_cmd_schema)
+
+    try:
+        from .sim import commands as sim_commands
+    except ImportError:  # the evaluator is optional while it is being built
+        pass
+    else:
+        sim_commands.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

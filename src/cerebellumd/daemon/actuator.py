@@ -1,0 +1,144 @@
+"""Actuation: drives the accelerator toward the policy's target through its driver. Each
+command is time-limited and retried with exponential backoff; the state is read back, never
+assumed. A newer target supersedes the command under way."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from ..config import AcceleratorConfig
+from ..drivers.base import AcceleratorDriver
+from ..policies.model import RESTING_STATES, AcceleratorModel, AccelState
+from .clock import Clock
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Actuator:
+    def __init__(
+        self,
+        driver: AcceleratorDriver,
+        model: AcceleratorModel,
+        config: AcceleratorConfig,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        on_change: Callable[[AccelState], None] | None = None,
+        poll_s: float = 0.005,
+    ) -> None:
+        self.driver = driver
+        self.model = model
+        self.config = config
+        self.clock = clock
+        self.metrics = metrics
+        self.state = AccelState.UNKNOWN
+        self.goal: AccelState | None = None
+        self._from = AccelState.UNKNOWN
+        self._task: asyncio.Task[None] | None = None
+        self._on_change = on_change
+        self._poll_s = poll_s
+        self._wake_started: float | None = None
+        self.last_wake_latency_s: float | None = None
+
+    async def async_start(self) -> None:
+        await asyncio.wait_for(self.driver.async_open(), self.config.command_timeout_ms / 1000)
+        self._observe(await self.driver.async_read_state())
+
+    async def async_stop(self, safe_state: AccelState | None) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if safe_state is not None:
+            try:
+                await asyncio.wait_for(self.driver.async_set_state(safe_state), self.config.command_timeout_ms / 1000)
+            except Exception as exc:  # best effort on the way out, but say so
+                log.error("could not leave the accelerator in %s: %s", safe_state.value, exc)
+        await self.driver.async_close()
+
+    def request(self, target: AccelState) -> None:
+        if target is self.goal:
+            return
+        self._from = self.state if self.state not in (AccelState.WAKING, AccelState.SUSPENDING) else self._from
+        self.goal = target
+        if target is AccelState.ACTIVE and self._wake_started is None:
+            self._wake_started = self.clock.now()
+        if target is not AccelState.ACTIVE:
+            self._wake_started = None
+        if self._task is not None:
+            self._task.cancel()
+        self._task = asyncio.create_task(self._drive(target), name=f"actuate-{target.value}")
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def estimated_power_w(self) -> float:
+        """Model estimate of the accelerator's draw from the read-back state."""
+        s = self.state
+        if s is AccelState.WAKING and self._from in RESTING_STATES:
+            return self.model.exit[self._from].mean_power_w
+        if s is AccelState.SUSPENDING and self.goal in RESTING_STATES:
+            return self.model.enter[self.goal].mean_power_w
+        if s in self.model.power_w:
+            return self.model.power_w[s]
+        return self.model.power_w[AccelState.IDLE]  # unknown: assume awake-ish, not asleep
+
+    def _observe(self, state: AccelState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        if state is AccelState.ACTIVE and self._wake_started is not None:
+            self.last_wake_latency_s = self.clock.now() - self._wake_started
+            self.metrics.wake_latency.observe(self.last_wake_latency_s)
+            self._wake_started = None
+        self.metrics.set_state(state)
+        if self._on_change is not None:
+            self._on_change(state)
+
+    async def _drive(self, target: AccelState) -> None:
+        cfg = self.config
+        timeout_s = cfg.command_timeout_ms / 1000
+        backoff_s = cfg.retry_backoff_ms / 1000
+        expected = self.model.exit_latency_s(self._from) if target is AccelState.ACTIVE else (
+            self.model.enter[target].latency_s if target in RESTING_STATES else 0.0)
+        for attempt in range(cfg.retries + 1):
+            try:
+                await asyncio.wait_for(self.driver.async_set_state(target), timeout_s)
+                if await self._await_readback(target, self.clock.wall_seconds(expected) * 2 + timeout_s):
+                    return
+                kind = "readback"
+                log.warning("accelerator did not reach %s (reads %s)", target.value, self.state.value)
+            except TimeoutError:
+                kind = "timeout"
+                log.warning("accelerator command %s timed out after %.1f s", target.value, timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # driver errors of any kind are counted and retried
+                kind = "error"
+                log.warning("accelerator command %s failed: %s", target.value, exc)
+            self.metrics.actuation_failures.labels(kind).inc()
+            try:
+                self._observe(await asyncio.wait_for(self.driver.async_read_state(), timeout_s))
+            except Exception:  # read-back itself failed: the state is not known
+                self._observe(AccelState.UNKNOWN)
+            if attempt < cfg.retries:
+                await asyncio.sleep(backoff_s * (2**attempt))
+        log.error("accelerator: giving up on %s after %d attempts", target.value, cfg.retries + 1)
+        self.metrics.actuation_failures.labels("gave_up").inc()
+        self.goal = None  # let the next decision command again
+
+    async def _await_readback(self, target: AccelState, within_s: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while True:
+            state = await self.driver.async_read_state()
+            self._observe(state)
+            if state is target:
+                return True
+            if state is AccelState.UNKNOWN or loop.time() >= deadline:
+                return False
+            await asyncio.sleep(self._poll_s)

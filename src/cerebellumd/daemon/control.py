@@ -1,0 +1,138 @@
+"""Operator control: holds and commands (`hold`, `release`, `wake`, `sleep`), schema-checked,
+deduplicated by id, rate-limited. Shared by MQTT, the CLI and the lease server."""
+
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..policies.types import Hold, HoldMode
+
+DEFAULT_TTL_S = {"hold": 600.0, "wake": 30.0, "sleep": 300.0}
+MAX_PAYLOAD_BYTES = 4096
+
+
+class Command(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: Literal["hold", "release", "wake", "sleep"] = Field(
+        ..., description="hold: keep awake; wake: awake now for ttl_s; sleep: keep resting "
+        "(critical demands still win); release: drop the owner's holds.")
+    owner: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$", description="Who asks.")
+    reason: str = Field("", max_length=200, description="Why (shown in state and decision reasons).")
+    ttl_s: float | None = Field(None, gt=0, le=86400, description="Expiry in seconds.")
+    id: str = Field(..., min_length=1, max_length=64, description="Command id, echoed in the response.")
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    id: str | None
+    ok: bool
+    error: str | None = None
+    duplicate: bool = False
+    holds: int = 0
+
+    def to_json(self) -> str:
+        body: dict[str, Any] = {"id": self.id, "ok": self.ok, "holds": self.holds}
+        if self.error:
+            body["error"] = self.error
+        if self.duplicate:
+            body["duplicate"] = True
+        return json.dumps(body)
+
+
+class HoldStore:
+    """Holds by id; expired ones drop out on every read."""
+
+    def __init__(self) -> None:
+        self._holds: dict[str, Hold] = {}
+
+    def add(self, hold: Hold) -> None:
+        self._holds[hold.id] = hold
+
+    def remove_owner(self, owner: str) -> int:
+        gone = [k for k, h in self._holds.items() if h.owner == owner]
+        for k in gone:
+            del self._holds[k]
+        return len(gone)
+
+    def remove(self, hold_id: str) -> bool:
+        return self._holds.pop(hold_id, None) is not None
+
+    def active(self, now: float) -> tuple[Hold, ...]:
+        expired = [k for k, h in self._holds.items() if h.expires_at <= now]
+        for k in expired:
+            del self._holds[k]
+        return tuple(self._holds.values())
+
+
+class CommandProcessor:
+    def __init__(
+        self,
+        holds: HoldStore,
+        *,
+        operators: frozenset[str] = frozenset(),
+        rate_per_minute: int = 60,
+        remember: int = 1024,
+    ) -> None:
+        self.holds = holds
+        self.operators = operators
+        self.rate_per_minute = rate_per_minute
+        self._recent: collections.OrderedDict[str, CommandResult] = collections.OrderedDict()
+        self._remember = remember
+        self._times: collections.deque[float] = collections.deque()
+
+    def handle_payload(self, payload: bytes | str, now: float) -> CommandResult:
+        """Parse, check and apply one command; never raises on bad input."""
+        if isinstance(payload, bytes):
+            if len(payload) > MAX_PAYLOAD_BYTES:
+                return CommandResult(None, False, f"payload larger than {MAX_PAYLOAD_BYTES} bytes")
+            try:
+                payload = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return CommandResult(None, False, "payload is not UTF-8")
+        try:
+            raw = json.loads(payload)
+        except json.JSONDecodeError as exc:
+            return CommandResult(None, False, f"not JSON: {exc.msg}")
+        cmd_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+        try:
+            cmd = Command.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "payload"
+            return CommandResult(cmd_id, False, f"{where}: {first['msg']}")
+        return self.apply(cmd, now)
+
+    def apply(self, cmd: Command, now: float) -> CommandResult:
+        seen = self._recent.get(cmd.id)
+        if seen is not None:
+            return CommandResult(cmd.id, seen.ok, seen.error, duplicate=True, holds=seen.holds)
+        if self.operators and cmd.owner not in self.operators:
+            return self._remember_result(CommandResult(cmd.id, False, f"owner {cmd.owner!r} is not an operator"))
+        while self._times and now - self._times[0] > 60.0:
+            self._times.popleft()
+        if len(self._times) >= self.rate_per_minute:
+            return CommandResult(cmd.id, False, "rate limit: too many commands in the last minute")
+        self._times.append(now)
+        if cmd.command == "release":
+            self.holds.remove_owner(cmd.owner)
+        else:
+            ttl = cmd.ttl_s if cmd.ttl_s is not None else DEFAULT_TTL_S[cmd.command]
+            mode = HoldMode.SLEEP if cmd.command == "sleep" else HoldMode.AWAKE
+            self.holds.add(Hold(
+                id=f"{cmd.owner}:{cmd.id}", owner=cmd.owner, reason=cmd.reason or cmd.command,
+                mode=mode, expires_at=now + ttl, priority=1 if cmd.command == "sleep" else 2,
+            ))
+        return self._remember_result(CommandResult(cmd.id, True, holds=len(self.holds.active(now))))
+
+    def _remember_result(self, result: CommandResult) -> CommandResult:
+        if result.id is not None:
+            self._recent[result.id] = result
+            while len(self._recent) > self._remember:
+                self._recent.popitem(last=False)
+        return result

@@ -1,0 +1,272 @@
+"""CAN ingest for one bus: a supervised reader thread off the loop feeds a bounded queue; the
+loop drains it, decodes with cantools (one cached lookup per frame) and hands samples on.
+
+Why our own reader and not python-can's Notifier/AsyncBufferedReader: the Notifier's
+add_reader path swallows `recv` errors into the loop's exception handler and can hang an
+awaiting reader (python-can #1865), its buffer is unbounded, and it does not notice a silent
+bus. Here every failure is counted, the queue is bounded (drops counted), silence is detected
+and the bus is recreated with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import can
+import cantools
+from cantools.database.can import Database, Message
+
+from ..config import CanBusConfig
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+#: (signal name, value) pairs decoded from one frame, and the frame's policy time.
+SampleSink = Callable[[Sequence[tuple[str, float]], float], None]
+_MAX_RECONNECT_BACKOFF_S = 30.0
+_KERNEL_FILTER_INTERFACES = frozenset({"socketcan", "socketcand", "kvaser", "pcan", "vector", "ixxat"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    message: Message
+    wanted: tuple[tuple[str, str], ...]  # (DBC signal, our signal name)
+
+
+def load_dbc(spec: str, strict: bool = True) -> Database:
+    """`builtin:NAME` for a shipped DBC, else a path."""
+    if spec.startswith("builtin:"):
+        from importlib import resources
+
+        text = resources.files("cerebellumd").joinpath("data", spec.removeprefix("builtin:")).read_text("utf-8")
+        db = cantools.database.load_string(text, database_format="dbc", strict=strict)
+    else:
+        db = cantools.database.load_file(spec, strict=strict)
+    if not isinstance(db, Database):
+        raise ValueError(f"{spec}: not a CAN database")
+    return db
+
+
+class CanIngest:
+    def __init__(
+        self,
+        config: CanBusConfig,
+        db: Database,
+        wanted: Mapping[tuple[str, str], str],
+        sink: SampleSink,
+        metrics: Metrics,
+        *,
+        now: Callable[[], float] = time.monotonic,
+        from_monotonic: Callable[[float], float] = lambda t: t,
+        bus_factory: Callable[..., can.BusABC] | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self._sink = sink
+        self._metrics = metrics
+        self._now = now
+        self._from_monotonic = from_monotonic
+        self._bus_factory = bus_factory or can.Bus
+        self._routes = self._build_routes(db, wanted)
+        self._queue: collections.deque[can.Message] = collections.deque()
+        self._maxlen = config.queue_size
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bus: can.BusABC | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._bus_failed = threading.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self.last_frame_at: float | None = None
+        self.silent = False
+        self.connected = False
+        self.frames = 0
+        self.dropped = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        # Counter children resolved once: label lookups are a measurable share of per-frame cost.
+        self._c_frames = metrics.can_frames.labels(self.name)
+        self._c_dropped = metrics.ingest_dropped.labels(self.name)
+        self._c_errors = {k: metrics.can_errors.labels(self.name, k) for k in
+                          ("decode", "unknown_id", "error_frame", "bus_error", "silent", "reconnect")}
+        self._wall_to_mono = time.time() - time.monotonic()
+
+    @staticmethod
+    def _build_routes(db: Database, wanted: Mapping[tuple[str, str], str]) -> dict[tuple[int, bool], _Route]:
+        per_message: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+        for (message, signal), ours in wanted.items():
+            per_message[message].append((signal, ours))
+        routes: dict[tuple[int, bool], _Route] = {}
+        for message in db.messages:
+            routes[(message.frame_id, message.is_extended_frame)] = _Route(
+                message, tuple(per_message.get(message.name, ())))
+        return routes
+
+    @property
+    def can_filters(self) -> list[dict[str, Any]]:
+        return [
+            {"can_id": m.message.frame_id, "can_mask": 0x1FFFFFFF if m.message.is_extended_frame else 0x7FF,
+             "extended": m.message.is_extended_frame}
+            for m in self._routes.values() if m.wanted
+        ]
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def async_start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop.clear()
+        await self._async_connect()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"can-supervisor-{self.name}")
+
+    async def async_stop(self) -> None:
+        self._stop.set()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
+        await self._async_disconnect()
+
+    async def _async_connect(self) -> None:
+        cfg = self.config
+        kwargs: dict[str, Any] = dict(cfg.options)
+        if cfg.bitrate:
+            kwargs.setdefault("bitrate", cfg.bitrate)
+        if cfg.fd:
+            kwargs.setdefault("fd", True)
+            if cfg.data_bitrate:
+                kwargs.setdefault("data_bitrate", cfg.data_bitrate)
+        if cfg.filters and cfg.interface in _KERNEL_FILTER_INTERFACES:
+            # Only where the kernel or adapter filters: elsewhere python-can would filter in
+            # Python, and we would lose the count of unknown IDs for no CPU gain.
+            kwargs["can_filters"] = self.can_filters
+        kwargs["receive_own_messages"] = cfg.receive_own_messages
+        factory = self._bus_factory
+        self._bus = await asyncio.to_thread(
+            lambda: factory(interface=cfg.interface, channel=cfg.channel, **kwargs))
+        self._bus_failed.clear()
+        self.connected = True
+        self._thread = threading.Thread(target=self._read_forever, args=(self._bus,),
+                                        name=f"can-reader-{self.name}", daemon=True)
+        self._thread.start()
+
+    async def _async_disconnect(self) -> None:
+        self.connected = False
+        bus, self._bus = self._bus, None
+        thread, self._thread = self._thread, None
+        stop = self._stop
+        if thread is not None:
+            stop.set()
+            await asyncio.to_thread(thread.join, 2.0)
+        if bus is not None:
+            await asyncio.to_thread(bus.shutdown)
+
+    # -- reader thread ---------------------------------------------------------------------
+
+    def _read_forever(self, bus: can.BusABC) -> None:
+        queue, maxlen = self._queue, self._maxlen
+        loop = self._loop
+        assert loop is not None
+        while not self._stop.is_set():
+            try:
+                msg = bus.recv(timeout=0.1)
+            except Exception as exc:  # any backend error: count, report, let the supervisor recreate
+                log.warning("bus %s: receive failed: %s", self.name, exc)
+                self._bus_failed.set()
+                loop.call_soon_threadsafe(self._count_error, "bus_error")
+                return
+            if msg is None:
+                continue
+            if len(queue) >= maxlen:
+                self.dropped += 1
+                loop.call_soon_threadsafe(self._c_dropped.inc)
+                continue
+            queue.append(msg)
+            if not self._scheduled:
+                self._scheduled = True
+                try:
+                    loop.call_soon_threadsafe(self._drain)
+                except RuntimeError:  # loop closed during shutdown
+                    return
+
+    # -- loop side -------------------------------------------------------------------------
+
+    def _count_error(self, kind: str) -> None:
+        self.errors[kind] += 1
+        self._c_errors[kind].inc()
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        queue = self._queue
+        if not queue:
+            return
+        routes = self._routes
+        sink = self._sink
+        now_mono = time.monotonic()
+        n = 0
+        while queue:
+            msg = queue.popleft()
+            n += 1
+            if msg.is_error_frame:
+                self._count_error("error_frame")
+                continue
+            route = routes.get((msg.arbitration_id, msg.is_extended_id))
+            if route is None:
+                self._count_error("unknown_id")
+                continue
+            if not route.wanted:
+                continue
+            try:
+                values = route.message.decode(msg.data, decode_choices=False)
+            except Exception:  # cantools raises several types for bad frames; all are bad input
+                self._count_error("decode")
+                continue
+            samples = []
+            for signal, ours in route.wanted:
+                value = values.get(signal)
+                if isinstance(value, int | float):
+                    samples.append((ours, float(value)))
+            mono = msg.timestamp - self._wall_to_mono
+            if not 0.0 <= now_mono - mono < 1.0:
+                mono = now_mono  # interface clock disagrees: trust our own arrival time
+            sink(samples, self._from_monotonic(mono))
+        self.frames += n
+        self._c_frames.inc(n)
+        self.last_frame_at = self._now()
+        if self.silent:
+            self.silent = False
+            log.info("bus %s: traffic again", self.name)
+
+    async def _supervise(self) -> None:
+        """Silence and failure watch: a silent bus is flagged and counted once per episode; a
+        failed bus is recreated with exponential backoff."""
+        timeout = self.config.silence_timeout_ms / 1000
+        backoff = self.config.reconnect_backoff_ms / 1000
+        started = self._now()
+        while True:
+            await asyncio.sleep(min(timeout / 4, 0.25))
+            now = self._now()
+            last = self.last_frame_at if self.last_frame_at is not None else started
+            if not self.silent and now - last > timeout:
+                self.silent = True
+                self._count_error("silent")
+                log.warning("bus %s: silent for %.1f s", self.name, now - last)
+            if self._bus_failed.is_set():
+                await self._async_disconnect()
+                self._stop.clear()
+                while True:
+                    self._count_error("reconnect")
+                    try:
+                        await self._async_connect()
+                        log.info("bus %s: reconnected", self.name)
+                        backoff = self.config.reconnect_backoff_ms / 1000
+                        break
+                    except Exception as exc:  # adapter still gone: keep trying, slower
+                        log.warning("bus %s: reconnect failed (%s); next in %.1f s", self.name, exc, backoff)
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, _MAX_RECONNECT_BACKOFF_S)
