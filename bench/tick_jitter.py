@@ -1,0 +1,201 @@
+"""Tick jitter of the real Ticker at 10 ms under CAN ingest load, next to cyclictest.
+
+The Ticker runs in this process on the asyncio loop while a separate process sends CAN frames
+over python-can udp_multicast (loopback) at --load frames/s; this process ingests and decodes
+them with the project's DBC through the daemon's CanIngest (or, if that is unavailable, a
+minimal add_reader + recv(0) + cantools reader). cyclictest runs at the same time with the same
+interval, duration and scheduling class, as the kernel's reference for this machine.
+
+Lateness = time.monotonic() in the tick callback - the tick's absolute deadline.
+
+    python bench/tick_jitter.py [--seconds S] [--load FRAMES_PER_S] [--json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+from cerebellumd.daemon.ticker import Ticker, TickInfo
+
+
+class FrameCounter:
+    def __init__(self) -> None:
+        self.frames = 0
+        self.samples = 0
+        self.errors = 0
+
+
+async def start_daemon_ingest(counter: FrameCounter) -> Callable[[], Any] | None:
+    """The daemon's own ingest path; None if it cannot be used here."""
+    try:
+        from cerebellumd.config import CanBusConfig
+        from cerebellumd.daemon.ingest import CanIngest, load_dbc
+        from cerebellumd.daemon.metrics import Metrics
+    except ImportError as exc:
+        print(f"daemon ingest unavailable ({exc}); using the bench's own reader",
+              file=sys.stderr)
+        return None
+    cfg = CanBusConfig.model_validate(common.bench_bus_config("bench"))
+    db = load_dbc("builtin:vehicle.dbc")
+    wanted = {(m.name, s.name): f"{m.name}.{s.name}" for m in db.messages for s in m.signals}
+
+    def sink(samples: Sequence[tuple[str, float]], _t: float) -> None:
+        counter.frames += 1
+        counter.samples += len(samples)
+
+    ingest = CanIngest(cfg, db, wanted, sink, Metrics(buses=["bench"]))
+    await ingest.async_start()
+
+    def stop() -> Any:
+        counter.errors = sum(ingest.errors.values()) + ingest.dropped
+        return ingest.async_stop()
+
+    return stop
+
+
+async def start_own_ingest(counter: FrameCounter) -> Callable[[], Any]:
+    """Fallback: add_reader on the bus socket, drain with recv(0), decode with a cached Message."""
+    loop = asyncio.get_running_loop()
+    db = common.load_vehicle_dbc()
+    by_id = {m.frame_id: m for m in db.messages}
+    bus = common.open_bus()
+
+    def on_readable() -> None:
+        while True:
+            try:
+                msg = bus.recv(0)
+            except Exception:  # malformed datagram: count and keep draining
+                counter.errors += 1
+                continue
+            if msg is None:
+                return
+            m = by_id.get(msg.arbitration_id)
+            if m is None:
+                counter.errors += 1
+                continue
+            try:
+                counter.samples += len(m.decode(msg.data, decode_choices=False))
+                counter.frames += 1
+            except Exception:
+                counter.errors += 1
+
+    loop.add_reader(bus.fileno(), on_readable)
+
+    async def stop() -> None:
+        loop.remove_reader(bus.fileno())
+        bus.shutdown()
+
+    return stop
+
+
+async def measure(seconds: float, load: float, period_s: float, hist_max_us: int,
+                  own_ingest: bool) -> dict[str, Any]:
+    counter = FrameCounter()
+    sender = common.start_sender(load, seconds + 2.0) if load > 0 else None
+    try:
+        stop_ingest = None if own_ingest else await start_daemon_ingest(counter)
+        ingest_path = "CanIngest"
+        if stop_ingest is None:
+            stop_ingest = await start_own_ingest(counter)
+            ingest_path = "own add_reader reader"
+
+        lateness: list[float] = []
+        done = asyncio.Event()
+        end = time.monotonic() + seconds
+
+        def on_tick(info: TickInfo) -> None:
+            lateness.append(info.lateness_s)
+            if info.now >= end:
+                done.set()
+
+        ticker = Ticker(period_s, on_tick, name="bench")
+        ct_task = asyncio.create_task(
+            common.run_cyclictest(round(period_s * 1e6), seconds, hist_max_us))
+        ticker.start()
+        try:
+            await done.wait()
+        finally:
+            ticker.stop()
+        ct = await ct_task
+        result = stop_ingest()
+        if asyncio.iscoroutine(result):
+            await result
+    finally:
+        if sender is not None:
+            common.stop_process(sender)
+
+    s = common.summary_us(lateness)
+    ratio = (s["p99_us"] / ct.p99_us
+             if s["p99_us"] is not None and ct.p99_us else None)
+    print(f"ticker backend={ticker.backend} ingest={ingest_path} frames={counter.frames} "
+          f"({counter.frames / seconds:.0f}/s) samples={counter.samples} "
+          f"ingest_errors+drops={counter.errors} cyclictest_cycles={ct.cycles} {ct.note}",
+          file=sys.stderr)
+    return {
+        "period_ms": period_s * 1e3,
+        "ticks": len(lateness),
+        "p50_us": s["p50_us"],
+        "p99_us": s["p99_us"],
+        "max_us": s["max_us"],
+        "overruns": ticker.overruns,
+        "load_frames_per_s": load,
+        "cyclictest_p50_us": ct.p50_us,
+        "cyclictest_p99_us": ct.p99_us,
+        "cyclictest_max_us": ct.max_us,
+        "ratio_p99": round(ratio, 2) if ratio is not None else None,
+    }
+
+
+def print_table(r: dict[str, Any]) -> None:
+    def f(v: Any) -> str:
+        return "n/a" if v is None else f"{v:,.1f}"
+
+    print(f"tick jitter: period {r['period_ms']} ms, {r['ticks']} ticks, "
+          f"load {r['load_frames_per_s']:.0f} frames/s, overruns {r['overruns']}")
+    print(f"{'':12}{'p50 us':>10}{'p99 us':>10}{'max us':>10}")
+    print(f"{'Ticker':12}{f(r['p50_us']):>10}{f(r['p99_us']):>10}{f(r['max_us']):>10}")
+    print(f"{'cyclictest':12}{f(r['cyclictest_p50_us']):>10}{f(r['cyclictest_p99_us']):>10}"
+          f"{f(r['cyclictest_max_us']):>10}")
+    print(f"p99 ratio (Ticker / cyclictest): {f(r['ratio_p99'])}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--load", type=float, default=2000.0, help="CAN frames per second")
+    p.add_argument("--period-ms", type=float, default=10.0)
+    p.add_argument("--hist-max-us", type=int, default=20000,
+                   help="cyclictest histogram range (larger samples count as overflows)")
+    p.add_argument("--own-ingest", action="store_true",
+                   help="use the bench's add_reader reader instead of the daemon's CanIngest")
+    p.add_argument("--uvloop", action="store_true", help="run the loop on uvloop")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quick", action="store_true", help="CI smoke: 3 s at 500 frames/s")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.seconds, a.load = 3.0, 500.0
+    if a.uvloop:
+        from cerebellumd.daemon.realtime import install_event_loop_policy_if
+
+        install_event_loop_policy_if(True)
+    r = asyncio.run(measure(a.seconds, a.load, a.period_ms / 1e3, a.hist_max_us, a.own_ingest))
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print_table(r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
