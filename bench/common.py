@@ -194,6 +194,10 @@ def _sender_main(args: argparse.Namespace) -> int:
     'sent SEQ MONOTONIC' on stdout (monotonic is system-wide, so the parent can compare)."""
     import can
 
+    # A bench running under SCHED_FIFO forks us with its policy; the load generator must be an
+    # ordinary process, like the ECUs it stands for, not a real-time competitor.
+    if hasattr(os, "sched_setscheduler"):
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     db = load_vehicle_dbc()
     bus = open_bus(args.group, args.port)
     adas_id = db.get_message_by_name(CRITICAL_MESSAGE).frame_id

@@ -99,7 +99,7 @@ async def start_own_ingest(counter: FrameCounter) -> Callable[[], Any]:
 
 
 async def measure(seconds: float, load: float, period_s: float, hist_max_us: int,
-                  own_ingest: bool) -> dict[str, Any]:
+                  own_ingest: bool, fifo: int = 0) -> dict[str, Any]:
     counter = FrameCounter()
     sender = common.start_sender(load, seconds + 2.0) if load > 0 else None
     try:
@@ -120,7 +120,7 @@ async def measure(seconds: float, load: float, period_s: float, hist_max_us: int
 
         ticker = Ticker(period_s, on_tick, name="bench")
         ct_task = asyncio.create_task(
-            common.run_cyclictest(round(period_s * 1e6), seconds, hist_max_us))
+            common.run_cyclictest(round(period_s * 1e6), seconds, hist_max_us, fifo))
         ticker.start()
         try:
             await done.wait()
@@ -180,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--own-ingest", action="store_true",
                    help="use the bench's add_reader reader instead of the daemon's CanIngest")
     p.add_argument("--uvloop", action="store_true", help="run the loop on uvloop")
+    p.add_argument("--fifo", type=int, default=0, metavar="PRIO",
+                   help="run this process (and cyclictest) at SCHED_FIFO PRIO, as the daemon's "
+                        "[realtime] sched_fifo_priority does; 0 = SCHED_OTHER")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="CI smoke: 3 s at 500 frames/s")
     a = p.parse_args(argv)
@@ -189,7 +192,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cerebellumd.daemon.realtime import install_event_loop_policy_if
 
         install_event_loop_policy_if(True)
-    r = asyncio.run(measure(a.seconds, a.load, a.period_ms / 1e3, a.hist_max_us, a.own_ingest))
+    if a.fifo:
+        from cerebellumd.daemon.realtime import apply_realtime
+
+        # Before any thread exists: the scheduling policy is per thread, inherited at creation.
+        class Fifo:
+            uvloop = False
+            cpu_affinity: list[int] = []
+            sched_fifo_priority = a.fifo
+            mlockall = False
+            gc_freeze = False
+
+        for msg in apply_realtime(Fifo()):
+            print(msg, file=sys.stderr)
+    r = asyncio.run(measure(a.seconds, a.load, a.period_ms / 1e3, a.hist_max_us, a.own_ingest,
+                            a.fifo))
     if a.json:
         print(json.dumps(r))
     else:

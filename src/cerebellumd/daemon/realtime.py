@@ -8,6 +8,11 @@ Order matters and is the caller's job:
   1. ``install_event_loop_policy_if(cfg.uvloop)`` before the event loop is created;
   2. ``apply_realtime(cfg)`` early in start-up (affinity, SCHED_FIFO, mlockall);
   3. ``freeze_gc_after_startup()`` once start-up allocations are done, if ``cfg.gc_freeze``.
+
+Linux applies affinity and scheduling policy per thread (pid 0 = the calling thread); threads
+and child processes inherit them when created. So ``apply_realtime`` must run on the loop's
+thread before the ingest reader threads and the default executor exist, and anything the
+daemon spawns that should not be real-time must lower its own policy.
 """
 
 from __future__ import annotations
