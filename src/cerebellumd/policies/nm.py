@@ -1,0 +1,404 @@
+"""CAN network management as a pure state machine, modelled on AUTOSAR CanNm (SWS CanNm).
+
+The gateway follows the vehicle's NM so that the accelerator sleeps when the vehicle bus sleeps
+and comes back when it wakes. States and the transitions cite the CanNm SWS requirement they
+follow; where we deviate it is said why (see docs/network-management.md).
+
+    BUS_SLEEP --NM PDU / network request / KL15--> REPEAT_MESSAGE
+    REPEAT_MESSAGE --repeat timer, requested--> NORMAL_OPERATION
+    REPEAT_MESSAGE --repeat timer, released--> READY_SLEEP
+    NORMAL_OPERATION --released--> READY_SLEEP
+    NORMAL_OPERATION / READY_SLEEP --NM PDU with repeat-message bit--> REPEAT_MESSAGE
+    READY_SLEEP --requested--> NORMAL_OPERATION
+    READY_SLEEP --NM timeout--> PREPARE_BUS_SLEEP
+    PREPARE_BUS_SLEEP --NM PDU / requested--> REPEAT_MESSAGE
+    PREPARE_BUS_SLEEP --wait-bus-sleep timer--> BUS_SLEEP
+
+Pure: no I/O, no clock. Time (monotonic seconds) is passed in; every timer is an absolute
+deadline kept in `NmState`, and `CanNm.next_deadline` tells a shell (live or log replay) when
+the next timer fires so it can step exactly then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Control bit vector (byte 1 of the NM PDU by default), AUTOSAR CanNm bit positions.
+CBV_REPEAT_MESSAGE_REQUEST = 0x01  # bit 0
+CBV_PN_SHUTDOWN_REQUEST = 0x02  # bit 1
+CBV_NM_COORDINATOR_SLEEP_READY = 0x08  # bit 3
+CBV_ACTIVE_WAKEUP = 0x10  # bit 4
+CBV_PARTIAL_NETWORK_LEARNING = 0x20  # bit 5
+CBV_PARTIAL_NETWORK_INFORMATION = 0x40  # bit 6
+
+
+class NmMode(StrEnum):
+    BUS_SLEEP = "bus_sleep"
+    PREPARE_BUS_SLEEP = "prepare_bus_sleep"
+    REPEAT_MESSAGE = "repeat_message"
+    NORMAL_OPERATION = "normal_operation"
+    READY_SLEEP = "ready_sleep"
+
+
+#: States of the Network Mode (the bus is awake) where a node may transmit NM PDUs.
+TRANSMIT_MODES = frozenset({NmMode.REPEAT_MESSAGE, NmMode.NORMAL_OPERATION})
+NETWORK_MODES = frozenset({NmMode.REPEAT_MESSAGE, NmMode.NORMAL_OPERATION, NmMode.READY_SLEEP})
+
+
+@dataclass(frozen=True, slots=True)
+class NmPdu:
+    """One received NM PDU: the sender's node id and its control bit vector."""
+
+    source_node: int
+    control: int = 0
+
+    @property
+    def repeat_message_request(self) -> bool:
+        return bool(self.control & CBV_REPEAT_MESSAGE_REQUEST)
+
+    @property
+    def active_wakeup(self) -> bool:
+        return bool(self.control & CBV_ACTIVE_WAKEUP)
+
+
+@dataclass(frozen=True, slots=True)
+class NmParams:
+    """Timing and behaviour. Seconds throughout (the config speaks milliseconds)."""
+
+    timeout_s: float = 2.0  # CanNmTimeoutTime
+    repeat_message_s: float = 1.5  # CanNmRepeatMessageTime
+    wait_bus_sleep_s: float = 2.0  # CanNmWaitBusSleepTime
+    msg_cycle_s: float = 0.5  # CanNmMsgCycleTime (only used when not passive)
+    wake_validation_s: float = 1.0  # EcuM wake validation timeout
+    # Not AUTOSAR: READY_SLEEP leaves for PREPARE_BUS_SLEEP only after this much silence of
+    # *any* CAN traffic, so that a vehicle whose ECUs send no (or unrecognised) NM PDUs never
+    # puts the accelerator to its deepest state while the car still talks. 0 = pure AUTOSAR.
+    idle_timeout_s: float = 2.0
+    passive: bool = True  # CanNmPassiveModeEnabled: never transmit NM PDUs
+    battery_min_v: float = 0.0  # below: the gateway's own request no longer holds the bus
+
+
+@dataclass(frozen=True, slots=True)
+class NmInputs:
+    """What happened since the previous step."""
+
+    nm_pdus: tuple[NmPdu, ...] = ()
+    can_activity: bool = False  # any frame at all (NM PDUs imply activity)
+    ignition: bool | None = None  # KL15; None = unknown (no signal or stale)
+    battery_v: float | None = None  # None = unknown: no battery guard
+    local_request: bool = False  # the gateway needs the bus (a demand or lease is active)
+
+
+@dataclass(frozen=True, slots=True)
+class NmState:
+    mode: NmMode
+    since: float
+    nm_deadline: float | None = None  # NM timeout (NETWORK_MODES)
+    repeat_deadline: float | None = None  # repeat-message time (REPEAT_MESSAGE)
+    bus_sleep_deadline: float | None = None  # wait-bus-sleep time (PREPARE_BUS_SLEEP)
+    next_tx: float | None = None  # next NM PDU transmission (active nodes)
+    last_activity: float | None = None  # last frame of any kind seen on the bus
+    wake_pending_since: float | None = None  # unvalidated wake event in BUS_SLEEP
+    reason: str = "start"
+
+
+@dataclass(frozen=True, slots=True)
+class NmDecision:
+    mode: NmMode
+    reason: str
+    changed: bool
+    transmit: bool = False  # send one NM PDU now (never when passive, never on a sleeping bus)
+    bus_sleep: bool = False  # accelerator to its deepest state; the daemon goes quiet
+    network_requested: bool = False  # the effective request after the battery guard
+    wakeup_validated: bool = False  # a wake event was confirmed this step
+    wakeup_expired: bool = False  # a wake event was not confirmed in time (false wake)
+
+
+class CanNm:
+    """The state machine. Immutable; all facts live in `NmState`."""
+
+    def __init__(self, params: NmParams) -> None:
+        self.params = params
+
+    def initial_state(self, now: float, mode: NmMode = NmMode.BUS_SLEEP) -> NmState:
+        """Start asleep (SWS_CanNm_00141: BUS_SLEEP is the default after initialisation) unless
+        the shell knows better (e.g. started while the bus already runs)."""
+        if mode is NmMode.BUS_SLEEP:
+            return NmState(mode=mode, since=now)
+        # Started inside Network Mode: the bus is taken as alive now, so timers run from here.
+        nm_deadline = now + self.params.timeout_s if mode in NETWORK_MODES else None
+        base = NmState(mode=mode, since=now, nm_deadline=nm_deadline, last_activity=now)
+        return self._enter(base, mode, now, "start")
+
+    def next_deadline(self, state: NmState) -> float | None:
+        """When the next timer of `state` fires: stepping then (with no inputs) acts on it, and
+        the returned time always moves forward after such a step (a replayer never spins)."""
+        mode = state.mode
+        candidates: list[float | None]
+        if mode is NmMode.BUS_SLEEP:
+            candidates = [self._validation_deadline(state)]
+        elif mode is NmMode.PREPARE_BUS_SLEEP:
+            candidates = [state.bus_sleep_deadline]
+        elif mode is NmMode.READY_SLEEP:
+            idle = self._idle_deadline(state)
+            nm = state.nm_deadline
+            candidates = [max(nm, idle) if nm is not None and idle is not None else nm]
+        else:
+            candidates = [state.nm_deadline, state.repeat_deadline, self._tx_deadline(state)]
+        deadlines = [d for d in candidates if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def _tx_deadline(self, state: NmState) -> float | None:
+        if self.params.passive or state.next_tx is None or state.last_activity is None:
+            return None
+        if state.next_tx >= state.last_activity + self.params.timeout_s:
+            return None  # the bus will count as asleep by then: nothing to send
+        return state.next_tx
+
+    def requested(self, inputs: NmInputs) -> bool:
+        """KL15 on always requests the network; the gateway's own request only while the
+        battery is not known to be low (do not hold a parked car's bus awake on a weak battery)."""
+        if inputs.ignition:
+            return True
+        if not inputs.local_request:
+            return False
+        return inputs.battery_v is None or inputs.battery_v >= self.params.battery_min_v
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self, state: NmState, inputs: NmInputs, now: float) -> tuple[NmState, NmDecision]:
+        requested = self.requested(inputs)
+        activity = inputs.can_activity or bool(inputs.nm_pdus)
+        if activity:
+            state = replace(state, last_activity=now)
+        validated = expired = False
+        before = state.mode
+
+        if state.mode is NmMode.BUS_SLEEP:
+            state, validated, expired = self._bus_sleep(state, inputs, requested, activity, now)
+        elif state.mode is NmMode.PREPARE_BUS_SLEEP:
+            state = self._prepare_bus_sleep(state, inputs, requested, now)
+        else:
+            state = self._network_mode(state, inputs, requested, now)
+
+        transmit = False
+        if self._may_transmit(state, now) and state.next_tx is not None and now >= state.next_tx:
+            transmit = True
+            state = replace(state, next_tx=now + self.params.msg_cycle_s)
+        decision = NmDecision(
+            mode=state.mode,
+            reason=state.reason,
+            changed=state.mode is not before,
+            transmit=transmit,
+            bus_sleep=state.mode is NmMode.BUS_SLEEP,
+            network_requested=requested,
+            wakeup_validated=validated,
+            wakeup_expired=expired,
+        )
+        return state, decision
+
+    # -- per mode ---------------------------------------------------------------------------
+
+    def _bus_sleep(
+        self, state: NmState, inputs: NmInputs, requested: bool, activity: bool, now: float
+    ) -> tuple[NmState, bool, bool]:
+        pending = state.wake_pending_since is not None
+        # An NM PDU or KL15 is a wake event that validates itself (and any pending one).
+        if inputs.nm_pdus:
+            # SWS_CanNm_00127/00128: NM PDU in bus sleep -> network start indication; we start
+            # passively (SWS_CanNm_00129 would let ComM decide, the gateway always follows).
+            return self._enter(state, NmMode.REPEAT_MESSAGE, now, "nm_pdu"), True, False
+        if inputs.ignition:
+            return self._enter(state, NmMode.REPEAT_MESSAGE, now, "ignition"), True, False
+        if requested:
+            # SWS_CanNm_00129: network request in bus sleep -> repeat message. The gateway is
+            # awake locally; it still transmits only once the bus shows life (`_may_transmit`).
+            return self._enter(state, NmMode.REPEAT_MESSAGE, now, "local_request"), False, False
+        deadline = self._validation_deadline(state)
+        if deadline is not None and now >= deadline:
+            # EcuM: a wake event not confirmed by an NM PDU or KL15 in time is a false wake.
+            return replace(state, wake_pending_since=None, reason="wake_expired"), False, True
+        if activity and not pending:
+            return replace(state, wake_pending_since=now, reason="wake_pending"), False, False
+        return state, False, False
+
+    def _prepare_bus_sleep(
+        self, state: NmState, inputs: NmInputs, requested: bool, now: float
+    ) -> NmState:
+        if inputs.nm_pdus:
+            return self._enter(state, NmMode.REPEAT_MESSAGE, now, "nm_pdu")  # SWS_CanNm_00124
+        if requested:
+            return self._enter(state, NmMode.REPEAT_MESSAGE, now, "network_request")  # 00123
+        if state.bus_sleep_deadline is not None and now >= state.bus_sleep_deadline:
+            return self._enter(state, NmMode.BUS_SLEEP, now, "wait_bus_sleep_expired")  # 00115
+        return state
+
+    def _network_mode(
+        self, state: NmState, inputs: NmInputs, requested: bool, now: float
+    ) -> NmState:
+        p = self.params
+        if inputs.nm_pdus:
+            # SWS_CanNm_00098: every received NM PDU restarts the NM timeout in Network Mode.
+            state = replace(state, nm_deadline=now + p.timeout_s)
+            repeat_bit = any(pdu.repeat_message_request for pdu in inputs.nm_pdus)
+            if repeat_bit and state.mode is not NmMode.REPEAT_MESSAGE:
+                # SWS_CanNm_00111 (ready sleep) / SWS_CanNm_00119 (normal operation).
+                return self._enter(state, NmMode.REPEAT_MESSAGE, now, "repeat_message_request")
+
+        if state.mode is NmMode.REPEAT_MESSAGE:
+            if state.repeat_deadline is not None and now >= state.repeat_deadline:
+                # SWS_CanNm_00103 (requested) / SWS_CanNm_00106 (released).
+                if requested:
+                    return self._enter(state, NmMode.NORMAL_OPERATION, now, "repeat_done_requested")
+                return self._enter(state, NmMode.READY_SLEEP, now, "repeat_done_released")
+            return self._restart_expired_nm_timeout(state, now)  # SWS_CanNm_00101
+
+        if state.mode is NmMode.NORMAL_OPERATION:
+            if not requested:
+                return self._enter(state, NmMode.READY_SLEEP, now, "network_released")  # 00118
+            return self._restart_expired_nm_timeout(state, now)  # SWS_CanNm_00117
+
+        # READY_SLEEP
+        if requested:
+            return self._enter(state, NmMode.NORMAL_OPERATION, now, "network_request")  # 00110
+        if state.nm_deadline is not None and now >= state.nm_deadline:
+            idle = self._idle_deadline(state)
+            if idle is not None and now < idle:
+                return replace(state, reason="held_by_bus_activity")
+            return self._enter(state, NmMode.PREPARE_BUS_SLEEP, now, "nm_timeout")  # 00109
+        return state
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _enter(self, state: NmState, mode: NmMode, now: float, reason: str) -> NmState:
+        p = self.params
+        if mode is NmMode.REPEAT_MESSAGE:
+            # Entering Network Mode (SWS_CanNm_00096) starts the NM timeout; entering repeat
+            # message starts its own timer (SWS_CanNm_00102); an active node sends at once.
+            keep_nm = (
+                state.mode in NETWORK_MODES
+                and state.nm_deadline is not None
+                and state.nm_deadline > now
+            )
+            return replace(
+                state,
+                mode=mode,
+                since=now,
+                nm_deadline=state.nm_deadline if keep_nm else now + p.timeout_s,
+                repeat_deadline=now + p.repeat_message_s,
+                bus_sleep_deadline=None,
+                next_tx=now,
+                wake_pending_since=None,
+                reason=reason,
+            )
+        if mode is NmMode.NORMAL_OPERATION:
+            # From ready sleep held by the idle guard the NM timeout may already have run out.
+            nm = state.nm_deadline
+            return replace(
+                state, mode=mode, since=now, repeat_deadline=None, reason=reason,
+                nm_deadline=nm if nm is not None and nm > now else now + p.timeout_s,
+                next_tx=state.next_tx if state.next_tx is not None else now,
+            )
+        if mode is NmMode.READY_SLEEP:
+            # SWS_CanNm_00108: transmission stops in ready sleep.
+            return replace(
+                state, mode=mode, since=now, repeat_deadline=None, next_tx=None, reason=reason
+            )
+        if mode is NmMode.PREPARE_BUS_SLEEP:
+            return replace(
+                state, mode=mode, since=now, nm_deadline=None, repeat_deadline=None,
+                next_tx=None, bus_sleep_deadline=now + p.wait_bus_sleep_s, reason=reason,
+            )
+        return NmState(
+            mode=NmMode.BUS_SLEEP, since=now, last_activity=state.last_activity, reason=reason
+        )
+
+    def _restart_expired_nm_timeout(self, state: NmState, now: float) -> NmState:
+        if state.nm_deadline is not None and now >= state.nm_deadline:
+            return replace(state, nm_deadline=now + self.params.timeout_s)
+        return state
+
+    def _validation_deadline(self, state: NmState) -> float | None:
+        if state.wake_pending_since is None:
+            return None
+        return state.wake_pending_since + self.params.wake_validation_s
+
+    def _idle_deadline(self, state: NmState) -> float | None:
+        if state.mode is not NmMode.READY_SLEEP or self.params.idle_timeout_s <= 0:
+            return None
+        if state.last_activity is None:
+            return None
+        return state.last_activity + self.params.idle_timeout_s
+
+    def _may_transmit(self, state: NmState, now: float) -> bool:
+        """Active nodes send in repeat message and normal operation only, and only while the
+        bus is known awake (some frame within the NM timeout): the gateway never wakes a
+        sleeping bus and never keeps one awake alone."""
+        if self.params.passive or state.mode not in TRANSMIT_MODES:
+            return False
+        if state.last_activity is None:
+            return False
+        return now - state.last_activity < self.params.timeout_s
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+class NmConfig(BaseModel):
+    """`[nm]`: follow the vehicle's CAN network management."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        False, description="Follow CAN NM: bus sleep puts the accelerator to its deepest state.")
+    bus: str | None = Field(None, description="CAN bus carrying NM PDUs (default: the first bus).")
+    nm_id_base: int = Field(
+        0x500, ge=0, le=0x1FFFFFFF, description="NM PDU CAN ID base (CanNmRxPdu range).")
+    nm_id_mask: int = Field(
+        0x700, ge=0, le=0x1FFFFFFF, description="Bits of the CAN ID compared with nm_id_base.")
+    source_byte: int | None = Field(
+        0, ge=0, le=63,
+        description="Payload byte with the source node id; none = the ID bits outside the mask.")
+    control_byte: int | None = Field(
+        1, ge=0, le=63, description="Payload byte with the control bit vector; none = no CBV.")
+    timeout_ms: int = Field(
+        2000, gt=0, description="CanNmTimeoutTime: NM PDU silence that ends ready sleep.")
+    repeat_message_ms: int = Field(1500, ge=0, description="CanNmRepeatMessageTime.")
+    wait_bus_sleep_ms: int = Field(2000, ge=0, description="CanNmWaitBusSleepTime.")
+    msg_cycle_ms: int = Field(500, gt=0, description="CanNmMsgCycleTime (only when not passive).")
+    wake_validation_ms: int = Field(
+        1000, gt=0, description="A wake event must be confirmed by an NM PDU or KL15 within this.")
+    idle_timeout_ms: int = Field(
+        2000, ge=0,
+        description="Ready sleep also waits for this much silence of any CAN traffic "
+                    "(0 = pure AUTOSAR).")
+    passive: bool = Field(
+        True, description="Never transmit NM PDUs (even active, never on a sleeping bus).")
+    ignition_signal: str | None = Field(
+        None, description="Signal with KL15 (non-zero = on); it requests the network.")
+    battery_signal: str | None = Field(None, description="Signal with battery voltage (V).")
+    battery_min_v: float = Field(
+        11.8, ge=0, description="Below this the gateway's own request does not hold the bus awake.")
+
+    @model_validator(mode="after")
+    def _bytes_differ(self) -> NmConfig:
+        if self.source_byte is not None and self.source_byte == self.control_byte:
+            raise ValueError("source_byte and control_byte must differ")
+        if self.nm_id_base & ~self.nm_id_mask & 0x1FFFFFFF:
+            raise ValueError("nm_id_base has bits outside nm_id_mask")
+        return self
+
+    def params(self) -> NmParams:
+        return NmParams(
+            timeout_s=self.timeout_ms / 1000,
+            repeat_message_s=self.repeat_message_ms / 1000,
+            wait_bus_sleep_s=self.wait_bus_sleep_ms / 1000,
+            msg_cycle_s=self.msg_cycle_ms / 1000,
+            wake_validation_s=self.wake_validation_ms / 1000,
+            idle_timeout_s=self.idle_timeout_ms / 1000,
+            passive=self.passive,
+            battery_min_v=self.battery_min_v,
+        )

@@ -1,0 +1,285 @@
+"""CanNm state machine: AUTOSAR transitions (table), wake validation, the idle guard, and
+properties over random input sequences (passive never transmits; nothing is sent on a
+sleeping bus; timers always move forward)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from cerebellumd.policies.nm import (
+    CBV_REPEAT_MESSAGE_REQUEST,
+    CanNm,
+    NmConfig,
+    NmInputs,
+    NmMode,
+    NmParams,
+    NmPdu,
+)
+
+BS, PBS = NmMode.BUS_SLEEP, NmMode.PREPARE_BUS_SLEEP
+RM, NO, RS = NmMode.REPEAT_MESSAGE, NmMode.NORMAL_OPERATION, NmMode.READY_SLEEP
+
+# Pure AUTOSAR timing (no idle guard) so each row tests exactly one SWS transition.
+AUTOSAR = NmParams(
+    timeout_s=2.0, repeat_message_s=1.5, wait_bus_sleep_s=2.0, wake_validation_s=1.0,
+    idle_timeout_s=0.0, passive=True, battery_min_v=11.8,
+)
+PDU = NmPdu(source_node=0x12)
+PDU_RMR = NmPdu(source_node=0x12, control=CBV_REPEAT_MESSAGE_REQUEST)
+NONE = NmInputs()
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    start: NmMode
+    inputs: NmInputs
+    at: float
+    expect: NmMode
+    reason: str | None = None
+
+
+ROWS = [
+    Row("bus sleep + NM PDU -> repeat message", BS, NmInputs(nm_pdus=(PDU,)), 0.1, RM, "nm_pdu"),
+    Row("bus sleep + KL15 -> repeat message", BS, NmInputs(ignition=True), 0.1, RM, "ignition"),
+    Row("bus sleep + local request -> repeat message", BS, NmInputs(local_request=True), 0.1, RM,
+        "local_request"),
+    Row("bus sleep + local request on low battery stays", BS,
+        NmInputs(local_request=True, battery_v=11.0), 0.1, BS),
+    Row("bus sleep + plain CAN frame: wake pending only", BS, NmInputs(can_activity=True), 0.1,
+        BS, "wake_pending"),
+    Row("repeat message expiry, requested -> normal operation", RM,
+        NmInputs(local_request=True), 1.5, NO, "repeat_done_requested"),
+    Row("repeat message expiry, KL15 -> normal operation", RM, NmInputs(ignition=True), 1.5, NO),
+    Row("repeat message expiry, released -> ready sleep", RM, NONE, 1.5, RS,
+        "repeat_done_released"),
+    Row("repeat message before expiry stays", RM, NONE, 1.49, RM),
+    Row("repeat message + RMR bit stays", RM, NmInputs(nm_pdus=(PDU_RMR,)), 0.5, RM),
+    Row("ready sleep + NM timeout -> prepare bus sleep", RS, NONE, 2.0, PBS, "nm_timeout"),
+    Row("ready sleep before NM timeout stays", RS, NONE, 1.99, RS),
+    Row("ready sleep + request -> normal operation", RS, NmInputs(local_request=True), 0.5, NO,
+        "network_request"),
+    Row("ready sleep + RMR bit -> repeat message", RS, NmInputs(nm_pdus=(PDU_RMR,)), 0.5, RM,
+        "repeat_message_request"),
+    Row("ready sleep + NM PDU stays", RS, NmInputs(nm_pdus=(PDU,)), 0.5, RS),
+    Row("normal operation + RMR bit -> repeat message", NO, NmInputs(
+        nm_pdus=(PDU_RMR,), local_request=True), 0.5, RM, "repeat_message_request"),
+    Row("normal operation + release -> ready sleep", NO, NONE, 0.5, RS, "network_released"),
+    Row("normal operation + NM timeout, requested: stays", NO, NmInputs(ignition=True), 2.5, NO),
+    Row("prepare bus sleep + wait-bus-sleep expiry -> bus sleep", PBS, NONE, 2.0, BS,
+        "wait_bus_sleep_expired"),
+    Row("prepare bus sleep before expiry stays", PBS, NONE, 1.99, PBS),
+    Row("prepare bus sleep + NM PDU -> repeat message", PBS, NmInputs(nm_pdus=(PDU,)), 1.0, RM,
+        "nm_pdu"),
+    Row("prepare bus sleep + request -> repeat message", PBS, NmInputs(local_request=True), 1.0,
+        RM, "network_request"),
+    Row("prepare bus sleep + KL15 -> repeat message", PBS, NmInputs(ignition=True), 1.0, RM),
+    Row("prepare bus sleep + plain CAN frame stays", PBS, NmInputs(can_activity=True), 1.0, PBS),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
+def test_autosar_transition(row: Row) -> None:
+    nm = CanNm(AUTOSAR)
+    state = nm.initial_state(0.0, row.start)
+    state, decision = nm.step(state, row.inputs, row.at)
+    assert decision.mode is row.expect
+    assert decision.changed is (row.expect is not row.start)
+    assert decision.bus_sleep is (row.expect is BS)
+    if row.reason is not None:
+        assert decision.reason == row.reason
+
+
+@pytest.mark.parametrize("mode", [NO, RS])
+def test_nm_pdu_restarts_nm_timeout(mode: NmMode) -> None:
+    nm = CanNm(AUTOSAR)
+    requested = NmInputs(local_request=True) if mode is NO else NONE
+    state = nm.initial_state(0.0, mode)
+    state, _ = nm.step(state, NmInputs(nm_pdus=(PDU,), local_request=requested.local_request), 1.9)
+    assert state.nm_deadline == pytest.approx(3.9)
+    state, d = nm.step(state, requested, 3.0)  # past the first timeout, before the restarted
+    assert d.mode is mode
+
+
+def test_nm_timeout_in_repeat_message_restarts() -> None:
+    nm = CanNm(NmParams(timeout_s=1.0, repeat_message_s=3.0, idle_timeout_s=0.0))
+    state = nm.initial_state(0.0, RM)
+    state, d = nm.step(state, NONE, 1.0)
+    assert d.mode is RM
+    assert state.nm_deadline == pytest.approx(2.0)  # SWS_CanNm_00101
+
+
+def test_full_cycle_wake_to_sleep_at_the_right_times() -> None:
+    nm = CanNm(AUTOSAR)
+    state = nm.initial_state(0.0)
+    state, d = nm.step(state, NmInputs(nm_pdus=(PDU,)), 10.0)
+    assert (d.mode, d.wakeup_validated) == (RM, True)
+    # Last NM PDU at 10.0: repeat ends 11.5 -> ready sleep; NM timeout 12.0 -> prepare;
+    # wait-bus-sleep 14.0 -> bus sleep. Walk the deadlines as a shell would.
+    timeline = []
+    while (deadline := nm.next_deadline(state)) is not None and deadline < 100:
+        state, d = nm.step(state, NONE, deadline)
+        if d.changed:
+            timeline.append((deadline, d.mode))
+    assert timeline == [(11.5, RS), (12.0, PBS), (14.0, BS)]
+
+
+def test_idle_guard_holds_ready_sleep_while_traffic_continues() -> None:
+    nm = CanNm(NmParams(timeout_s=2.0, idle_timeout_s=1.0))
+    state = nm.initial_state(0.0, RS)
+    state, _ = nm.step(state, NmInputs(can_activity=True), 1.8)  # application frame, no NM PDU
+    state, d = nm.step(state, NONE, 2.0)
+    assert (d.mode, d.reason) == (RS, "held_by_bus_activity")
+    assert nm.next_deadline(state) == pytest.approx(2.8)
+    state, d = nm.step(state, NONE, 2.8)
+    assert d.mode is PBS
+
+
+class TestWakeValidation:
+    def test_unconfirmed_wake_expires(self) -> None:
+        nm = CanNm(AUTOSAR)
+        state, d = nm.step(nm.initial_state(0.0), NmInputs(can_activity=True), 5.0)
+        assert d.reason == "wake_pending" and not d.wakeup_expired
+        assert nm.next_deadline(state) == pytest.approx(6.0)
+        state, d = nm.step(state, NONE, 6.0)
+        assert (d.mode, d.wakeup_expired, d.wakeup_validated) == (BS, True, False)
+        assert state.wake_pending_since is None
+
+    @pytest.mark.parametrize(
+        "confirm", [NmInputs(nm_pdus=(PDU,)), NmInputs(ignition=True)], ids=["nm_pdu", "kl15"]
+    )
+    def test_wake_confirmed_in_time_is_validated(self, confirm: NmInputs) -> None:
+        nm = CanNm(AUTOSAR)
+        state, _ = nm.step(nm.initial_state(0.0), NmInputs(can_activity=True), 5.0)
+        state, d = nm.step(state, confirm, 5.9)
+        assert (d.mode, d.wakeup_validated, d.wakeup_expired) == (RM, True, False)
+
+    def test_local_request_is_no_wake_event(self) -> None:
+        nm = CanNm(AUTOSAR)
+        _, d = nm.step(nm.initial_state(0.0), NmInputs(local_request=True), 1.0)
+        assert d.mode is RM and not d.wakeup_validated
+
+
+class TestActiveTransmission:
+    params = NmParams(passive=False, msg_cycle_s=0.5, timeout_s=2.0, repeat_message_s=1.5)
+
+    def test_active_node_sends_on_an_awake_bus(self) -> None:
+        nm = CanNm(self.params)
+        state, d = nm.step(nm.initial_state(0.0), NmInputs(nm_pdus=(PDU,)), 1.0)
+        assert d.transmit  # SWS_CanNm_00005-style immediate start in repeat message
+        state, d = nm.step(state, NONE, 1.2)
+        assert not d.transmit  # not before the next cycle
+        state, d = nm.step(state, NONE, 1.5)
+        assert d.transmit
+
+    def test_active_node_never_wakes_a_sleeping_bus(self) -> None:
+        nm = CanNm(self.params)
+        state, d = nm.step(nm.initial_state(0.0), NmInputs(local_request=True), 1.0)
+        assert d.mode is RM and not d.transmit
+        state, d = nm.step(state, NmInputs(local_request=True), 1.5)
+        assert not d.transmit
+        # The bus shows life: now the gateway joins in.
+        state, d = nm.step(state, NmInputs(local_request=True, can_activity=True), 1.6)
+        assert d.transmit
+
+    def test_active_node_stops_when_it_would_keep_the_bus_awake_alone(self) -> None:
+        nm = CanNm(self.params)
+        state, _ = nm.step(nm.initial_state(0.0), NmInputs(nm_pdus=(PDU,)), 0.0)
+        sent = []
+        t = 0.0
+        while t < 5.0:
+            t = round(t + 0.1, 6)
+            state, d = nm.step(state, NmInputs(local_request=True), t)
+            if d.transmit:
+                sent.append(t)
+        assert sent and max(sent) < 2.0  # nobody else spoke after 0.0; NM timeout is 2.0
+
+
+# -- properties ---------------------------------------------------------------------------------
+
+pdus = st.builds(NmPdu, source_node=st.integers(0, 255), control=st.integers(0, 255))
+inputs = st.builds(
+    NmInputs,
+    nm_pdus=st.lists(pdus, max_size=2).map(tuple),
+    can_activity=st.booleans(),
+    ignition=st.one_of(st.none(), st.booleans()),
+    battery_v=st.one_of(st.none(), st.floats(9.0, 15.0)),
+    local_request=st.booleans(),
+)
+steps = st.lists(st.tuples(st.floats(0.0, 3.0), inputs), min_size=1, max_size=60)
+param_sets = st.builds(
+    NmParams,
+    timeout_s=st.floats(0.1, 3.0),
+    repeat_message_s=st.floats(0.0, 3.0),
+    wait_bus_sleep_s=st.floats(0.0, 3.0),
+    msg_cycle_s=st.floats(0.05, 1.0),
+    wake_validation_s=st.floats(0.05, 2.0),
+    idle_timeout_s=st.floats(0.0, 3.0),
+    passive=st.booleans(),
+    battery_min_v=st.floats(0.0, 13.0),
+)
+
+
+def _run(params: NmParams, sequence: list[tuple[float, NmInputs]]) -> list[tuple[NmMode, bool]]:
+    """Step through the sequence, also at every timer deadline in between (as the shells do)."""
+    nm = CanNm(params)
+    state = nm.initial_state(0.0)
+    t = 0.0
+    out = []
+    for gap, step_inputs in sequence:
+        target = t + gap
+        fired = 0
+        while (deadline := nm.next_deadline(state)) is not None and deadline <= target:
+            assert deadline >= t - 1e-9, "a timer fired in the past"
+            state, d = nm.step(state, NONE, deadline)
+            out.append((d.mode, d.transmit))
+            t = deadline
+            fired += 1
+            assert fired < 10_000, "timers spin"
+        state, d = nm.step(state, step_inputs, target)
+        t = target
+        out.append((d.mode, d.transmit))
+        assert d.bus_sleep is (d.mode is BS)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(params=param_sets, sequence=steps)
+def test_never_transmits_when_passive_or_in_sleep_modes(
+    params: NmParams, sequence: list[tuple[float, NmInputs]]
+) -> None:
+    for mode, transmit in _run(params, sequence):
+        if transmit:
+            assert not params.passive
+            assert mode in (RM, NO)  # never BUS_SLEEP, PREPARE_BUS_SLEEP (nor READY_SLEEP)
+
+
+@settings(max_examples=200, deadline=None)
+@given(params=param_sets, sequence=steps)
+def test_active_node_never_transmits_without_bus_activity(
+    params: NmParams, sequence: list[tuple[float, NmInputs]]
+) -> None:
+    silent = [(gap, NmInputs(ignition=i.ignition, local_request=i.local_request))
+              for gap, i in sequence]
+    active = NmParams(**{**{f: getattr(params, f) for f in params.__slots__}, "passive": False})
+    assert not any(transmit for _, transmit in _run(active, silent))
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def test_config_converts_ms_and_forbids_unknown_keys() -> None:
+    cfg = NmConfig(enabled=True, timeout_ms=1500, wait_bus_sleep_ms=750)
+    p = cfg.params()
+    assert (p.timeout_s, p.wait_bus_sleep_s, p.passive) == (1.5, 0.75, True)
+    with pytest.raises(ValidationError):
+        NmConfig.model_validate({"timeout": 5})
+    with pytest.raises(ValidationError):
+        NmConfig(source_byte=1, control_byte=1)
+    with pytest.raises(ValidationError):
+        NmConfig(nm_id_base=0x5AB, nm_id_mask=0x700)
