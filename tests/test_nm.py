@@ -5,12 +5,21 @@ sleeping bus; timers always move forward)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import can
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from cerebellumd.daemon.nm_frames import (
+    NmFrameError,
+    NmFrameLayout,
+    NmInputCollector,
+    decode_nm_frame,
+    replay_nm_log,
+)
 from cerebellumd.policies.nm import (
     CBV_REPEAT_MESSAGE_REQUEST,
     CanNm,
@@ -283,3 +292,111 @@ def test_config_converts_ms_and_forbids_unknown_keys() -> None:
         NmConfig(source_byte=1, control_byte=1)
     with pytest.raises(ValidationError):
         NmConfig(nm_id_base=0x5AB, nm_id_mask=0x700)
+
+
+# -- NM frames and log replay (daemon/nm_frames.py) ----------------------------------------------
+
+DEFAULT_LAYOUT = NmFrameLayout()
+
+
+@pytest.mark.parametrize(
+    ("msg", "layout", "expect"),
+    [
+        (can.Message(arbitration_id=0x512, data=b"\x12\x11\xff"), DEFAULT_LAYOUT, NmPdu(0x12, 0x11)),
+        (can.Message(arbitration_id=0x100, data=b"\x12\x11"), DEFAULT_LAYOUT, None),
+        (can.Message(arbitration_id=0x512, is_remote_frame=True), DEFAULT_LAYOUT, None),
+        (can.Message(arbitration_id=0x512, is_error_frame=True), DEFAULT_LAYOUT, None),
+        # Node id in the CAN ID (0x500 + node), CBV in byte 0.
+        (can.Message(arbitration_id=0x52A, data=b"\x01"),
+         NmFrameLayout(source_byte=None, control_byte=0), NmPdu(0x2A, 0x01)),
+        # Swapped positions (some OEMs put the CBV first).
+        (can.Message(arbitration_id=0x5FF, data=b"\x10\x07"),
+         NmFrameLayout(source_byte=1, control_byte=0), NmPdu(0x07, 0x10)),
+        # Extended IDs work with an extended base/mask.
+        (can.Message(arbitration_id=0x18FF0042, data=b"\x42\x00", is_extended_id=True),
+         NmFrameLayout(id_base=0x18FF0000, id_mask=0x1FFFFF00), NmPdu(0x42, 0)),
+    ],
+    ids=["default", "not-nm", "remote", "error", "id-node", "swapped", "extended"],
+)
+def test_decode_nm_frame(msg: can.Message, layout: NmFrameLayout, expect: NmPdu | None) -> None:
+    assert decode_nm_frame(msg, layout) == expect
+
+
+def test_short_nm_frame_is_an_error_and_counted_by_the_collector() -> None:
+    short = can.Message(arbitration_id=0x512, data=b"\x12")
+    with pytest.raises(NmFrameError):
+        decode_nm_frame(short, DEFAULT_LAYOUT)
+    collector = NmInputCollector(DEFAULT_LAYOUT)
+    collector.add(short)
+    collector.add(can.Message(arbitration_id=0x534, data=b"\x34\x01"))
+    collector.add(can.Message(arbitration_id=0x100, is_error_frame=True))
+    inputs = collector.take(ignition=False)
+    assert collector.malformed == 1
+    assert inputs.nm_pdus == (NmPdu(0x34, 0x01),) and inputs.can_activity
+    assert inputs.nm_pdus[0].repeat_message_request
+    empty = collector.take()
+    assert empty.nm_pdus == () and not empty.can_activity
+
+
+def _write_candump(path: str, frames: list[tuple[float, int, bytes]]) -> None:
+    writer = can.CanutilsLogWriter(path, channel="can0")
+    for t, can_id, data in sorted(frames):
+        writer.on_message_received(can.Message(timestamp=t, arbitration_id=can_id, data=data))
+    writer.stop()
+
+
+def _every(start: float, stop: float, period: float) -> list[float]:
+    n = round((stop - start) / period)
+    return [round(start + k * period, 6) for k in range(n + 1)]
+
+
+def test_replay_two_ecus_then_silence_goes_to_bus_sleep_on_time(tmp_path: Path) -> None:
+    t0 = 1_700_000_000.0  # candump stamps wall-clock seconds; only differences matter
+    frames = [(t0 + t, 0x512, b"\x12\x00") for t in _every(0.0, 10.0, 0.5)]  # ECU 0x12
+    frames += [(t0 + t, 0x534, b"\x34\x00") for t in _every(0.2, 12.2, 0.5) if t != 5.2]
+    frames += [(t0 + 5.2, 0x534, b"\x34\x01")]  # ECU 0x34 asks for repeat message once
+    frames += [(t0 + t, 0x1A0, b"\x00" * 8) for t in _every(0.05, 12.05, 0.1)]  # app traffic
+    log = str(tmp_path / "drive.log")
+    _write_candump(log, frames)
+
+    cfg = NmConfig(enabled=True, timeout_ms=2000, repeat_message_ms=1500, wait_bus_sleep_ms=2000,
+                   idle_timeout_ms=2000)
+    replay = replay_nm_log(log, cfg)
+    got = [(round(e.time - t0, 3), e.mode) for e in replay.events]
+    assert got == [
+        (0.0, BS),  # log start
+        (0.0, RM),  # first NM PDU: validated wake, repeat message
+        (1.5, RS),  # repeat-message time over, the gateway does not request the network
+        (5.2, RM),  # repeat-message request bit from 0x34
+        (6.7, RS),
+        (14.2, PBS),  # last NM PDU 12.2 + NM timeout 2.0 (app traffic stopped at 12.05)
+        (16.2, BS),  # + wait-bus-sleep 2.0
+    ]
+    assert replay.events[1].wakeup_validated
+    assert replay.nodes == {0x12, 0x34}
+    assert replay.nm_pdus == 21 + 25 and replay.malformed == 0
+    assert replay.mode_at(t0 + 15.0) is PBS
+    assert replay.final is not None and replay.final.mode is BS
+
+
+def test_replay_app_traffic_without_nm_holds_ready_sleep(tmp_path: Path) -> None:
+    frames = [(t, 0x512, b"\x12\x00") for t in _every(0.0, 3.0, 0.5)]
+    frames += [(t, 0x1A0, b"\x00") for t in _every(0.0, 20.0, 0.1)]
+    log = str(tmp_path / "nonm.log")
+    _write_candump(log, frames)
+    replay = replay_nm_log(log, NmConfig(enabled=True, idle_timeout_ms=2000))
+    assert replay.first(PBS) == pytest.approx(22.0)  # not 5.0: traffic ran until 20.0
+    pure = replay_nm_log(log, NmConfig(enabled=True, idle_timeout_ms=0))
+    assert pure.first(PBS) == pytest.approx(5.0)  # pure AUTOSAR ignores application frames
+
+
+def test_replay_unconfirmed_wake_frame_expires(tmp_path: Path) -> None:
+    log = str(tmp_path / "glitch.log")
+    _write_candump(log, [(0.0, 0x1A0, b"\x00"), (0.3, 0x1A0, b"\x00")])
+    replay = replay_nm_log(log, NmConfig(enabled=True, wake_validation_ms=1000))
+    assert [(e.reason, e.wakeup_expired) for e in replay.events[1:]] == [
+        ("wake_pending", False),
+        ("wake_expired", True),
+    ]
+    assert replay.events[-1].time == pytest.approx(1.0)
+    assert replay.first(RM) is None

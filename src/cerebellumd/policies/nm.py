@@ -115,6 +115,7 @@ class NmDecision:
     network_requested: bool = False  # the effective request after the battery guard
     wakeup_validated: bool = False  # a wake event was confirmed this step
     wakeup_expired: bool = False  # a wake event was not confirmed in time (false wake)
+    wakeup_pending: bool = False  # a wake event (plain frame in bus sleep) awaits validation
 
 
 class CanNm:
@@ -177,6 +178,7 @@ class CanNm:
         validated = expired = False
         before = state.mode
 
+        was_pending = state.wake_pending_since is not None
         if state.mode is NmMode.BUS_SLEEP:
             state, validated, expired = self._bus_sleep(state, inputs, requested, activity, now)
         elif state.mode is NmMode.PREPARE_BUS_SLEEP:
@@ -197,6 +199,7 @@ class CanNm:
             network_requested=requested,
             wakeup_validated=validated,
             wakeup_expired=expired,
+            wakeup_pending=not was_pending and state.wake_pending_since is not None,
         )
         return state, decision
 
