@@ -232,9 +232,10 @@ def _sender_main(args: argparse.Namespace) -> int:
                         continue
                     cmd, seq = line.split()
                     payload = critical_payload(db, cmd == "fire", int(seq) % 16)
-                    bus.send(can.Message(arbitration_id=adas_id, data=payload,
-                                         is_extended_id=False))
-                    print(f"sent {seq} {time.monotonic():.9f}", flush=True)
+                    msg = can.Message(arbitration_id=adas_id, data=payload, is_extended_id=False)
+                    stamp = time.monotonic()  # just before the send: latency includes it
+                    bus.send(msg)
+                    print(f"sent {seq} {stamp:.9f}", flush=True)
             else:
                 time.sleep(wait)
     finally:
@@ -247,13 +248,32 @@ def start_sender(rate: float, seconds: float, *, interactive: bool = False,
                  group: str = BENCH_GROUP, port: int = BENCH_PORT) -> subprocess.Popen[str]:
     """Start the sender process and wait for its 'ready' line."""
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "send", "--rate", str(rate),
-         "--seconds", str(seconds), "--group", group, "--port", str(port)],
+        _sender_argv(rate, seconds, group, port),
         stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
         stdout=subprocess.PIPE, text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if line.strip() != "ready":
+        proc.kill()
+        raise RuntimeError(f"frame sender failed to start: {line!r}")
+    return proc
+
+
+def _sender_argv(rate: float, seconds: float, group: str, port: int) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "send", "--rate", str(rate),
+            "--seconds", str(seconds), "--group", group, "--port", str(port)]
+
+
+async def start_sender_async(rate: float, *, group: str = BENCH_GROUP,
+                             port: int = BENCH_PORT) -> asyncio.subprocess.Process:
+    """Interactive sender for benches that run an event loop: runs until its stdin closes;
+    'fire SEQ' / 'clear SEQ' lines send the critical frame and answer 'sent SEQ MONOTONIC'."""
+    proc = await asyncio.create_subprocess_exec(
+        *_sender_argv(rate, 0.0, group, port), stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    line = await proc.stdout.readline()
+    if line.strip() != b"ready":
         proc.kill()
         raise RuntimeError(f"frame sender failed to start: {line!r}")
     return proc
