@@ -53,7 +53,7 @@ def test_frames_decode_to_the_scenario(vehicle: VirtualVehicle) -> None:
 def test_values_are_deterministic_and_noisy(vehicle: VirtualVehicle) -> None:
     again = VirtualVehicle(vehicle.scenario)
     assert vehicle.message_values(500.0) == again.message_values(500.0)
-    t, values = vehicle.trace("BodyStatus")
+    _times, values = vehicle.trace("BodyStatus")
     assert np.std(np.diff(values["BatteryVoltage"])) > 0.001
     assert 13.0 < values["BatteryVoltage"].mean() < 14.5
 
