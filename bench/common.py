@@ -215,6 +215,10 @@ def _sender_main(args: argparse.Namespace) -> int:
             if now >= end:
                 break
             due = math.floor((now - t0) * rate) if rate > 0 else 0
+            if args.count > 0:
+                due = min(due, args.count)
+                if sent >= args.count:
+                    break
             while sent < due:  # absolute pacing: a late wake-up sends the backlog, no drift
                 arb, data = next(frames)
                 bus.send(can.Message(arbitration_id=arb, data=data, is_extended_id=False))
@@ -244,11 +248,11 @@ def _sender_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_sender(rate: float, seconds: float, *, interactive: bool = False,
+def start_sender(rate: float, seconds: float, *, interactive: bool = False, count: int = 0,
                  group: str = BENCH_GROUP, port: int = BENCH_PORT) -> subprocess.Popen[str]:
     """Start the sender process and wait for its 'ready' line."""
     proc = subprocess.Popen(
-        _sender_argv(rate, seconds, group, port),
+        _sender_argv(rate, seconds, group, port, count),
         stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
         stdout=subprocess.PIPE, text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
@@ -259,9 +263,11 @@ def start_sender(rate: float, seconds: float, *, interactive: bool = False,
     return proc
 
 
-def _sender_argv(rate: float, seconds: float, group: str, port: int) -> list[str]:
+def _sender_argv(rate: float, seconds: float, group: str, port: int,
+                 count: int = 0) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "send", "--rate", str(rate),
-            "--seconds", str(seconds), "--group", group, "--port", str(port)]
+            "--seconds", str(seconds), "--group", group, "--port", str(port),
+            "--count", str(count)]
 
 
 async def start_sender_async(rate: float, *, group: str = BENCH_GROUP,
@@ -295,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("send", help="CAN frame sender (used by the benches)")
     s.add_argument("--rate", type=float, default=1000.0, help="background frames per second")
     s.add_argument("--seconds", type=float, default=0.0, help="0 = until stdin closes")
+    s.add_argument("--count", type=int, default=0, help="stop after this many frames (0 = no cap)")
     s.add_argument("--group", default=BENCH_GROUP)
     s.add_argument("--port", type=int, default=BENCH_PORT)
     args = p.parse_args(argv)

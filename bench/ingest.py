@@ -1,0 +1,131 @@
+"""CPU cost per CAN frame: the daemon's CanIngest vs a bare python-can + cantools loop.
+
+The same deterministic frame sequence is sent twice by a separate process over udp_multicast
+(loopback): once to a bare receiver (``bus.recv()`` + ``db.decode_message``), once to the
+daemon's ``CanIngest`` (reader thread, bounded queue, cached decode, sink) with the demo
+config's signal set. CPU is this process's CPU time (all threads) during each phase; the
+sender's CPU is not counted.
+
+frames_per_s = frames / CPU seconds, i.e. what one core could sustain on this machine.
+cpu_ratio = (daemon CPU s per frame) / (bare CPU s per frame).
+
+    python bench/ingest.py [--frames N] [--rate FRAMES_PER_S] [--json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+from cerebellumd.config import CanBusConfig, Config, builtin_example
+from cerebellumd.daemon.ingest import CanIngest, load_dbc
+from cerebellumd.daemon.metrics import Metrics
+
+IDLE_END_S = 1.0  # no frame for this long after the sender finished = phase over
+
+
+def bare(frames: int, rate: float) -> tuple[int, float]:
+    """Frames received and decoded, CPU seconds."""
+    db = common.load_vehicle_dbc()
+    bus = common.open_bus()
+    got = 0
+    try:
+        sender = common.start_sender(rate, frames / rate + 30, count=frames)
+        cpu0 = time.process_time()
+        try:
+            while got < frames:
+                msg = bus.recv(IDLE_END_S)
+                if msg is None:
+                    break
+                db.decode_message(msg.arbitration_id, msg.data)
+                got += 1
+            cpu = time.process_time() - cpu0
+        finally:
+            common.stop_process(sender)
+    finally:
+        bus.shutdown()
+    return got, cpu
+
+
+async def daemon_path(frames: int, rate: float) -> tuple[int, float]:
+    demo = Config.model_validate(tomllib.loads(builtin_example("demo.toml")))
+    cfg = CanBusConfig.model_validate(common.bench_bus_config("bench"))
+    db = load_dbc(cfg.dbc, cfg.dbc_strict)
+    wanted = {tuple(s.can.split(".", 1)): name for name, s in demo.signals.items() if s.can}
+    got = 0
+
+    def sink(_samples: Sequence[tuple[str, float]], _t: float) -> None:
+        nonlocal got
+        got += 1
+
+    ingest = CanIngest(cfg, db, wanted, sink, Metrics(buses=["bench"]))  # type: ignore[arg-type]
+    await ingest.async_start()
+    try:
+        sender = await asyncio.to_thread(
+            lambda: common.start_sender(rate, frames / rate + 30, count=frames))
+        cpu0 = time.process_time()
+        try:
+            last, last_change = -1, time.monotonic()
+            while ingest.frames < frames:
+                if ingest.frames != last:
+                    last, last_change = ingest.frames, time.monotonic()
+                elif time.monotonic() - last_change > IDLE_END_S:
+                    break
+                await asyncio.sleep(0.05)
+            cpu = time.process_time() - cpu0
+        finally:
+            common.stop_process(sender)
+    finally:
+        await ingest.async_stop()
+    if ingest.dropped or ingest.errors:
+        print(f"CanIngest: dropped {ingest.dropped}, errors {dict(ingest.errors)}",
+              file=sys.stderr)
+    return ingest.frames, cpu
+
+
+def measure(frames: int, rate: float) -> dict[str, Any]:
+    bare_n, bare_cpu = bare(frames, rate)
+    d_n, d_cpu = asyncio.run(daemon_path(frames, rate))
+    print(f"bare: {bare_n} frames, {bare_cpu:.3f} CPU s; CanIngest: {d_n} frames, "
+          f"{d_cpu:.3f} CPU s (sent {frames} at {rate:.0f}/s)", file=sys.stderr)
+    bare_per = bare_cpu / bare_n if bare_n else float("nan")
+    d_per = d_cpu / d_n if d_n else float("nan")
+    return {
+        "frames": frames,
+        "daemon_frames_per_s": round(1 / d_per) if d_per > 0 else None,
+        "bare_frames_per_s": round(1 / bare_per) if bare_per > 0 else None,
+        "cpu_ratio": round(d_per / bare_per, 2) if bare_per > 0 and d_n else None,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, default=50_000)
+    p.add_argument("--rate", type=float, default=5000.0, help="sender frames per second")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="CI smoke: 5,000 frames")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.frames = 5000
+    r = measure(a.frames, a.rate)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['frames']} frames: CanIngest {r['daemon_frames_per_s']} frames/CPU-s, "
+              f"bare {r['bare_frames_per_s']} frames/CPU-s, CPU ratio {r['cpu_ratio']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
