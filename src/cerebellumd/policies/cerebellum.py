@@ -27,6 +27,8 @@ from .types import (
 )
 
 _HOUR_S = 3600.0
+#: Times are float seconds; comparisons of durations allow this much rounding.
+_EPS = 1e-9
 _STALE_RANK = {OnStale.IGNORE: 0, OnStale.HOLD: 1, OnStale.WAKE: 2}
 
 
@@ -142,7 +144,7 @@ class CerebellumFirst:
             validation = "validated" if spec.demand_class is DemandClass.NORMAL else None
             return DemandStatus(active=True, last_true=now), validation
         pending = status.pending_since if status.pending_since is not None else now
-        if now - pending >= spec.confirm_s:
+        if now - pending >= spec.confirm_s - _EPS:
             return DemandStatus(active=True, pending_since=pending, last_true=now), "validated"
         return DemandStatus(pending_since=pending, last_true=now), None
 
@@ -191,7 +193,7 @@ class CerebellumFirst:
         if (
             want is not state.target
             and not bypass_dwell
-            and now - state.target_since < p.min_dwell_s
+            and now - state.target_since < p.min_dwell_s - _EPS
         ):
             want, reason, is_wake = state.target, "dwell", False
 
@@ -260,9 +262,9 @@ class CerebellumFirst:
         p = self.params
         if state.target is AccelState.ACTIVE and not sleep_hold:
             ended = state.last_demand_end if not state.wake_active else now
-            if ended is not None and now - ended < p.release_s:
+            if ended is not None and now - ended < p.release_s - _EPS:
                 return AccelState.ACTIVE, "release"
-            if ended is None and now - state.target_since < p.release_s:
+            if ended is None and now - state.target_since < p.release_s - _EPS:
                 return AccelState.ACTIVE, "release"
         # Predicted idle grows with the idle time already seen (a long quiet spell promotes
         # to deeper states, as the menu governor corrects its guess).
