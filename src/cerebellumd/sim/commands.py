@@ -1,0 +1,142 @@
+"""`cerebellumd evaluate` and `cerebellumd sweep` (registered into the CLI by cli.py).
+
+Scenario names: `--scenario CYCLE[:VARIANT]`, e.g. `udds` (= `udds:default`) or
+`us06:surprise_heavy`; `--cycle PATH` takes any CSV and `--variant` picks the event model.
+The JSON reports them apart: "cycle" is the drive cycle, "scenario" the event-model variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from ..config import ConfigError, builtin_example, load_config, parse_config
+from .cycles import CycleError, load_cycle
+from .evaluate import EvaluationError, run_evaluation
+from .events import NAMED_MODELS, build_scenario, named_scenario
+from .sweep import aggregate, load_sweep, pareto, run_sweep, split_scenario, write_rows
+
+
+def register(subparsers: Any) -> None:
+    ev = subparsers.add_parser("evaluate", help="fast-forward the policies over a scenario")
+    ev.add_argument("--policy", metavar="FILE", help="config file (default: the shipped demo)")
+    where = ev.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--scenario",
+        metavar="CYCLE[:VARIANT]",
+        help=f"shipped cycle and event-model variant ({', '.join(NAMED_MODELS)})",
+    )
+    where.add_argument("--cycle", metavar="PATH", help="drive cycle CSV (time_s,speed_kmh)")
+    ev.add_argument(
+        "--variant", default="default", choices=sorted(NAMED_MODELS), help="event-model variant with --cycle"
+    )
+    ev.add_argument("--seed", type=int, default=1)
+    ev.add_argument("--json", action="store_true", help="print the JSON object only")
+    ev.add_argument("--plot", metavar="FILE.png")
+    ev.add_argument("--profile", metavar="NAME", help="accelerator profile (overrides the config)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    sw = subparsers.add_parser("sweep", help="grid of policy parameters over scenarios, in parallel")
+    sw.add_argument("file", metavar="FILE", help="sweep TOML ([grid], scenarios, seeds)")
+    sw.add_argument("--workers", type=int, default=1)
+    sw.add_argument("--dask", metavar="ADDR", help="dask.distributed scheduler address")
+    sw.add_argument("--out", metavar="PREFIX", default="sweep", help="writes PREFIX.csv and PREFIX.json")
+    sw.set_defaults(func=cmd_sweep)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    try:
+        config = load_config(args.policy) if args.policy else parse_config(builtin_example(), "demo.toml")
+        if args.scenario:
+            cycle_name, variant = split_scenario(args.scenario)
+        else:
+            cycle_name, variant = args.cycle, args.variant
+        scenario = build_scenario(load_cycle(cycle_name), args.seed, named_scenario(variant), name=variant)
+        evaluation = run_evaluation(config, scenario, profile=args.profile)
+    except (ConfigError, CycleError, EvaluationError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    result = evaluation.result
+    if args.plot:
+        from .plot import plot
+
+        plot(evaluation.runs, scenario, args.plot)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return 0
+    Console().print(result_table(result))
+    return 0
+
+
+def result_table(result: dict[str, Any]) -> Table:
+    rows = {r["policy"]: r for r in result["results"]}
+    always_on = rows.get("always_on", {}).get("accelerator_energy_j") or 1.0
+    oracle = rows.get("oracle", {}).get("accelerator_energy_j") or 1.0
+    table = Table(
+        title=f"{result['cycle']}:{result['scenario']} seed {result['seed']} "
+        f"({result['duration_s']:.0f} s, {result['events']} events)"
+    )
+    for col in (
+        "policy",
+        "accel J",
+        "total J",
+        "readiness",
+        "missed",
+        "wakes",
+        "false",
+        "wake ms",
+        "÷ always_on",
+        "÷ oracle",
+    ):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for r in result["results"]:
+        e = r["accelerator_energy_j"]
+        table.add_row(
+            r["policy"],
+            f"{e:.0f}",
+            f"{r['total_energy_j']:.0f}",
+            f"{r['readiness']:.3f}",
+            str(r["missed_events"]),
+            str(r["wake_cycles"]),
+            str(r["false_wakes"]),
+            f"{r['mean_wake_latency_ms']:.0f}",
+            f"{e / always_on:.2f}",
+            f"{e / oracle:.2f}",
+        )
+    return table
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    console = Console()
+    try:
+        spec = load_sweep(args.file)
+    except (OSError, ValueError) as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        return 2
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("evaluating", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        rows = run_sweep(spec, workers=args.workers, dask_address=args.dask, progress=advance)
+    keys = sorted(spec.grid)
+    front = pareto(aggregate(rows, keys))
+    table = Table(title="Pareto front: mean accelerator energy vs worst readiness")
+    for col in (*keys, "accel J (mean)", "readiness (min)", "runs"):
+        table.add_column(col, justify="right")
+    for p in front:
+        table.add_row(
+            *(str(p[k]) for k in keys), f"{p['accelerator_energy_j']:.0f}", f"{p['readiness']:.3f}", str(p["runs"])
+        )
+    console.print(table)
+    csv_path, json_path = write_rows(rows, args.out)
+    console.print(f"{len(rows)} rows written to {csv_path} and {json_path}")
+    return 0

@@ -1,0 +1,162 @@
+"""Parameter sweeps: evaluate a grid of policy parameters over scenarios and seeds in
+parallel, print the Pareto front (accelerator energy vs readiness), write every row.
+
+Sweep file (TOML):
+
+    policy = "path/to/base.toml"   # optional; default the shipped demo config
+    scenarios = ["udds", "hwfet:surprise_heavy"]
+    seeds = [1, 2, 3]
+    [grid]                         # keys of the [policy] section, each a list of values
+    release_ms = [2000, 4000]
+    latency_budget_ms = [1000, 1500]
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import tomllib
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import PolicyConfig, builtin_example, parse_config
+from .cycles import load_cycle
+from .evaluate import evaluate
+from .events import build_scenario, named_scenario
+
+
+class SweepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str | None = Field(None, description="Base config file; default: the shipped demo.")
+    scenarios: list[str] = Field(["udds"], description="CYCLE[:VARIANT] names or cycle CSV paths.")
+    seeds: list[int] = Field([1], description="Seeds to evaluate every point on.")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="[policy] key -> values.")
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    p = Path(path)
+    spec = SweepSpec.model_validate(tomllib.loads(p.read_text(encoding="utf-8")))
+    unknown = sorted(set(spec.grid) - set(PolicyConfig.model_fields))
+    if unknown:
+        raise ValueError(f"{p}: [grid] keys are not [policy] keys: {', '.join(unknown)}")
+    if spec.policy is not None and not Path(spec.policy).is_absolute():
+        spec = spec.model_copy(update={"policy": str(p.parent / spec.policy)})
+    return spec
+
+
+def split_scenario(name: str) -> tuple[str, str]:
+    cycle, _, variant = name.partition(":")
+    return cycle, variant or "default"
+
+
+def points(spec: SweepSpec) -> list[dict[str, Any]]:
+    keys = sorted(spec.grid)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(spec.grid[k] for k in keys))]
+
+
+def run_one(base_text: str, params: dict[str, Any], scenario: str, seed: int) -> dict[str, Any]:
+    """One grid point on one scenario and seed (runs in a worker process)."""
+    config = parse_config(base_text)
+    config = config.model_copy(update={"policy": config.policy.model_copy(update=params)})
+    cycle, variant = split_scenario(scenario)
+    sc = build_scenario(load_cycle(cycle), seed, named_scenario(variant), name=variant)
+    result = evaluate(config, sc)
+    mine = result["results"][0]
+    oracle = result["results"][-1]
+    return {
+        **params,
+        "scenario": scenario,
+        "seed": seed,
+        "accelerator_energy_j": mine["accelerator_energy_j"],
+        "readiness": mine["readiness"],
+        "wake_cycles": mine["wake_cycles"],
+        "false_wakes": mine["false_wakes"],
+        "oracle_energy_j": oracle["accelerator_energy_j"],
+    }
+
+
+def aggregate(rows: Iterable[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """Mean energy and minimum readiness per grid point over scenarios and seeds."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    out = []
+    for key, group in groups.items():
+        out.append(
+            {
+                **dict(zip(keys, key, strict=True)),
+                "accelerator_energy_j": sum(r["accelerator_energy_j"] for r in group) / len(group),
+                "readiness": min(r["readiness"] for r in group),
+                "runs": len(group),
+            }
+        )
+    return out
+
+
+def pareto(points_: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Points no other point beats on both energy (lower) and readiness (higher)."""
+    front = []
+    for p in points_:
+        dominated = any(
+            q["accelerator_energy_j"] <= p["accelerator_energy_j"]
+            and q["readiness"] >= p["readiness"]
+            and (q["accelerator_energy_j"], q["readiness"]) != (p["accelerator_energy_j"], p["readiness"])
+            for q in points_
+        )
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: p["accelerator_energy_j"])
+
+
+def run_sweep(
+    spec: SweepSpec,
+    workers: int = 1,
+    dask_address: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    base = Path(spec.policy).read_text(encoding="utf-8") if spec.policy else builtin_example()
+    parse_config(base)  # fail before fanning out
+    jobs = [(base, p, s, seed) for p in points(spec) for s in spec.scenarios for seed in spec.seeds]
+    rows: list[dict[str, Any]] = []
+    if dask_address is not None:
+        from dask.distributed import Client
+        from dask.distributed import as_completed as dask_completed
+
+        with Client(dask_address) as client:
+            futures = [client.submit(run_one, *job, pure=False) for job in jobs]
+            for fut in dask_completed(futures):
+                rows.append(fut.result())
+                if progress:
+                    progress(len(rows), len(jobs))
+    elif workers <= 1:
+        for job in jobs:
+            rows.append(run_one(*job))
+            if progress:
+                progress(len(rows), len(jobs))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            pending: list[Future[dict[str, Any]]] = [pool.submit(run_one, *job) for job in jobs]
+            for fut in as_completed(pending):
+                rows.append(fut.result())
+                if progress:
+                    progress(len(rows), len(jobs))
+    keys = sorted(spec.grid)
+    rows.sort(key=lambda r: (*(r[k] for k in keys), r["scenario"], r["seed"]))
+    return rows
+
+
+def write_rows(rows: list[dict[str, Any]], prefix: str | Path) -> tuple[Path, Path]:
+    csv_path, json_path = Path(f"{prefix}.csv"), Path(f"{prefix}.json")
+    fields = list(rows[0]) if rows else []
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return csv_path, json_path
