@@ -21,6 +21,7 @@ from cerebellumd.drivers.mcu_protocol import (
     Readings,
     SleepRequest,
     WakeRequest,
+    encode,
 )
 
 
@@ -101,7 +102,6 @@ async def test_garbage_bad_crc_and_partial_frames_are_survived(
     emulator.inject_garbage(b"\xa5\xa5\x00 line noise \xff" * 8)
     emulator.inject_bad_crc()
     # A frame split across two writes with a pause in between.
-    from cerebellumd.drivers.mcu_protocol import encode
     frame = encode(WakeRequest(reason=3), seq=77)
     emulator.write_raw(frame[:4])
     await wait_until(lambda: link.parser.buffered > 0 or link.all_counters["garbage_bytes"] > 0)
@@ -123,7 +123,6 @@ async def test_wake_and_sleep_requests_reach_listeners(link: McuLink, emulator: 
     await wait_until(lambda: any(isinstance(m.body, SleepRequest) for m in got))
     bodies = [m.body for m in got if isinstance(m.body, WakeRequest | SleepRequest)]
     assert bodies == [WakeRequest(2), SleepRequest(4)]
-    acked = [m.body.acked_type for m in emulator.stats.received if isinstance(m.body, Ack)]
     await wait_until(lambda: len([m for m in emulator.stats.received
                                   if isinstance(m.body, Ack)]) >= 2)
     acked = [m.body.acked_type for m in emulator.stats.received if isinstance(m.body, Ack)]

@@ -1,0 +1,133 @@
+"""Accelerator control by external commands (argv lists, never a shell).
+
+Each commandable state has an argv; `{state}` and `{device}` in any argument are replaced.
+A command that exits non-zero is a DriverError carrying the tail of its stderr; one that runs
+past `timeout_ms` is killed (its whole process group) and is a DriverError too. The state is
+read back by running `status`, whose stdout's first word names the state (`off`, `sleep`,
+`idle`, `active`, or a word mapped by `status_words`); anything else reads as unknown and is
+counted. Without a `status` command the state reads as unknown: this driver never assumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..policies.model import AccelState
+from .base import DriverError
+
+_LOG = logging.getLogger(__name__)
+_STDERR_TAIL = 400
+
+Commandable = Literal["off", "sleep", "idle", "active"]
+
+
+class CommandOptions(BaseModel):
+    """External programs that switch and report the accelerator's power state."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    commands: dict[Commandable, list[str]] = Field(
+        ..., description="argv per target state; {state} and {device} are substituted.")
+    status: list[str] | None = Field(
+        None, description="argv printing the current state word on stdout.")
+    status_words: dict[str, Literal["off", "sleep", "idle", "active", "waking", "suspending"]] = (
+        Field(default_factory=dict,
+              description="Extra status words mapped to states (e.g. D3cold = off)."))
+    device: str = Field("", description="Value of {device}.")
+    timeout_ms: int = Field(5000, gt=0, description="Kill a command running longer than this.")
+
+
+class CommandAccelerator:
+    """AcceleratorDriver running one program per transition."""
+
+    kind: ClassVar[str] = "command"
+
+    def __init__(self, options: CommandOptions | Mapping[str, Any]) -> None:
+        self.options = (
+            options if isinstance(options, CommandOptions)
+            else CommandOptions.model_validate(options)
+        )
+        for state, argv in self.options.commands.items():
+            if not argv:
+                raise ValueError(f"empty argv for state {state!r}")
+        self._argv = {AccelState(s): argv for s, argv in self.options.commands.items()}
+        self._words = {w.lower(): AccelState(s) for w, s in self.options.status_words.items()}
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("runs", "failures", "timeouts", "unparsed_status"), 0)
+
+    async def async_open(self) -> None:
+        return None
+
+    async def async_close(self) -> None:
+        return None
+
+    async def async_set_state(self, target: AccelState) -> None:
+        argv = self._argv.get(target)
+        if argv is None:
+            raise DriverError(f"no command configured for state {target.value!r}")
+        await self._run(self._expand(argv, target))
+
+    async def async_read_state(self) -> AccelState:
+        if self.options.status is None:
+            return AccelState.UNKNOWN
+        stdout = await self._run(self._expand(self.options.status, None))
+        words = stdout.split()
+        word = words[0].lower() if words else ""
+        if word in self._words:
+            return self._words[word]
+        try:
+            state = AccelState(word)
+        except ValueError:
+            self.counters["unparsed_status"] += 1
+            _LOG.warning("status command printed %r: not a state word", stdout[:80])
+            return AccelState.UNKNOWN
+        return state
+
+    def _expand(self, argv: Sequence[str], state: AccelState | None) -> list[str]:
+        values = {"state": state.value if state else "", "device": self.options.device}
+        try:
+            return [arg.format_map(values) for arg in argv]
+        except (KeyError, ValueError, IndexError) as exc:
+            raise DriverError(f"bad placeholder in {list(argv)!r}: {exc}") from exc
+
+    async def _run(self, argv: list[str]) -> str:
+        self.counters["runs"] += 1
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # its own process group: a timeout kills its children too
+            )
+        except OSError as exc:
+            self.counters["failures"] += 1
+            raise DriverError(f"cannot run {argv[0]!r}: {exc}") from exc
+        timeout = self.options.timeout_ms / 1000
+        try:
+            async with asyncio.timeout(timeout):
+                stdout, stderr = await proc.communicate()
+        except TimeoutError:
+            self.counters["timeouts"] += 1
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise DriverError(f"{argv[0]!r} timed out after {timeout:.3f} s (killed)") from None
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        if proc.returncode != 0:
+            self.counters["failures"] += 1
+            tail = stderr.decode(errors="replace").strip()[-_STDERR_TAIL:]
+            raise DriverError(
+                f"{argv[0]!r} exited with status {proc.returncode}" + (f": {tail}" if tail else ""))
+        return stdout.decode(errors="replace")

@@ -1,0 +1,435 @@
+"""Accelerator control drivers: GPIO (fake line request at the gpiod seam + a real-kernel test
+that skips without a gpiochip), PCIe runtime PM (temp sysfs tree with a task playing the
+kernel), external commands (real scripts), companion MCU (emulator on a pty)."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from gpiod.line import Value
+
+from cerebellumd.drivers.accel_command import CommandAccelerator
+from cerebellumd.drivers.accel_gpio import GpioAccelerator, GpioOptions, LineId
+from cerebellumd.drivers.accel_mcu import McuAccelerator, McuPowerSensor
+from cerebellumd.drivers.accel_pcie import PcieRuntimePmAccelerator, PcieRuntimePmOptions
+from cerebellumd.drivers.base import AcceleratorDriver, DriverError
+from cerebellumd.drivers.mcu_emulator import McuEmulator
+from cerebellumd.drivers.mcu_link import McuLink, McuLinkOptions
+from cerebellumd.policies.model import AccelState
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        await asyncio.sleep(0.005)
+
+
+# -- GPIO ----------------------------------------------------------------------------------------
+
+
+class FakeLineRequest:
+    """Implements the gpiod.LineRequest methods the driver uses. Power-good follows the
+    enable line after `pg_lag_reads` reads (a rail ramping up), or never if `pg_broken`."""
+
+    def __init__(self, enable: LineId, pg: LineId | None, pg_lag_reads: int = 2) -> None:
+        self.values: dict[LineId, Value] = {enable: Value.INACTIVE}
+        self.enable, self.pg = enable, pg
+        self.lag = pg_lag_reads
+        self.pg_broken = False
+        self.writes: list[tuple[LineId, Value]] = []
+        self.released = False
+        self._reads_since_change = 0
+        if pg is not None:
+            self.values[pg] = Value.INACTIVE
+
+    def get_value(self, line: LineId) -> Value:
+        if line == self.pg and not self.pg_broken:
+            self._reads_since_change += 1
+            if self._reads_since_change > self.lag:
+                self.values[line] = self.values[self.enable]
+        return self.values[line]
+
+    def set_value(self, line: LineId, value: Value) -> None:
+        self.writes.append((line, value))
+        self.values[line] = value
+        if line == self.enable:
+            self._reads_since_change = 0
+
+    def release(self) -> None:
+        self.released = True
+
+
+async def test_gpio_states_with_power_good_readback() -> None:
+    fake = FakeLineRequest(enable=17, pg=27)
+    accel = GpioAccelerator(GpioOptions(enable_line=17, power_good_line=27), opener=lambda o: fake)
+    assert isinstance(accel, AcceleratorDriver)
+    await accel.async_open()
+    assert await accel.async_read_state() is AccelState.OFF
+    await accel.async_set_state(AccelState.ACTIVE)
+    assert fake.values[17] is Value.ACTIVE
+    assert await accel.async_read_state() is AccelState.ACTIVE
+    await accel.async_set_state(AccelState.IDLE)  # same rail level: no write, labelled idle
+    assert fake.writes == [(17, Value.ACTIVE)]
+    assert await accel.async_read_state() is AccelState.IDLE
+    await accel.async_set_state(AccelState.SLEEP)
+    assert fake.values[17] is Value.INACTIVE
+    assert await accel.async_read_state() is AccelState.SLEEP
+    await accel.async_set_state(AccelState.OFF)
+    assert len(fake.writes) == 2
+    assert await accel.async_read_state() is AccelState.OFF
+    await accel.async_close()
+    assert fake.released
+    assert accel.counters["switch_on"] == 1 and accel.counters["switch_off"] == 1
+
+
+async def test_gpio_readback_comes_from_power_good_not_the_command() -> None:
+    fake = FakeLineRequest(enable="NPU_EN", pg="NPU_PG")
+    accel = GpioAccelerator(
+        {"enable_line": "NPU_EN", "power_good_line": "NPU_PG", "power_good_timeout_ms": 100},
+        opener=lambda o: fake)
+    await accel.async_open()
+    fake.pg_broken = True
+    with pytest.raises(DriverError, match="power-good"):
+        await accel.async_set_state(AccelState.ACTIVE)
+    assert accel.counters["power_good_timeouts"] == 1
+    assert await accel.async_read_state() is AccelState.OFF  # rail did not come up
+
+
+async def test_gpio_without_power_good_reads_the_enable_line_and_pulses_reset() -> None:
+    fake = FakeLineRequest(enable=4, pg=None)
+    fake.values[5] = Value.INACTIVE
+    accel = GpioAccelerator(
+        GpioOptions(enable_line=4, reset_line=5, reset_pulse_ms=1, reset_after_power_on=True),
+        opener=lambda o: fake)
+    await accel.async_open()
+    await accel.async_set_state(AccelState.ACTIVE)
+    assert fake.writes == [(4, Value.ACTIVE), (5, Value.ACTIVE), (5, Value.INACTIVE)]
+    assert await accel.async_read_state() is AccelState.ACTIVE
+    fake.values[4] = Value.INACTIVE  # someone else switched it off: the read-back says so
+    assert await accel.async_read_state() is AccelState.OFF
+    with pytest.raises(DriverError, match="transitional"):
+        await accel.async_set_state(AccelState.WAKING)
+
+
+async def test_gpio_errors_are_driver_errors() -> None:
+    accel = GpioAccelerator(GpioOptions(enable_line=1), opener=lambda o: FakeLineRequest(1, None))
+    with pytest.raises(DriverError, match="not open"):
+        await accel.async_read_state()
+    with pytest.raises(DriverError, match="no reset line"):
+        await accel.async_open()
+        await accel.async_reset()
+
+    def failing(options: GpioOptions) -> FakeLineRequest:
+        raise OSError(16, "Device or resource busy")
+
+    busy = GpioAccelerator(GpioOptions(enable_line=1), opener=failing)
+    with pytest.raises(DriverError, match="busy"):
+        await busy.async_open()
+
+
+async def test_gpio_against_a_real_kernel_chip() -> None:
+    chip = os.environ.get("CEREBELLUMD_TEST_GPIOCHIP")
+    if not glob.glob("/dev/gpiochip*"):
+        pytest.skip("no /dev/gpiochip* here (and no gpio-sim): the real-kernel GPIO path "
+                    "runs only where a chip exists")
+    if chip is None:
+        pytest.skip("set CEREBELLUMD_TEST_GPIOCHIP=/dev/gpiochipN (a gpio-sim chip, or one "
+                    "with a free line 0) to toggle a real line")
+    accel = GpioAccelerator(GpioOptions(chip=chip, enable_line=0, consumer="cerebellumd-test"))
+    await accel.async_open()
+    try:
+        await accel.async_set_state(AccelState.ACTIVE)
+        assert await accel.async_read_state() is AccelState.ACTIVE
+        await accel.async_set_state(AccelState.OFF)
+        assert await accel.async_read_state() is AccelState.OFF
+    finally:
+        await accel.async_close()
+
+
+# -- PCIe runtime PM -----------------------------------------------------------------------------
+
+ADDR = "0000:01:00.0"
+
+
+class FakeKernel:
+    """Plays the PCI core on a temp sysfs tree: follows power/control with runtime_status
+    after a short delay, removes the device on `remove`, brings it back on `rescan`."""
+
+    def __init__(self, root: Path, *, busy: bool = False) -> None:
+        self.root = root
+        self.device = root / ADDR
+        self.rescan = root.parent / "rescan"
+        self.busy = busy  # a driver holds the device: "auto" does not suspend it
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.make_device()
+        self.rescan.write_text("0\n")
+
+    def make_device(self) -> None:
+        (self.device / "power").mkdir(parents=True, exist_ok=True)
+        (self.device / "power" / "control").write_text("on\n")
+        (self.device / "power" / "runtime_status").write_text("active\n")
+        (self.device / "remove").write_text("0\n")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        # A thread, not a task: it must keep answering while the driver's awaits are pending,
+        # and its blocking file I/O stays off the event loop.
+        while not self._stop.wait(0.01):
+            if self.rescan.read_text().strip() == "1":
+                self.rescan.write_text("0\n")
+                self.make_device()
+                continue
+            if not self.device.is_dir():
+                continue
+            if (self.device / "remove").read_text().strip() == "1":
+                for p in sorted(self.device.rglob("*"), reverse=True):
+                    p.rmdir() if p.is_dir() else p.unlink()
+                self.device.rmdir()
+                continue
+            control = (self.device / "power" / "control").read_text().strip()
+            status_file = self.device / "power" / "runtime_status"
+            status = status_file.read_text().strip()
+            want = "active" if control == "on" or self.busy else "suspended"
+            if status != want:
+                # One intermediate step, as the kernel reports while it transitions.
+                step = {"active": "resuming", "suspended": "suspending"}[want]
+                status_file.write_text(f"{want if status == step else step}\n")
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Iterator[FakeKernel]:
+    k = FakeKernel(tmp_path / "bus" / "pci" / "devices")
+    k.start()
+    yield k
+    k.stop()
+
+
+async def test_pcie_sleep_wake_and_idempotence(kernel: FakeKernel) -> None:
+    accel = PcieRuntimePmAccelerator(PcieRuntimePmOptions(address=ADDR, root=kernel.root))
+    await accel.async_open()
+    assert await accel.async_read_state() is AccelState.ACTIVE
+    await accel.async_set_state(AccelState.SLEEP)
+    assert (kernel.device / "power" / "control").read_text().strip() == "auto"
+    assert await accel.async_read_state() is AccelState.SLEEP
+    await accel.async_set_state(AccelState.IDLE)
+    assert await accel.async_read_state() is AccelState.IDLE
+    await accel.async_set_state(AccelState.ACTIVE)
+    assert accel.counters["control_writes"] == 2  # auto, on; the second "on" was not written
+    assert await accel.async_read_state() is AccelState.ACTIVE
+    with pytest.raises(DriverError, match="allow_remove"):
+        await accel.async_set_state(AccelState.OFF)
+
+
+async def test_pcie_busy_device_does_not_suspend(kernel: FakeKernel) -> None:
+    kernel.busy = True
+    accel = PcieRuntimePmAccelerator(
+        PcieRuntimePmOptions(address=ADDR, root=kernel.root, settle_timeout_ms=200))
+    with pytest.raises(DriverError, match=r"not suspended.*active"):
+        await accel.async_set_state(AccelState.SLEEP)
+    assert accel.counters["settle_timeouts"] == 1
+    assert await accel.async_read_state() is AccelState.ACTIVE
+
+
+async def test_pcie_off_by_remove_and_back_by_rescan(kernel: FakeKernel) -> None:
+    accel = PcieRuntimePmAccelerator(
+        PcieRuntimePmOptions(address=ADDR, root=kernel.root, allow_remove=True))
+    await accel.async_set_state(AccelState.OFF)
+    assert not kernel.device.exists()
+    assert await accel.async_read_state() is AccelState.OFF
+    await accel.async_set_state(AccelState.OFF)  # idempotent
+    assert accel.counters["removes"] == 1
+    await accel.async_set_state(AccelState.SLEEP)  # rescan, then suspend
+    assert accel.counters["rescans"] == 1
+    assert await accel.async_read_state() is AccelState.SLEEP
+
+
+async def test_pcie_unknown_status_and_missing_device(tmp_path: Path) -> None:
+    root = tmp_path / "devices"
+    (root / ADDR / "power").mkdir(parents=True)
+    (root / ADDR / "power" / "control").write_text("on\n")
+    (root / ADDR / "power" / "runtime_status").write_text("error\n")
+    accel = PcieRuntimePmAccelerator(PcieRuntimePmOptions(address=ADDR, root=root))
+    assert await accel.async_read_state() is AccelState.UNKNOWN
+    missing = PcieRuntimePmAccelerator(PcieRuntimePmOptions(address="0000:02:00.0", root=root))
+    with pytest.raises(DriverError, match="not found"):
+        await missing.async_open()
+    assert await missing.async_read_state() is AccelState.OFF
+
+
+# -- external commands ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tool(tmp_path: Path) -> tuple[list[str], Path]:
+    """A small 'vendor tool': `tool set STATE DEVICE` records the state; `tool get` prints it;
+    `tool fail` exits 3 with a message; `tool hang` never returns."""
+    state = tmp_path / "state"
+    state.write_text("off")
+    script = tmp_path / "tool.py"
+    script.write_text(
+        "import sys, time, pathlib\n"
+        f"state = pathlib.Path({str(state)!r})\n"
+        "cmd = sys.argv[1]\n"
+        "if cmd == 'set':\n"
+        "    state.write_text(sys.argv[2] + ' ' + sys.argv[3])\n"
+        "elif cmd == 'get':\n"
+        "    print(state.read_text())\n"
+        "elif cmd == 'fail':\n"
+        "    print('firmware not responding', file=sys.stderr); sys.exit(3)\n"
+        "elif cmd == 'hang':\n"
+        "    time.sleep(60)\n"
+    )
+    return [sys.executable, str(script)], state
+
+
+async def test_command_driver_runs_argv_and_reads_back(tool: tuple[list[str], Path]) -> None:
+    base, state = tool
+    accel = CommandAccelerator({
+        "commands": {s: [*base, "set", "{state}", "{device}"] for s in ("off", "sleep", "active")},
+        "status": [*base, "get"],
+        "device": "npu0",
+    })
+    await accel.async_open()
+    await accel.async_set_state(AccelState.ACTIVE)
+    assert state.read_text() == "active npu0"
+    assert await accel.async_read_state() is AccelState.ACTIVE
+    await accel.async_set_state(AccelState.SLEEP)
+    assert await accel.async_read_state() is AccelState.SLEEP
+    with pytest.raises(DriverError, match="no command configured for state 'idle'"):
+        await accel.async_set_state(AccelState.IDLE)
+
+
+async def test_command_failure_carries_stderr_tail(tool: tuple[list[str], Path]) -> None:
+    base, _ = tool
+    accel = CommandAccelerator({"commands": {"active": [*base, "fail"]}})
+    with pytest.raises(DriverError, match="status 3: firmware not responding"):
+        await accel.async_set_state(AccelState.ACTIVE)
+    assert accel.counters["failures"] == 1
+    assert await accel.async_read_state() is AccelState.UNKNOWN  # no status command
+
+
+async def test_command_timeout_kills(tool: tuple[list[str], Path]) -> None:
+    base, _ = tool
+    accel = CommandAccelerator({"commands": {"active": [*base, "hang"]}, "timeout_ms": 300})
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(DriverError, match="timed out"):
+        await accel.async_set_state(AccelState.ACTIVE)
+    assert loop.time() - start < 10
+    assert accel.counters["timeouts"] == 1
+
+
+async def test_command_status_words_and_garbage(tool: tuple[list[str], Path]) -> None:
+    base, state = tool
+    accel = CommandAccelerator({"commands": {"off": ["true"]}, "status": [*base, "get"],
+                                "status_words": {"D3cold": "off", "D0": "active"}})
+    state.write_text("D0 (link up)")
+    assert await accel.async_read_state() is AccelState.ACTIVE
+    state.write_text("d3cold")
+    assert await accel.async_read_state() is AccelState.OFF
+    state.write_text("\x00\xffgarbage")
+    assert await accel.async_read_state() is AccelState.UNKNOWN
+    assert accel.counters["unparsed_status"] == 1
+
+
+async def test_command_missing_program_is_driver_error(tmp_path: Path) -> None:
+    accel = CommandAccelerator({"commands": {"active": [str(tmp_path / "nope"), "{state}"]}})
+    with pytest.raises(DriverError, match="cannot run"):
+        await accel.async_set_state(AccelState.ACTIVE)
+    with pytest.raises(DriverError, match="placeholder"):
+        await CommandAccelerator({"commands": {"off": ["echo", "{nope}"]}}).async_set_state(
+            AccelState.OFF)
+
+
+# -- companion MCU -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def mcu() -> AsyncIterator[tuple[McuEmulator, McuLink]]:
+    emu = McuEmulator(heartbeat_interval_s=0.05, readings_interval_s=0.1)
+    await emu.async_open()
+    emu.start()
+    link = McuLink(McuLinkOptions(port=emu.path, heartbeat_timeout_ms=400,
+                                  reconnect_initial_ms=50))
+    await link.async_start()
+    await link.wait_connected(5)
+    yield emu, link
+    await link.async_close()
+    await emu.stop()
+
+
+async def test_mcu_accelerator_switches_rail_and_reads_back(
+    mcu: tuple[McuEmulator, McuLink],
+) -> None:
+    emu, link = mcu
+    accel = McuAccelerator({}, link=link)
+    sensor = McuPowerSensor({}, link=link)
+    await accel.async_open()
+    await wait_until(lambda: link.last_readings is not None)
+    assert await accel.async_read_state() is AccelState.OFF
+    await accel.async_set_state(AccelState.ACTIVE)
+    assert emu.rail_on
+    assert await accel.async_read_state() is AccelState.ACTIVE
+    reading = await sensor.async_read()
+    assert reading is not None and reading.measured and reading.watts == pytest.approx(6.0)
+    await accel.async_set_state(AccelState.SLEEP)
+    assert await accel.async_read_state() is AccelState.SLEEP
+    reading = await sensor.async_read()
+    assert reading is not None and reading.watts == 0.0
+    await accel.async_close()
+
+
+async def test_mcu_accelerator_stuck_rail_and_silence(mcu: tuple[McuEmulator, McuLink]) -> None:
+    emu, link = mcu
+    accel = McuAccelerator({"confirm_timeout_ms": 300, "readings_max_age_ms": 300}, link=link)
+    sensor = McuPowerSensor({"readings_max_age_ms": 300}, link=link)
+    emu.misbehave.rail_stuck = True
+    with pytest.raises(DriverError, match="no READINGS showed it"):
+        await accel.async_set_state(AccelState.ACTIVE)
+    assert accel.counters["confirm_timeouts"] == 1
+    assert await accel.async_read_state() is AccelState.OFF  # what the MCU measures
+    emu.misbehave.silent = True
+    await wait_until(lambda: link.stale, timeout=3)
+    # Readings age out: the state becomes unknown and the sensor gives nothing.
+    await asyncio.wait_for(_until_unknown(accel), 3)
+    assert await sensor.async_read() is None
+    assert sensor.counters["stale"] >= 1
+
+
+async def _until_unknown(accel: McuAccelerator) -> None:
+    while await accel.async_read_state() is not AccelState.UNKNOWN:
+        await asyncio.sleep(0.01)
+
+
+async def test_mcu_accelerator_owns_its_link_from_options(tmp_path: Path) -> None:
+    emu = McuEmulator(heartbeat_interval_s=0.05, readings_interval_s=0.1)
+    await emu.async_open()
+    emu.start()
+    accel = McuAccelerator({"link": {"port": emu.path}})
+    try:
+        await accel.async_open()
+        await accel.link.wait_connected(5)
+        await accel.async_set_state(AccelState.IDLE)
+        assert await accel.async_read_state() is AccelState.IDLE
+    finally:
+        await accel.async_close()
+        await emu.stop()
+    with pytest.raises(ValueError, match="link"):
+        McuAccelerator({})
