@@ -13,8 +13,15 @@ from typing import Any
 BUILTIN: dict[str, dict[str, str]] = {
     "accelerator": {
         "simulated": "cerebellumd.drivers.accel_simulated:SimulatedAccelerator",
+        "gpio": "cerebellumd.drivers.accel_gpio:GpioAccelerator",
+        "pcie_runtime_pm": "cerebellumd.drivers.accel_pcie:PcieRuntimePmAccelerator",
+        "command": "cerebellumd.drivers.accel_command:CommandAccelerator",
+        "mcu": "cerebellumd.drivers.accel_mcu:McuAccelerator",
     },
-    "sensor": {},
+    "sensor": {
+        "hwmon": "cerebellumd.drivers.hwmon:HwmonSensor",
+        "mcu": "cerebellumd.drivers.accel_mcu:McuPowerSensor",
+    },
 }
 _ENTRY_POINT_GROUPS = {"accelerator": "cerebellumd.accelerators", "sensor": "cerebellumd.sensors"}
 
