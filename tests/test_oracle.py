@@ -42,7 +42,7 @@ def _brute_force(needs: list[tuple[float, float]], initial: AccelState, end: flo
         if first < lat:
             continue
         cmds.append((first - MODEL.exit_latency_s(head), AccelState.ACTIVE))
-        for (a, b), (c, _), state in zip(needs, needs[1:], gaps, strict=False):
+        for (_a, b), (c, _), state in zip(needs, needs[1:], gaps, strict=False):
             if state is not AccelState.ACTIVE:
                 if c - b < MODEL.round_trip_s(state):
                     break
