@@ -159,7 +159,7 @@ def test_baselines() -> None:
         state, d = timeout.step(state, Inputs(samples(now, **vals)), now)
         targets.append((now, d.target))
     # Wakes on an anticipatory demand too, stays 3 s after it ends, then autosuspends.
-    assert [t for t, s in targets if s is AccelState.ACTIVE][0] == pytest.approx(1.0)
+    assert next(t for t, s in targets if s is AccelState.ACTIVE) == pytest.approx(1.0)
     assert [t for t, s in targets if s is AccelState.ACTIVE][-1] == pytest.approx(4.99, abs=0.02)
     assert targets[-1][1] is AccelState.SLEEP
 

@@ -62,7 +62,7 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Even
 async def _async_run(config: Config, config_path: str | None) -> int:
     from .daemon.runtime import Daemon
 
-    daemon = Daemon(config, config_path=config_path)
+    daemon = await Daemon.async_create(config, config_path=config_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     reload_tasks: set[asyncio.Task[bool]] = set()
@@ -113,18 +113,20 @@ async def _async_demo(args: argparse.Namespace, config: Config) -> int:
     db = await asyncio.to_thread(load_dbc, bus_cfg.dbc, bus_cfg.dbc_strict)
     vehicle = VirtualVehicle(scenario, db)
     clock = Clock(scale=args.speedup)
-    daemon = Daemon(config, clock=clock)
+    daemon = await Daemon.async_create(config, clock=clock)
     stop = asyncio.Event()
     _install_signal_handlers(asyncio.get_running_loop(), stop)
     duration = args.duration if args.duration is not None else cycle.duration_s
     plant_bus = await asyncio.to_thread(
         can.Bus, interface=bus_cfg.interface, channel=bus_cfg.channel, **bus_cfg.options)
     console = Console(stderr=False)
+    # The vehicle starts first, as a car's ECUs do: the daemon then finds traffic on the bus
+    # instead of declaring every signal stale while the plant is still getting up.
+    start = clock.now()
+    plant = asyncio.create_task(async_drive(vehicle, plant_bus, clock.now, stop, start=start, until=duration))
     await daemon.async_start()
     print(f"cerebellumd demo: {cycle.name} seed {args.seed} at speed-up {args.speedup:g}; "
           f"metrics on http://{config.prometheus.address}:{daemon.port}/metrics", flush=True)
-    start = clock.now()
-    plant = asyncio.create_task(async_drive(vehicle, plant_bus, clock.now, stop, start=start, until=duration))
     live_enabled = not args.no_live and console.is_terminal
     try:
         if live_enabled:
@@ -151,6 +153,24 @@ async def _async_demo(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+#: Wall-clock jitter the demo tolerates (a busy 2-core machine stalls for tens of ms).
+DEMO_WALL_JITTER_S = 0.04
+
+
+def fit_to_speedup(config: Config, speedup: float) -> Config:
+    """At speed-up S, wall-clock jitter lasts S times longer in plant time: a 40 ms stall at
+    50x is 2 s of plant time. Signal ages and bus silence below that cannot be honoured, so
+    they are raised to it (and said so) instead of producing stale-signal wakes."""
+    floor_ms = int(speedup * DEMO_WALL_JITTER_S * 1000)
+    if all(s.max_age_ms >= floor_ms for s in config.signals.values()):
+        return config
+    logging.getLogger("cerebellumd.demo").info(
+        "speed-up %g: signal max_age_ms raised to at least %d ms of plant time", speedup, floor_ms)
+    signals = {n: s.model_copy(update={"max_age_ms": max(s.max_age_ms, floor_ms)}) for n, s in config.signals.items()}
+    buses = [b.model_copy(update={"silence_timeout_ms": max(b.silence_timeout_ms, 2 * floor_ms)}) for b in config.can]
+    return config.model_copy(update={"signals": signals, "can": buses})
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         text = Path(args.config).read_text("utf-8") if args.config else builtin_example()
@@ -158,7 +178,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except (OSError, ConfigError) as exc:
         print(exc, file=sys.stderr)
         return 1
-    return asyncio.run(_async_demo(args, config))
+    return asyncio.run(_async_demo(args, fit_to_speedup(config, args.speedup)))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,7 +107,9 @@ class Actuator:
             self.model.enter[target].latency_s if target in RESTING_STATES else 0.0)
         for attempt in range(cfg.retries + 1):
             try:
-                await asyncio.wait_for(self.driver.async_set_state(target), timeout_s)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for adds a task hop to every wake.
+                async with asyncio.timeout(timeout_s):
+                    await self.driver.async_set_state(target)
                 if await self._await_readback(target, self.clock.wall_seconds(expected) * 2 + timeout_s):
                     return
                 kind = "readback"

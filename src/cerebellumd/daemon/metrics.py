@@ -32,6 +32,7 @@ class Metrics:
         signals: Iterable[str] = (),
         buses: Iterable[str] = (),
         loops: Iterable[str] = ("decision",),
+        mqtt: bool = False,
     ) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.accelerator_state = Gauge(
@@ -76,7 +77,10 @@ class Metrics:
         self.holds_active = Gauge("cerebellumd_holds_active", "Operator holds and leases in force.", registry=r)
         self.config_reloads = Counter(
             "cerebellumd_config_reloads", "Configuration reloads by result.", ["result"], registry=r)
-        self.mqtt_connected = Gauge("cerebellumd_mqtt_connected", "1 while connected to the MQTT broker.", registry=r)
+        # Exported only where MQTT is configured: a constant 0 elsewhere would fire the
+        # "MQTT disconnected" alert on every node that does not use a broker.
+        self.mqtt_connected = Gauge(
+            "cerebellumd_mqtt_connected", "1 while connected to the MQTT broker.", registry=r if mqtt else None)
         # Beyond the contract: what the daemon itself and its commands cost and reject.
         self.actuation_failures = Counter(
             "cerebellumd_actuation_failures", "Accelerator commands that failed, timed out or read back wrong.",

@@ -71,10 +71,12 @@ class Daemon:
         clock: Clock | None = None,
         driver: AcceleratorDriver | None = None,
         config_path: str | None = None,
+        model: AcceleratorModel | None = None,
     ) -> None:
+        """Inside a running loop, build it with `async_create` (the profile is a file read)."""
         self.clock = clock or Clock()
         self.config_path = config_path
-        self.model = load_profile(config.accelerator.profile)
+        self.model = model or load_profile(config.accelerator.profile)
         self._configure(config)
         measured = {d.name for d in config.power.domains if d.source in ("hwmon", "mcu")}
         self.metrics = Metrics(
@@ -84,6 +86,7 @@ class Daemon:
             signals=list(config.signals),
             buses=[b.name for b in config.can],
             loops=("decision", "telemetry"),
+            mqtt=config.mqtt.enabled,
         )
         self.driver = driver or build_driver(config, self.model, self.clock)
         self.actuator = Actuator(self.driver, self.model, config.accelerator, self.clock, self.metrics)
@@ -109,6 +112,12 @@ class Daemon:
         self._stale_flags: dict[str, bool] = {}
         self._notifier: Any = None
         self._watchdog_every = 0
+
+    @classmethod
+    async def async_create(cls, config: Config, **kwargs: Any) -> Daemon:
+        if kwargs.get("model") is None:
+            kwargs["model"] = await asyncio.to_thread(load_profile, config.accelerator.profile)
+        return cls(config, **kwargs)
 
     def _configure(self, config: Config) -> None:
         self.config = config
@@ -178,6 +187,8 @@ class Daemon:
             new = await asyncio.to_thread(load_config, path)
             if [b.model_dump() for b in new.can] != [b.model_dump() for b in self.config.can]:
                 log.warning("reload: [[can]] changes need a restart; bus settings kept")
+            if new.accelerator.profile != self.config.accelerator.profile:
+                log.warning("reload: a new accelerator profile needs a restart; profile kept")
             self._configure(new)
             assert self._state is not None
             now = self.clock.now()
