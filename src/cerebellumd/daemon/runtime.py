@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..config import Config, load_config, policy_params
 from ..drivers import registry
@@ -28,6 +28,21 @@ from .ticker import Ticker, TickInfo
 
 log = logging.getLogger(__name__)
 _MIN_WALL_TICK_S = 0.001
+
+
+class Service(Protocol):
+    """Something the daemon starts after its buses and stops before them (MQTT, leases,
+    SOME/IP, the MCU link, persistence, ...)."""
+
+    async def async_start(self) -> None: ...
+
+    async def async_stop(self) -> None: ...
+
+
+#: A source of holds or leases: called with policy time at every decision.
+HoldSource = Callable[[float], Sequence[Hold]]
+#: A measured power reading for a domain: latest watts, or None while unknown.
+PowerSource = Callable[[], float | None]
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,18 @@ class Daemon:
         self._stale_flags: dict[str, bool] = {}
         self._notifier: Any = None
         self._watchdog_every = 0
+        # Extension points, filled by `attach_services` (one module per concern).
+        self.services: list[Service] = []
+        self.hold_sources: list[HoldSource] = [self.holds.active]
+        self.power_sources: dict[str, PowerSource] = {}
+        self.tick_hooks: list[Callable[[float], None]] = []
+        self.telemetry_hooks: list[Callable[[float], None]] = []
+        self.stop_hooks: list[Callable[[float], None]] = []
+        self._attach_services()
+
+    def _attach_services(self) -> None:
+        """Each optional concern attaches itself here from its own module (one line each),
+        registering services and hooks; nothing here runs before `async_start`."""
 
     @classmethod
     async def async_create(cls, config: Config, **kwargs: Any) -> Daemon:
@@ -148,6 +175,8 @@ class Daemon:
                                now=self.clock.now, from_monotonic=self.clock.from_monotonic)
             await ingest.async_start()
             self.ingests.append(ingest)
+        for service in self.services:
+            await service.async_start()
         wall_tick = max(self.clock.wall_seconds(cfg.daemon.tick_ms / 1000), _MIN_WALL_TICK_S)
         wall_telemetry = max(self.clock.wall_seconds(cfg.daemon.telemetry_interval_ms / 1000), 0.05)
         self._tickers = [
@@ -162,10 +191,18 @@ class Daemon:
         for ticker in self._tickers:
             ticker.stop()
         self._tickers = []
+        for service in reversed(self.services):
+            try:
+                await service.async_stop()
+            except Exception as exc:  # one failing service must not keep the others running
+                log.error("stopping %s failed: %s", type(service).__name__, exc)
         for ingest in self.ingests:
             await ingest.async_stop()
         self.ingests = []
-        self._integrate(self.clock.now())
+        now = self.clock.now()
+        self._integrate(now)
+        for hook in self.stop_hooks:
+            hook(now)
         await self.actuator.async_stop(AccelState(self.config.daemon.safe_state))
         await self.metrics.async_stop()
         if self._notifier is not None:
@@ -241,6 +278,8 @@ class Daemon:
         now = self.clock.now()
         self._decide(now, fast_path=False)
         self._integrate(now)
+        for hook in self.tick_hooks:
+            hook(now)
         if self._watchdog_every and info.index % self._watchdog_every == 0 and self._notifier is not None:
             self._notifier.notify("WATCHDOG=1")
 
@@ -250,14 +289,16 @@ class Daemon:
         if info.expirations > 1:
             m.tick_overruns.labels("telemetry").inc(info.expirations - 1)
         now = self.clock.now()
-        m.holds_active.set(len(self.holds.active(now)))
+        m.holds_active.set(len(self.active_holds(now)))
+        for hook in self.telemetry_hooks:
+            hook(now)
         for d in self.config.power.domains:
             m.domain_power.labels(d.name, "sensor" if d.source in ("hwmon", "mcu") else "model").set(
                 self.watts.get(d.name, 0.0))
 
     def _decide(self, now: float, *, fast_path: bool) -> None:
         assert self._state is not None
-        inputs = Inputs(self.samples, self.holds.active(now), self.actuator.state, fast_path)
+        inputs = Inputs(self.samples, self.active_holds(now), self.actuator.state, fast_path)
         started = time.perf_counter()
         self._state, d = self.policy.step(self._state, inputs, now)
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
@@ -307,11 +348,18 @@ class Daemon:
             elif d.source == "constant":
                 watts = d.watts or 0.0
             else:
-                watts = self.watts.get(d.name, 0.0)
+                source = self.power_sources.get(d.name)
+                reading = source() if source is not None else None
+                watts = reading if reading is not None else self.watts.get(d.name, 0.0)
             self.watts[d.name] = watts
             joules = watts * dt
             self.joules[d.name] += joules
             self.metrics.domain_energy.labels(d.name).inc(joules)
+
+    def active_holds(self, now: float) -> tuple[Hold, ...]:
+        if len(self.hold_sources) == 1:
+            return self.holds.active(now)
+        return tuple(h for source in self.hold_sources for h in source(now))
 
     def snapshot(self) -> Snapshot:
         now = self.clock.now()
@@ -326,7 +374,7 @@ class Daemon:
             watts=dict(self.watts),
             joules=dict(self.joules),
             signals={k: v.value for k, v in self.samples.items()},
-            holds=self.holds.active(now),
+            holds=self.active_holds(now),
             wakes=self.wakes,
             sleeps=self.sleeps,
             frames=sum(i.frames for i in self.ingests),
