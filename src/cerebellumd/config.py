@@ -178,6 +178,8 @@ class MqttConfig(Section):
     command_rate_per_minute: PositiveMs = Field(60, description="Commands beyond this rate are rejected.")
     operators: list[str] = Field(default_factory=list, description="Owners allowed to command (empty: any).")
     homeassistant_discovery: bool = Field(False, description="Publish Home Assistant discovery configs.")
+    reconnect_max_s: float = Field(
+        30.0, gt=0, description="Longest wait between reconnect attempts (the backoff doubles up to it).")
 
 
 class Config(Section):
