@@ -139,6 +139,8 @@ class Daemon:
     def _attach_services(self) -> None:
         """Each optional concern attaches itself here from its own module (one line each),
         registering services and hooks; nothing here runs before `async_start`."""
+        from .persist import attach_persistence  # state file + start-up file checks
+        attach_persistence(self)
 
     @classmethod
     async def async_create(cls, config: Config, **kwargs: Any) -> Daemon:

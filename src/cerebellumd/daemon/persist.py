@@ -1,0 +1,277 @@
+"""Persistence of the energy totals across restarts (config `daemon.state_file`).
+
+What is kept: joules per domain, wake and sleep counts (also per reason, so the Prometheus
+counters of the contract continue instead of restarting at 0). Written every
+`persist_interval_s` (wall seconds) and on clean stop, so a SIGKILL or a power cut loses at most
+one interval.
+
+Why each step of the write (`write_atomic`): a temp file in the *same directory* (os.replace is
+atomic only within one file system), fsync of the file (its data is on disk before the rename
+points at it), os.replace (readers see the old or the new file, never a half one), fsync of the
+directory (the rename itself survives a power cut). All file I/O runs in a worker thread: the
+decision loop never waits for a disk.
+
+A state file that is corrupt, partial, of an unknown schema or unreadable is reported (log +
+`cerebellumd_state_file_errors_total{kind}`), moved aside to `<file>.corrupt` for forensics and
+replaced by a fresh one; it is never fatal: losing counters is bad, not starting is worse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter
+
+from .security import attach_security
+
+if TYPE_CHECKING:
+    from .runtime import Daemon
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+#: Restored label sets are capped: a state file must not be able to blow up the registry.
+MAX_RESTORED_LABELS = 256
+ERROR_KINDS = ("corrupt", "schema", "unreadable", "write")
+
+
+class StateFileError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Totals:
+    joules: dict[str, float] = field(default_factory=dict)
+    wakes: int = 0
+    sleeps: int = 0
+    wakes_by_reason: dict[str, float] = field(default_factory=dict)
+    #: (state, reason) -> count; stored as a list of [state, reason, count] (JSON has no tuples).
+    sleeps_by_state_reason: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def to_json(self, node: str) -> str:
+        return json.dumps({
+            "schema": SCHEMA_VERSION,
+            "node": node,
+            "saved_at": time.time(),
+            "joules": self.joules,
+            "wakes": self.wakes,
+            "sleeps": self.sleeps,
+            "wakes_by_reason": self.wakes_by_reason,
+            "sleeps_by_state_reason": [[s, r, n] for (s, r), n in self.sleeps_by_state_reason.items()],
+        }, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Totals:
+        """Strict: anything not exactly as written by `to_json` is a StateFileError."""
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise StateFileError("corrupt", f"not JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise StateFileError("corrupt", "top level is not an object")
+        if raw.get("schema") != SCHEMA_VERSION:
+            raise StateFileError("schema", f"schema {raw.get('schema')!r}, this version reads {SCHEMA_VERSION}")
+        try:
+            joules = {str(k): _amount(v) for k, v in _mapping(raw["joules"]).items()}
+            wakes = int(_amount(raw["wakes"]))
+            sleeps = int(_amount(raw["sleeps"]))
+            by_reason = {str(k): _amount(v) for k, v in _mapping(raw.get("wakes_by_reason", {})).items()}
+            by_state: dict[tuple[str, str], float] = {}
+            for item in raw.get("sleeps_by_state_reason", []):
+                if not (isinstance(item, list) and len(item) == 3):
+                    raise ValueError("sleeps_by_state_reason entries are [state, reason, count]")
+                by_state[(str(item[0]), str(item[1]))] = _amount(item[2])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateFileError("corrupt", f"bad content: {exc!r}") from None
+        if len(by_reason) > MAX_RESTORED_LABELS or len(by_state) > MAX_RESTORED_LABELS:
+            raise StateFileError("corrupt", "too many label sets")
+        return cls(joules, wakes, sleeps, by_reason, by_state)
+
+
+def _mapping(value: object) -> dict[Any, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _amount(value: object) -> float:
+    # bool is an int in Python; a counter of `true` is a corrupt file, not 1.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"counter value {value!r} is not a finite non-negative number")
+    return number
+
+
+# -- file operations (run in a worker thread) --------------------------------------------------
+
+
+def write_atomic(path: Path, text: str) -> None:
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_totals(path: Path) -> Totals | None:
+    """None when there is no file yet (first start); StateFileError when it is bad."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateFileError("unreadable", f"cannot read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StateFileError("corrupt", "not UTF-8") from None
+    return Totals.from_json(text)
+
+
+def move_aside(path: Path) -> Path | None:
+    aside = path.with_name(path.name + ".corrupt")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        return None
+    return aside
+
+
+# -- the service -------------------------------------------------------------------------------
+
+
+class Persistence:
+    """Service: restore at start, save every interval and at stop."""
+
+    def __init__(self, daemon: Daemon, path: Path, interval_s: float) -> None:
+        self.daemon = daemon
+        self.path = path
+        self.interval_s = interval_s
+        registry = daemon.metrics.registry
+        self.errors = Counter(
+            "cerebellumd_state_file_errors", "State file problems by kind (corrupt, schema, unreadable, write).",
+            ["kind"], registry=registry)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind)
+        self.writes = Counter("cerebellumd_state_file_writes", "Successful state file writes.", registry=registry)
+        self.restored: Totals | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    async def async_start(self) -> None:
+        try:
+            totals = await asyncio.to_thread(read_totals, self.path)
+        except StateFileError as exc:
+            self.errors.labels(exc.kind).inc()
+            aside = await asyncio.to_thread(move_aside, self.path) if exc.kind != "unreadable" else None
+            log.error("state file %s: %s; starting from zero%s", self.path, exc,
+                      f" (bad file kept as {aside})" if aside else "")
+            totals = None
+        if totals is not None:
+            self._restore(totals)
+            self.restored = totals
+            log.info("state file %s: resumed %s", self.path,
+                     ", ".join(f"{k}={v:.1f} J" for k, v in sorted(totals.joules.items())) or "no energy")
+        await self.async_save()  # a fresh, good file from the first second on
+        self._task = asyncio.create_task(self._run(), name="persist")
+
+    async def async_stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        # Services stop before the daemon's own final integration: integrate now so the file
+        # holds the energy up to this moment (the daemon's later call adds only microseconds).
+        self.daemon._integrate(self.daemon.clock.now())
+        await self.async_save()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.async_save()
+
+    def _restore(self, totals: Totals) -> None:
+        d, m = self.daemon, self.daemon.metrics
+        for domain, joules in totals.joules.items():
+            if domain not in d.joules:
+                log.warning("state file: domain %r is no longer configured; its %.1f J are dropped", domain, joules)
+                continue
+            d.joules[domain] += joules
+            m.domain_energy.labels(domain).inc(joules)
+        d.wakes += totals.wakes
+        d.sleeps += totals.sleeps
+        for reason, n in totals.wakes_by_reason.items():
+            m.wakes.labels(reason).inc(n)
+        for (state, reason), n in totals.sleeps_by_state_reason.items():
+            m.sleeps.labels(state, reason).inc(n)
+
+    def snapshot(self) -> Totals:
+        """Taken on the loop (consistent with the daemon's own state), written off it."""
+        d, m = self.daemon, self.daemon.metrics
+        return Totals(
+            joules=dict(d.joules),
+            wakes=d.wakes,
+            sleeps=d.sleeps,
+            wakes_by_reason=_counter_values(m.wakes, ("reason",), lambda labels: labels[0]),
+            sleeps_by_state_reason=_counter_values(m.sleeps, ("state", "reason"), tuple),
+        )
+
+    async def async_save(self) -> bool:
+        text = self.snapshot().to_json(self.daemon.config.daemon.node)
+        async with self._lock:  # an interval save and the stop save never interleave
+            try:
+                await asyncio.to_thread(write_atomic, self.path, text)
+            except OSError as exc:
+                self.errors.labels("write").inc()
+                log.error("state file %s: write failed: %s", self.path, exc)
+                return False
+        self.writes.inc()
+        return True
+
+
+def _counter_values(counter: Counter, names: tuple[str, ...], key: Any) -> dict[Any, float]:
+    out: dict[Any, float] = {}
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.value > 0:
+                out[key(tuple(sample.labels[n] for n in names))] = sample.value
+    return out
+
+
+def attach_persistence(daemon: Daemon) -> Persistence | None:
+    """Called from Daemon._attach_services. Also attaches the start-up file permission checks
+    (security.py): they concern the same files and the daemon has one attach line for both."""
+    attach_security(daemon)
+    cfg = daemon.config.daemon
+    if cfg.state_file is None:
+        return None
+    service = Persistence(daemon, Path(cfg.state_file), cfg.persist_interval_s)
+    daemon.services.append(service)
+    return service
