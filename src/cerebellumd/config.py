@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .drivers.mcu_link import McuLinkOptions
+from .drivers.someip import SomeIpOptions
 from .policies.expr import ExpressionError, compile_expression
 from .policies.model import AccelState
 from .policies.types import (
@@ -144,6 +146,39 @@ class DomainConfig(Section):
         ..., description="model: accelerator model; constant: fixed estimate; hwmon/mcu: measured.")
     watts: float | None = Field(None, ge=0, description="Estimate for source=constant.")
     sensor: str | None = Field(None, description="hwmon label/path or MCU reading for measured sources.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Sensor options: hwmon (name, label, channel, root) or mcu (readings_max_age_ms).")
+    interval_ms: PositiveMs = Field(1000, description="How often a measured domain's sensor is read.")
+
+
+class SomeIpEndpointConfig(SomeIpOptions):
+    """One SOME/IP receive endpoint (`[[someip]]`): a UDP socket and the payload fields it maps."""
+
+    name: str = Field("someip", description="Endpoint name (metrics label `endpoint`).",
+                      pattern=r"^[A-Za-z0-9_-]+$")
+
+
+#: What `signals.X.mcu` may name: READINGS values (SI units), the HEARTBEAT's ignition flag, and
+#: the latched wake/sleep request of the MCU (`wake_request` 1 after WAKE_REQUEST, 0 after
+#: SLEEP_REQUEST; `request_reason` the reason code of the latest one).
+MCU_SIGNALS: tuple[str, ...] = (
+    "battery_v", "mcu_temp_c", "accel_temp_c", "rail_v", "rail_a", "rail_w", "rail_on",
+    "ignition", "wake_request", "request_reason",
+)
+
+
+class McuConfig(McuLinkOptions):
+    """The companion MCU (`[mcu]`): one serial link shared by signals, sensors and the `mcu`
+    accelerator driver."""
+
+    wake_request_hold_ms: int | None = Field(
+        None, gt=0,
+        description="wake_request falls back to 0 this long after the last WAKE_REQUEST "
+                    "(default: it stays 1 until a SLEEP_REQUEST).")
+
+    def link_options(self) -> McuLinkOptions:
+        return McuLinkOptions.model_validate(self.model_dump(include=set(McuLinkOptions.model_fields)))
 
 
 class PowerConfig(Section):
@@ -194,6 +229,25 @@ class Config(Section):
     power: PowerConfig = Field(default_factory=PowerConfig, description="Power domains.")
     prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig, description="Metrics endpoint.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT telemetry and control.")
+    someip: list[SomeIpEndpointConfig] = Field(
+        default_factory=list, description="SOME/IP notification endpoints (UDP).")
+    mcu: McuConfig | None = Field(None, description="Companion-MCU serial link.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mcu_driver_uses_mcu_link(cls, data: Any) -> Any:
+        """With accelerator.driver = "mcu" and an [mcu] section, the driver runs on [mcu]'s link
+        (one serial port, one link): its link settings are taken from there unless given."""
+        if not isinstance(data, dict) or not isinstance(data.get("mcu"), dict):
+            return data
+        accel = data.get("accelerator")
+        if not isinstance(accel, dict) or accel.get("driver") != "mcu":
+            return data
+        options = accel.get("options", {})
+        if not isinstance(options, dict) or "link" in options:
+            return data
+        link = {k: v for k, v in data["mcu"].items() if k in McuLinkOptions.model_fields}
+        return {**data, "accelerator": {**accel, "options": {**options, "link": link}}}
 
 
 # -- errors with file, line and key ------------------------------------------------------------
@@ -329,11 +383,28 @@ def semantic_issues(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
     issues: list[tuple[tuple[str | int, ...], str]] = []
     names = frozenset(config.signals)
     bus_names = [b.name for b in config.can]
+    someip_fields: set[str] = set()
+    for i, endpoint in enumerate(config.someip):
+        for j, spec in enumerate(endpoint.fields):
+            if spec.signal in someip_fields:
+                issues.append((("someip", i, "fields", j), f"field {spec.signal!r} is defined twice"))
+            someip_fields.add(spec.signal)
+    endpoint_names = [e.name for e in config.someip]
+    if len(set(endpoint_names)) != len(endpoint_names):
+        issues.append((("someip",), "endpoint names must be unique"))
     if len(set(bus_names)) != len(bus_names):
         issues.append((("can",), "bus names must be unique"))
     for name, sig in config.signals.items():
         if sig.can and not config.can:
             issues.append((("signals", name, "can"), "no [[can]] bus is configured"))
+        if sig.someip and sig.someip not in someip_fields:
+            known = ", ".join(sorted(someip_fields)) or "none: no [[someip]] endpoint"
+            issues.append((("signals", name, "someip"), f"no [[someip]] field {sig.someip!r}; known: {known}"))
+        if sig.mcu and config.mcu is None:
+            issues.append((("signals", name, "mcu"), "no [mcu] section is configured"))
+        elif sig.mcu and sig.mcu not in MCU_SIGNALS:
+            issues.append((("signals", name, "mcu"),
+                           f"unknown MCU reading {sig.mcu!r}; known: {', '.join(MCU_SIGNALS)}"))
         if sig.bus and sig.bus not in bus_names:
             issues.append((("signals", name, "bus"), f"unknown bus {sig.bus!r}"))
     seen: set[str] = set()
@@ -369,7 +440,43 @@ def semantic_issues(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
     for i, d in enumerate(config.power.domains):
         if d.source == "constant" and d.watts is None:
             issues.append((("power", "domains", i, "watts"), "source=constant needs watts"))
+        issues.extend(_sensor_issues(config, i, d))
+    if config.accelerator.driver == "mcu" and config.mcu is not None:
+        link = config.accelerator.options.get("link")
+        if isinstance(link, dict) and link.get("port") != config.mcu.port:
+            issues.append((("accelerator", "options", "link", "port"),
+                           f"differs from [mcu] port {config.mcu.port!r}: one serial port has one link"))
     return issues
+
+
+def _sensor_issues(config: Config, i: int, d: DomainConfig) -> list[tuple[tuple[str | int, ...], str]]:
+    """A measured domain's sensor options must build its driver (hwmon) or find the MCU."""
+    from .drivers.accel_mcu import McuPowerSensorOptions
+    from .drivers.hwmon import HwmonOptions
+
+    where: tuple[str | int, ...] = ("power", "domains", i)
+    try:
+        if d.source == "hwmon":
+            HwmonOptions.model_validate(hwmon_options(d))
+        elif d.source == "mcu":
+            if config.mcu is None:
+                return [((*where, "source"), "source=mcu needs an [mcu] section")]
+            if d.sensor not in (None, "rail_w"):
+                return [((*where, "sensor"), "the MCU measures the accelerator rail only: use rail_w or omit")]
+            if "link" in d.options:
+                return [((*where, "options", "link"), "the sensor shares the [mcu] link: remove it")]
+            McuPowerSensorOptions.model_validate(d.options)
+    except ValidationError as exc:
+        return [((*where, "options"), "; ".join(e["msg"] for e in exc.errors()))]
+    return []
+
+
+def hwmon_options(d: DomainConfig) -> dict[str, Any]:
+    """hwmon sensor options of a domain: `sensor` is shorthand for the channel label."""
+    options = dict(d.options)
+    if d.sensor is not None:
+        options.setdefault("label", d.sensor)
+    return options
 
 
 # -- to the pure core --------------------------------------------------------------------------
