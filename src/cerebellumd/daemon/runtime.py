@@ -24,6 +24,7 @@ from .clock import Clock
 from .control import CommandProcessor, HoldStore
 from .ingest import CanIngest, load_dbc
 from .metrics import Metrics
+from .mqtt import attach_mqtt
 from .ticker import Ticker, TickInfo
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class Daemon:
         registering services and hooks; nothing here runs before `async_start`."""
         from .persist import attach_persistence  # state file + start-up file checks
         attach_persistence(self)
+        attach_mqtt(self)  # [mqtt] status/state/set/response (only when enabled)
 
     @classmethod
     async def async_create(cls, config: Config, **kwargs: Any) -> Daemon:
