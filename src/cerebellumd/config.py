@@ -24,8 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .drivers.mcu_link import McuLinkOptions
 from .drivers.someip import SomeIpOptions
+from .policies.escalation import EscalationConfig
 from .policies.expr import ExpressionError, compile_expression
 from .policies.model import AccelState
+from .policies.nm import NmConfig
+from .policies.rails import RailMapConfig
 from .policies.types import (
     DemandClass,
     DemandSpec,
@@ -73,6 +76,8 @@ class AcceleratorConfig(Section):
     command_timeout_ms: PositiveMs = Field(5000, description="Time limit of one driver command.")
     retries: int = Field(3, ge=0, le=20, description="Retries of a failed command (with backoff).")
     retry_backoff_ms: PositiveMs = Field(200, description="First retry delay; doubles each retry.")
+    escalation: EscalationConfig = Field(
+        default_factory=EscalationConfig, description="Wake watchdog ladder (docs/accelerators.md).")
 
 
 class CanBusConfig(Section):
@@ -181,6 +186,11 @@ class McuConfig(McuLinkOptions):
         return McuLinkOptions.model_validate(self.model_dump(include=set(McuLinkOptions.model_fields)))
 
 
+class SensorConfig(Section):
+    driver: str = Field("hwmon", description="Power sensor driver, by registered name (hwmon, mcu).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Driver-specific options.")
+
+
 class PowerConfig(Section):
     domains: list[DomainConfig] = Field(
         default_factory=lambda: [
@@ -189,6 +199,26 @@ class PowerConfig(Section):
             DomainConfig(name="mcu", source="constant", watts=0.6),
         ],
         description="Power domains; each joule is attributed to one.")
+    rail_sensors: dict[str, SensorConfig] = Field(
+        default_factory=dict, description="One power sensor per rail of the rail map, by rail name.")
+    rails: RailMapConfig | None = Field(
+        None, description="Rail map: which rail is a total and which are its parts (never summed twice).")
+    rail_interval_ms: PositiveMs = Field(1000, description="How often the rail sensors are read.")
+
+
+class LeaseConfig(Section):
+    """`[leases]`: the local lease socket for inference applications."""
+
+    enabled: bool = Field(False, description="Serve the lease socket.")
+    path: Path = Field(
+        Path("/run/cerebellumd/leases.sock"), description="Unix socket path (its directory must exist).")
+    socket_mode: int = Field(0o660, ge=0, le=0o777, description="Permission bits of the socket file.")
+    max_line_bytes: int = Field(4096, ge=64, le=1 << 20, description="Longest request line accepted.")
+    max_leases_per_client: int = Field(8, ge=1, le=1024, description="Leases one connection may hold.")
+    max_clients: int = Field(64, ge=1, le=4096, description="Concurrent connections accepted.")
+    max_ttl_s: float = Field(3600.0, gt=0, description="Longest lease (s); apps renew beyond it.")
+    override_grace_s: float = Field(
+        30.0, ge=0, description="After a manual operator command, non-safety leases wait this long.")
 
 
 class PrometheusConfig(Section):
@@ -229,6 +259,8 @@ class Config(Section):
     power: PowerConfig = Field(default_factory=PowerConfig, description="Power domains.")
     prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig, description="Metrics endpoint.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT telemetry and control.")
+    nm: NmConfig = Field(default_factory=NmConfig, description="CAN network management (docs/network-management.md).")
+    leases: LeaseConfig = Field(default_factory=LeaseConfig, description="Local lease socket for applications.")
     someip: list[SomeIpEndpointConfig] = Field(
         default_factory=list, description="SOME/IP notification endpoints (UDP).")
     mcu: McuConfig | None = Field(None, description="Companion-MCU serial link.")
@@ -440,12 +472,14 @@ def semantic_issues(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
     for i, d in enumerate(config.power.domains):
         if d.source == "constant" and d.watts is None:
             issues.append((("power", "domains", i, "watts"), "source=constant needs watts"))
-        issues.extend(_sensor_issues(config, i, d))
+        if d.name not in rail_fed_domains(config):  # the rail map feeds it: its rails are checked below
+            issues.extend(_sensor_issues(config, i, d))
     if config.accelerator.driver == "mcu" and config.mcu is not None:
         link = config.accelerator.options.get("link")
         if isinstance(link, dict) and link.get("port") != config.mcu.port:
             issues.append((("accelerator", "options", "link", "port"),
                            f"differs from [mcu] port {config.mcu.port!r}: one serial port has one link"))
+    issues += _power_and_nm_issues(config)
     return issues
 
 
@@ -477,6 +511,44 @@ def hwmon_options(d: DomainConfig) -> dict[str, Any]:
     if d.sensor is not None:
         options.setdefault("label", d.sensor)
     return options
+
+
+def rail_fed_domains(config: Config) -> frozenset[str]:
+    """Domains whose watts come from the rail map (`[power.rails]`), not from a sensor of their own."""
+    rails = config.power.rails
+    if rails is None:
+        return frozenset()
+    rail_map = rails.rail_map()
+    fed = {g.other_domain for g in rail_map.groups} | set(rail_map.independent.values())
+    return frozenset(fed | {d for g in rail_map.groups for d in g.parts.values()})
+
+
+def _power_and_nm_issues(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
+    """A watt is counted once: a domain fed by the rail map has no sensor of its own, and every
+    mapped rail has a sensor. NM names a configured bus and signals."""
+    power = config.power
+    issues: list[tuple[tuple[str | int, ...], str]] = []
+    if power.rails is not None:
+        rail_map = power.rails.rail_map()
+        fed = rail_fed_domains(config)
+        for rail in sorted(set(rail_map.rails()) - set(power.rail_sensors)):
+            issues.append((("power", "rail_sensors"), f"rail {rail!r} has no [power.rail_sensors.{rail}]"))
+        for i, d in enumerate(power.domains):
+            if d.name in fed and (d.sensor is not None or d.options or d.source not in ("hwmon", "mcu")):
+                # One domain, one source of watts: a sensor of its own would count it twice.
+                issues.append((("power", "domains", i, "source"),
+                               f"domain {d.name!r} is fed by the rail map: use source=hwmon without sensor/options"))
+    nm = config.nm
+    buses = [b.name for b in config.can]
+    if nm.enabled and not buses:
+        issues.append((("nm", "enabled"), "NM needs a [[can]] bus"))
+    if nm.bus is not None and nm.bus not in buses:
+        issues.append((("nm", "bus"), f"unknown bus {nm.bus!r}"))
+    for key in ("ignition_signal", "battery_signal"):
+        ref = getattr(nm, key)
+        if ref is not None and ref not in config.signals:
+            issues.append((("nm", key), f"unknown signal {ref!r}"))
+    return issues
 
 
 # -- to the pure core --------------------------------------------------------------------------

@@ -38,8 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from ..config import LeaseConfig  # the `[leases]` section lives with the config (re-exported here)
 from ..policies.types import Hold, HoldMode
 
 
@@ -59,23 +58,6 @@ HOLD_PRIORITY: dict[LeasePriority, int] = {
 _MAX_NAME = 64
 _E = TypeVar("_E", bound=StrEnum)
 _MAX_REASON = 200
-
-
-class LeaseConfig(BaseModel):
-    """`[leases]`: the local lease socket for inference applications."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = Field(False, description="Serve the lease socket.")
-    path: Path = Field(
-        Path("/run/cerebellumd/leases.sock"), description="Unix socket path (its directory must exist).")
-    socket_mode: int = Field(0o660, ge=0, le=0o777, description="Permission bits of the socket file.")
-    max_line_bytes: int = Field(4096, ge=64, le=1 << 20, description="Longest request line accepted.")
-    max_leases_per_client: int = Field(8, ge=1, le=1024, description="Leases one connection may hold.")
-    max_clients: int = Field(64, ge=1, le=4096, description="Concurrent connections accepted.")
-    max_ttl_s: float = Field(3600.0, gt=0, description="Longest lease (s); apps renew beyond it.")
-    override_grace_s: float = Field(
-        30.0, ge=0, description="After a manual operator command, non-safety leases wait this long.")
 
 
 class LeaseServerError(RuntimeError):
