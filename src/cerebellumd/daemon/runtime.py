@@ -25,6 +25,7 @@ from .control import CommandProcessor, HoldStore
 from .ingest import CanIngest, load_dbc
 from .metrics import Metrics
 from .mqtt import attach_mqtt
+from .sources import attach_sources
 from .ticker import Ticker, TickInfo
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class Daemon:
         from .persist import attach_persistence  # state file + start-up file checks
         attach_persistence(self)
         attach_mqtt(self)  # [mqtt] status/state/set/response (only when enabled)
+        attach_sources(self)  # [[someip]], [mcu] and measured power domains (only when configured)
 
     @classmethod
     async def async_create(cls, config: Config, **kwargs: Any) -> Daemon:

@@ -1,0 +1,317 @@
+"""The daemon's inputs besides CAN: SOME/IP notifications, the companion MCU and measured power.
+
+`attach_sources(daemon)` registers, from the config:
+
+- one `SomeIpSource` service per `[[someip]]` endpoint: each datagram's fields become samples
+  of the signals whose `someip = "notification.field"` names them;
+- one `McuSource` service for `[mcu]`: READINGS become samples of the signals whose `mcu`
+  names a reading (`battery_v`, `accel_temp_c`, `rail_w`, ...), every HEARTBEAT refreshes
+  `ignition` and the latched request (`wake_request`: 1 after WAKE_REQUEST, 0 after
+  SLEEP_REQUEST; `request_reason`), and a request is fed at once so a demand on it acts on the
+  fast path. Nothing is fed while the link is silent, so its signals go stale by their own
+  `max_age_ms`: no second staleness rule to keep in step with the policy's;
+- one `PowerReaders` service reading each `hwmon`/`mcu` power domain's sensor every
+  `interval_ms` into `daemon.power_sources[domain]`;
+- a collector exporting their counters (`cerebellumd_someip_*`, `cerebellumd_mcu_*`,
+  `cerebellumd_sensor_*`).
+
+One serial port has one link: with the `mcu` accelerator driver the link is the driver's (its
+settings come from `[mcu]`, see config.py) and the driver opens and closes it; otherwise
+`McuSource` owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ..config import Config, DomainConfig, McuConfig, SomeIpEndpointConfig, hwmon_options
+from ..drivers.accel_mcu import McuAccelerator, McuPowerSensor
+from ..drivers.base import PowerSensor
+from ..drivers.hwmon import HwmonSensor
+from ..drivers.mcu_link import McuLink
+from ..drivers.mcu_protocol import ERROR_KINDS as MCU_PARSER_ERRORS
+from ..drivers.mcu_protocol import Heartbeat, Message, Readings, SleepRequest, StatusFlags, WakeRequest
+from ..drivers.someip import ERROR_KINDS as SOMEIP_DECODE_ERRORS
+from ..drivers.someip import SomeIpReceiver
+
+if TYPE_CHECKING:
+    from .clock import Clock
+    from .runtime import Daemon
+
+log = logging.getLogger(__name__)
+
+#: What the sources hand to the daemon: (signal, value) pairs and their policy time.
+SampleSink = Callable[[Sequence[tuple[str, float]], float], None]
+
+SOMEIP_ERROR_KINDS = (*SOMEIP_DECODE_ERRORS, "socket_errors", "callback_errors")
+MCU_LINK_ERROR_KINDS = ("open_failures", "connections_lost", "stale", "ack_timeouts", "nacks", "listener_errors")
+
+
+def signal_routes(config: Config, source: str) -> dict[str, tuple[str, ...]]:
+    """{source key: our signal names} for `source` in ("someip", "mcu"); one key may feed
+    several signals (e.g. the same temperature under two names)."""
+    routes: dict[str, list[str]] = defaultdict(list)
+    for name, signal in config.signals.items():
+        key = getattr(signal, source)
+        if key:
+            routes[key].append(name)
+    return {k: tuple(v) for k, v in routes.items()}
+
+
+def _route(values: Mapping[str, float], routes: Mapping[str, tuple[str, ...]]) -> list[tuple[str, float]]:
+    return [(ours, value) for key, value in values.items() for ours in routes.get(key, ())]
+
+
+# -- SOME/IP -------------------------------------------------------------------------------------
+
+
+class SomeIpSource:
+    """One `[[someip]]` endpoint as a daemon service."""
+
+    def __init__(self, config: SomeIpEndpointConfig, routes: Mapping[str, tuple[str, ...]],
+                 sink: SampleSink, clock: Clock) -> None:
+        self.name = config.name
+        self._routes = routes
+        self._sink = sink
+        self._clock = clock
+        self.receiver = SomeIpReceiver(config, self._on_samples)
+
+    def _on_samples(self, values: dict[str, float], mono: float) -> None:
+        samples = _route(values, self._routes)
+        if samples:
+            self._sink(samples, self._clock.from_monotonic(mono))
+
+    async def async_start(self) -> None:
+        await self.receiver.async_start()
+        host, port = self.receiver.local_address
+        log.info("SOME/IP endpoint %s on udp %s:%d", self.name, host, port)
+
+    async def async_stop(self) -> None:
+        await self.receiver.async_close()
+
+
+# -- companion MCU -------------------------------------------------------------------------------
+
+
+class McuSource:
+    """The `[mcu]` link's messages as samples. Starts and stops the link only if it owns it."""
+
+    def __init__(self, config: McuConfig, routes: Mapping[str, tuple[str, ...]], sink: SampleSink,
+                 clock: Clock, link: McuLink | None = None) -> None:
+        self._routes = routes
+        self._sink = sink
+        self._clock = clock
+        self._owns_link = link is None
+        self.link = link if link is not None else McuLink(config.link_options())
+        self._hold_s = config.wake_request_hold_ms / 1000 if config.wake_request_hold_ms else None
+        self._wake_requested = False
+        self._wake_requested_at = 0.0
+        self._request_reason = 0
+        self.requests: dict[str, int] = {"wake": 0, "sleep": 0}
+        self._remove_listener = self.link.add_listener(self._on_message)
+
+    def _request_state(self, mono: float) -> dict[str, float]:
+        if self._wake_requested and self._hold_s is not None and mono - self._wake_requested_at > self._hold_s:
+            self._wake_requested = False  # the MCU asked once and never followed up: let it lapse
+        return {"wake_request": 1.0 if self._wake_requested else 0.0,
+                "request_reason": float(self._request_reason)}
+
+    def _on_message(self, message: Message) -> None:
+        mono = time.monotonic()
+        body = message.body
+        values: dict[str, float]
+        if isinstance(body, Readings):
+            values = body.as_signals()
+        elif isinstance(body, Heartbeat):
+            values = {"ignition": 1.0 if body.flags & StatusFlags.IGNITION_ON else 0.0, **self._request_state(mono)}
+        elif isinstance(body, WakeRequest | SleepRequest):
+            wake = isinstance(body, WakeRequest)
+            self.requests["wake" if wake else "sleep"] += 1
+            self._wake_requested = wake
+            self._wake_requested_at = mono
+            self._request_reason = body.reason
+            log.info("MCU %s request (reason %d)", "wake" if wake else "sleep", body.reason)
+            values = self._request_state(mono)
+        else:
+            return
+        samples = _route(values, self._routes)
+        if samples:
+            self._sink(samples, self._clock.from_monotonic(mono))
+
+    async def async_start(self) -> None:
+        if self._owns_link:
+            await self.link.async_start()
+
+    async def async_stop(self) -> None:
+        self._remove_listener()
+        self._remove_listener = lambda: None
+        if self._owns_link:
+            await self.link.async_close()
+
+
+# -- measured power ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Reader:
+    domain: str
+    sensor: PowerSensor
+    interval_s: float
+    watts: float | None = None
+
+
+class PowerReaders:
+    """Reads each measured domain's sensor on its own period; the latest watts are what the
+    daemon's power source returns (None until the first good read; a failed read keeps the
+    previous value out: the daemon then holds its last watts)."""
+
+    def __init__(self, sensors: Iterable[tuple[DomainConfig, PowerSensor]]) -> None:
+        self.readers = [_Reader(d.name, s, d.interval_ms / 1000) for d, s in sensors]
+        self._task: asyncio.Task[None] | None = None
+
+    def sources(self) -> dict[str, Callable[[], float | None]]:
+        return {r.domain: (lambda r=r: r.watts) for r in self.readers}  # type: ignore[misc]
+
+    async def async_start(self) -> None:
+        if self.readers:
+            self._task = asyncio.create_task(self._run(), name="power-readers")
+
+    async def async_stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = dict.fromkeys(range(len(self.readers)), loop.time())
+        while True:
+            now = loop.time()
+            for i, reader in enumerate(self.readers):
+                if due[i] > now:
+                    continue
+                try:
+                    reading = await reader.sensor.async_read()
+                except Exception as exc:  # sensors count their own failures; a bug must not stop the others
+                    log.error("power sensor of %s failed: %s", reader.domain, exc)
+                    reading = None
+                reader.watts = reading.watts if reading is not None else None
+                # Absolute deadlines (no drift); after a long stall skip to the next one.
+                due[i] = max(due[i] + reader.interval_s, now)
+            await asyncio.sleep(max(0.0, min(due.values()) - loop.time()))
+
+
+def build_sensor(domain: DomainConfig, link: McuLink | None) -> PowerSensor:
+    if domain.source == "hwmon":
+        return HwmonSensor(hwmon_options(domain))
+    if link is None:  # config checks prevent this; say what is missing if it is used directly
+        raise ValueError(f"domain {domain.name}: source=mcu needs an [mcu] section")
+    return McuPowerSensor(domain.options, link=link)
+
+
+# -- export --------------------------------------------------------------------------------------
+
+
+class SourcesCollector:
+    """Counters of the sources, read at scrape time. prometheus-client calls `collect` from its
+    HTTP thread: it only copies fixed-key dicts of ints, which is safe without a lock."""
+
+    def __init__(self, someip: Sequence[SomeIpSource], mcu: McuSource | None,
+                 sensors: Mapping[str, PowerSensor]) -> None:
+        self._someip = someip
+        self._mcu = mcu
+        self._sensors = sensors
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._collect_someip()
+        yield from self._collect_mcu()
+        yield from self._collect_sensors()
+
+    def _collect_someip(self) -> Iterable[Metric]:
+        if not self._someip:
+            return
+        datagrams = CounterMetricFamily("cerebellumd_someip_datagrams", "SOME/IP datagrams received.",
+                                        labels=["endpoint"])
+        messages = CounterMetricFamily("cerebellumd_someip_messages", "SOME/IP notifications decoded.",
+                                       labels=["endpoint"])
+        errors = CounterMetricFamily("cerebellumd_someip_errors", "Bad SOME/IP input by kind.",
+                                     labels=["endpoint", "kind"])
+        for source in self._someip:
+            counters = dict(source.receiver.error_counters)
+            datagrams.add_metric([source.name], counters.get("datagrams", 0))
+            messages.add_metric([source.name], counters.get("messages", 0))
+            for kind in SOMEIP_ERROR_KINDS:
+                errors.add_metric([source.name, kind], counters.get(kind, 0))
+        yield from (datagrams, messages, errors)
+
+    def _collect_mcu(self) -> Iterable[Metric]:
+        if self._mcu is None:
+            return
+        link = self._mcu.link
+        counters = dict(link.all_counters)
+        frames = CounterMetricFamily("cerebellumd_mcu_frames", "Valid MCU-link frames by direction.",
+                                     labels=["direction"])
+        frames.add_metric(["rx"], counters.get("frames", 0))
+        frames.add_metric(["tx"], counters.get("frames_tx", 0))
+        errors = CounterMetricFamily("cerebellumd_mcu_errors",
+                                     "MCU-link errors by kind (garbage_bytes counts bytes).", labels=["kind"])
+        for kind in (*MCU_PARSER_ERRORS, *MCU_LINK_ERROR_KINDS):
+            errors.add_metric([kind], counters.get(kind, 0))
+        connects = CounterMetricFamily("cerebellumd_mcu_connects", "Times the MCU serial port was opened.")
+        connects.add_metric([], counters.get("connects", 0))
+        requests = CounterMetricFamily("cerebellumd_mcu_requests", "Wake/sleep requests from the MCU.",
+                                       labels=["kind"])
+        for kind, n in dict(self._mcu.requests).items():
+            requests.add_metric([kind], n)
+        up = GaugeMetricFamily("cerebellumd_mcu_link_up", "1 while the MCU link is connected and not stale.")
+        up.add_metric([], 0.0 if link.stale else 1.0)
+        yield from (frames, errors, connects, requests, up)
+
+    def _collect_sensors(self) -> Iterable[Metric]:
+        if not self._sensors:
+            return
+        reads = CounterMetricFamily("cerebellumd_sensor_reads", "Good power-sensor reads.", labels=["domain"])
+        errors = CounterMetricFamily("cerebellumd_sensor_errors", "Failed power-sensor reads by kind.",
+                                     labels=["domain", "kind"])
+        for domain, sensor in self._sensors.items():
+            counters = dict(getattr(sensor, "counters", {}))
+            reads.add_metric([domain], counters.pop("reads", 0))
+            for kind, n in counters.items():
+                errors.add_metric([domain, kind], n)
+        yield from (reads, errors)
+
+
+# -- wiring --------------------------------------------------------------------------------------
+
+
+def attach_sources(daemon: Daemon) -> None:
+    """Register SOME/IP, MCU and power-sensor services on `daemon` (nothing runs before its
+    `async_start`)."""
+    config = daemon.config
+    someip = [SomeIpSource(e, signal_routes(config, "someip"), daemon._on_samples, daemon.clock)
+              for e in config.someip]
+    mcu: McuSource | None = None
+    if config.mcu is not None:
+        shared = daemon.driver.link if isinstance(daemon.driver, McuAccelerator) else None
+        mcu = McuSource(config.mcu, signal_routes(config, "mcu"), daemon._on_samples, daemon.clock, link=shared)
+    measured = [d for d in config.power.domains if d.source in ("hwmon", "mcu")]
+    sensors = {d.name: build_sensor(d, mcu.link if mcu else None) for d in measured}
+    readers = PowerReaders((d, sensors[d.name]) for d in measured)
+    daemon.services.extend(someip)
+    if mcu is not None:
+        daemon.services.append(mcu)
+    if readers.readers:
+        daemon.services.append(readers)
+        daemon.power_sources.update(readers.sources())
+    if someip or mcu or sensors:
+        daemon.metrics.register(SourcesCollector(someip, mcu, sensors))
