@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ..config import AcceleratorConfig
 from ..drivers.base import AcceleratorDriver
@@ -42,6 +42,12 @@ class Actuator:
         self._poll_s = poll_s
         self._wake_started: float | None = None
         self.last_wake_latency_s: float | None = None
+        # Hooks for other concerns (lifecycle, NM): filters may replace a requested target (a
+        # watchdog's safe state, NM bus sleep); listeners hear each measured transition
+        # (target, seconds from command to read-back) and each failure (target, kind).
+        self.target_filters: list[Callable[[AccelState], AccelState]] = []
+        self.transition_listeners: list[Callable[[AccelState, float], None]] = []
+        self.failure_listeners: list[Callable[[AccelState, str], None]] = []
 
     async def async_start(self) -> None:
         await asyncio.wait_for(self.driver.async_open(), self.config.command_timeout_ms / 1000)
@@ -60,6 +66,8 @@ class Actuator:
         await self.driver.async_close()
 
     def request(self, target: AccelState) -> None:
+        for keep_out in self.target_filters:
+            target = keep_out(target)
         if target is self.goal:
             return
         self._from = self.state if self.state not in (AccelState.WAKING, AccelState.SUSPENDING) else self._from
@@ -71,6 +79,22 @@ class Actuator:
         if self._task is not None:
             self._task.cancel()
         self._task = asyncio.create_task(self._drive(target), name=f"actuate-{target.value}")
+
+    async def async_recover(self, action: Callable[[], Awaitable[None]], timeout_s: float) -> None:
+        """Run a recovery action (rebind, rescan, rail cycle) with the drive loop stopped, so
+        no command races it; then drive toward the goal again. Errors are the caller's."""
+        goal = self.goal
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                await action()
+        finally:
+            self.goal = None
+            if goal is not None:
+                self.request(goal)
 
     @property
     def busy(self) -> bool:
@@ -105,12 +129,16 @@ class Actuator:
         backoff_s = cfg.retry_backoff_ms / 1000
         expected = self.model.exit_latency_s(self._from) if target is AccelState.ACTIVE else (
             self.model.enter[target].latency_s if target in RESTING_STATES else 0.0)
+        loop = asyncio.get_running_loop()
         for attempt in range(cfg.retries + 1):
+            started = loop.time()
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for adds a task hop to every wake.
                 async with asyncio.timeout(timeout_s):
                     await self.driver.async_set_state(target)
                 if await self._await_readback(target, self.clock.wall_seconds(expected) * 2 + timeout_s):
+                    for heard in self.transition_listeners:
+                        heard(target, loop.time() - started)
                     return
                 kind = "readback"
                 log.warning("accelerator did not reach %s (reads %s)", target.value, self.state.value)
@@ -123,6 +151,8 @@ class Actuator:
                 kind = "error"
                 log.warning("accelerator command %s failed: %s", target.value, exc)
             self.metrics.actuation_failures.labels(kind).inc()
+            for heard_failure in self.failure_listeners:
+                heard_failure(target, kind)
             try:
                 self._observe(await asyncio.wait_for(self.driver.async_read_state(), timeout_s))
             except Exception:  # read-back itself failed: the state is not known
@@ -131,6 +161,8 @@ class Actuator:
                 await asyncio.sleep(backoff_s * (2**attempt))
         log.error("accelerator: giving up on %s after %d attempts", target.value, cfg.retries + 1)
         self.metrics.actuation_failures.labels("gave_up").inc()
+        for heard_failure in self.failure_listeners:
+            heard_failure(target, "gave_up")
         self.goal = None  # let the next decision command again
 
     async def _await_readback(self, target: AccelState, within_s: float) -> bool:

@@ -30,6 +30,23 @@ class AcceleratorDriver(Protocol):
     async def async_close(self) -> None: ...
 
 
+#: Recovery actions of the wake watchdog ladder (policies.escalation.Rung values, except
+#: retry and give_up, which the shell does with async_set_state).
+RECOVERY_ACTIONS: tuple[str, ...] = ("rebind", "pci_rescan", "rail_cycle")
+
+
+@runtime_checkable
+class RecoverableAccelerator(Protocol):
+    """Optional: a driver that can take the wake watchdog's heavier rungs. `recovery_actions`
+    says which of RECOVERY_ACTIONS this instance can do (as configured); `async_recover`
+    performs one (DriverError when it cannot) and returns once the action is done, not
+    once the accelerator is active: the watchdog keeps reading the state back."""
+
+    def recovery_actions(self) -> frozenset[str]: ...
+
+    async def async_recover(self, action: str) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PowerReading:
     """Watts for one domain; `measured` False means an estimate (exported as source=model)."""
