@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +38,10 @@ _KERNEL_FILTER_INTERFACES = frozenset({"socketcan", "socketcand", "kvaser", "pca
 @dataclass(frozen=True, slots=True)
 class _Route:
     message: Message
-    wanted: tuple[tuple[str, str], ...]  # (DBC signal, our signal name)
+    # (DBC signal, our signal name, DBC minimum, DBC maximum): real DBCs declare ranges
+    # narrower than the bits, and the values outside (0xFFFF "signal not available", a
+    # sender's bug) must not reach the policy as if they were measurements.
+    wanted: tuple[tuple[str, str, float, float], ...]
 
 
 def load_dbc(spec: str, strict: bool = True) -> Database:
@@ -94,14 +98,20 @@ class CanIngest:
         self._c_frames = metrics.can_frames.labels(self.name)
         self._c_dropped = metrics.ingest_dropped.labels(self.name)
         self._c_errors = {k: metrics.can_errors.labels(self.name, k) for k in
-                          ("decode", "unknown_id", "error_frame", "bus_error", "silent", "reconnect")}
+                          ("decode", "range", "unknown_id", "error_frame", "bus_error", "silent", "reconnect")}
         self._wall_to_mono = time.time() - time.monotonic()
 
     @staticmethod
     def _build_routes(db: Database, wanted: Mapping[tuple[str, str], str]) -> dict[tuple[int, bool], _Route]:
-        per_message: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+        per_message: dict[str, list[tuple[str, str, float, float]]] = collections.defaultdict(list)
         for (message, signal), ours in wanted.items():
-            per_message[message].append((signal, ours))
+            try:
+                sig = db.get_message_by_name(message).get_signal_by_name(signal)
+                lo = -math.inf if sig.minimum is None else float(sig.minimum)
+                hi = math.inf if sig.maximum is None else float(sig.maximum)
+            except KeyError:  # not in this DBC: the route below simply never yields it
+                lo, hi = -math.inf, math.inf
+            per_message[message].append((signal, ours, lo, hi))
         routes: dict[tuple[int, bool], _Route] = {}
         for message in db.messages:
             routes[(message.frame_id, message.is_extended_frame)] = _Route(
@@ -227,10 +237,13 @@ class CanIngest:
                 self._count_error("decode")
                 continue
             samples = []
-            for signal, ours in route.wanted:
+            for signal, ours, lo, hi in route.wanted:
                 value = values.get(signal)
                 if isinstance(value, int | float):
-                    samples.append((ours, float(value)))
+                    if lo <= value <= hi:
+                        samples.append((ours, float(value)))
+                    else:  # out of the DBC range: not a measurement; counted, left to go stale
+                        self._count_error("range")
             mono = msg.timestamp - self._wall_to_mono
             if not 0.0 <= now_mono - mono < 1.0:
                 mono = now_mono  # interface clock disagrees: trust our own arrival time
