@@ -181,6 +181,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(_async_demo(args, fit_to_speedup(config, args.speedup)))
 
 
+def _cmd_sim(args: argparse.Namespace) -> int:
+    """The plant as its own process over real transports, for HIL against `run` (docs/hil.md)."""
+    from pydantic import ValidationError
+
+    from .sim.hil import async_run_sim, load_sim_config
+
+    try:
+        config = load_sim_config(args.config)
+    except (OSError, ValueError, ValidationError) as exc:  # tomllib and pydantic errors are ValueErrors
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 1
+    overrides = {k: v for k, v in (("cycle", args.cycle), ("seed", args.seed), ("speedup", args.speedup),
+                                   ("duration_s", args.duration)) if v is not None}
+    config = config.model_copy(update={"plant": config.plant.model_copy(update=overrides)})
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        _install_signal_handlers(asyncio.get_running_loop(), stop)
+        await async_run_sim(config, stop, out=lambda line: print(line, flush=True))
+        return 0
+
+    return asyncio.run(main())
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    """A recorded CAN log through decoding and the policy, in fast-forward."""
+    from .sim.replay import ReplayError, replay
+
+    config = None
+    try:
+        if args.config:
+            config = load_config(args.config)
+        result = replay(args.log, args.dbc, config)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return 1
+    except ReplayError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cerebellumd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"cerebellumd {__version__}")
@@ -209,6 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the config")
     schema.set_defaults(func=_cmd_schema)
+
+    sim = sub.add_parser("sim", help="the plant as its own process over real transports (HIL against run)")
+    sim.add_argument("--config", required=True, help="sim config TOML (see examples/hil-sim.toml)")
+    sim.add_argument("--cycle", default=None, help="shipped cycle name or CSV path (overrides the config)")
+    sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument("--speedup", type=float, default=None, help="plant time runs this many times faster")
+    sim.add_argument("--duration", type=float, default=None, help="plant seconds to run")
+    sim.set_defaults(func=_cmd_sim)
+
+    replay = sub.add_parser("replay", help="feed a recorded CAN log through decoding and the policy")
+    replay.add_argument("log", help="candump .log, .asc, .blf, .trc, ... (anything can.LogReader reads)")
+    replay.add_argument("--dbc", required=True, help="DBC of the log's bus")
+    replay.add_argument("--config", default=None, help="daemon config (its signals and policy); none: decode only")
+    replay.add_argument("--json", action="store_true", help="print one JSON object")
+    replay.set_defaults(func=_cmd_replay)
 
     try:
         from .sim import commands as sim_commands

@@ -1,0 +1,166 @@
+"""`cerebellumd replay LOG --dbc FILE [--config FILE]`: a recorded CAN log through decoding
+and the same pure policy as the daemon, in fast-forward.
+
+Any format python-can's `can.LogReader` reads (candump `.log`, `.asc`, `.blf`, `.trc`, `.csv`,
+...). Policy time is the frames' timestamps: the policy steps at each frame (after its samples
+are applied) and on a 10 ms grid between frames, as the daemon's ticker would; the accelerator
+is the evaluator's `SimAccelerator` (model latencies). Counts, per frame:
+
+- `unknown_ids`: its (ID, extended) is not in the DBC;
+- `decode_errors`: its ID is known but the data does not decode (short frame, bad multiplexer);
+- `decoded`: decoded; `signals` lists every DBC signal name seen decoded;
+- `error_frames`: error frames (never decoded).
+
+Without `--config` there is no policy: `wakes` is 0. With one, the config's signals whose
+`can = "Message.Signal"` exists in the DBC are fed (whatever their `bus`; a log is one bus).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import can
+import cantools
+from cantools.database.can import Database, Message
+
+from ..config import Config, policy_params
+from ..policies.cerebellum import CerebellumFirst, PolicyState
+from ..policies.model import AccelState
+from ..policies.types import Inputs, Sample
+from ..profiles import load_profile
+from .evaluate import SimAccelerator
+
+GRID_S = 0.010
+
+
+class ReplayError(ValueError):
+    """The log or the DBC cannot be used; the message says which and why."""
+
+
+def load_replay_dbc(path: str | Path) -> Database:
+    """Non-strict (overlap checks off): many real DBCs, opendbc's among them, need it."""
+    try:
+        db = cantools.database.load_file(str(path), strict=False)
+    except Exception as exc:  # cantools raises parser-specific types; all mean "cannot use it"
+        raise ReplayError(f"{path}: DBC does not load: {exc}") from exc
+    if not isinstance(db, Database):
+        raise ReplayError(f"{path}: not a CAN database")
+    return db
+
+
+@dataclass
+class _Policy:
+    core: CerebellumFirst
+    accelerator: SimAccelerator
+    state: PolicyState
+    routes: dict[str, list[tuple[str, str]]]  # DBC message name -> [(DBC signal, our name)]
+    samples: dict[str, Sample] = field(default_factory=dict)
+    commanded: AccelState = AccelState.IDLE
+    last_step: float = -math.inf
+    wakes: int = 0
+    sleeps: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def step(self, now: float) -> None:
+        self.accelerator.advance(now)
+        inputs = Inputs(samples=self.samples, actual=self.accelerator.state)
+        self.state, d = self.core.step(self.state, inputs, now)
+        self.last_step = now
+        if d.changed and d.wake:
+            self.wakes += 1
+            self.reasons[d.reason] += 1
+        elif d.changed and d.target is not AccelState.ACTIVE and self.commanded is AccelState.ACTIVE:
+            self.sleeps += 1
+        if d.target is not self.commanded:
+            self.accelerator.command(now, d.target)
+            self.commanded = d.target
+
+    def step_until(self, t: float) -> None:
+        """Grid steps strictly between the last step and t."""
+        k = math.floor(self.last_step / GRID_S) + 1
+        while k * GRID_S < t:
+            self.step(k * GRID_S)
+            k += 1
+
+
+def _policy(config: Config, db: Database, t0: float) -> _Policy:
+    names = {m.name: m for m in db.messages}
+    routes: dict[str, list[tuple[str, str]]] = {}
+    for ours, signal in config.signals.items():
+        if not signal.can:
+            continue
+        message, dbc_signal = signal.can.split(".", 1)
+        if message in names and any(s.name == dbc_signal for s in names[message].signals):
+            routes.setdefault(message, []).append((dbc_signal, ours))
+    model = load_profile(config.accelerator.profile)
+    core = CerebellumFirst(policy_params(config), model)
+    initial = AccelState(config.daemon.initial_state)
+    return _Policy(core, SimAccelerator(model, initial, since=t0), core.initial_state(t0, initial), routes,
+                   commanded=initial, last_step=t0)
+
+
+def replay(log: str | Path, dbc: str | Path, config: Config | None = None) -> dict[str, Any]:
+    db = load_replay_dbc(dbc)
+    by_id: dict[tuple[int, bool], Message] = {(m.frame_id, m.is_extended_frame): m for m in db.messages}
+    counts: Counter[str] = Counter()
+    seen: set[str] = set()
+    policy: _Policy | None = None
+    first: float | None = None
+    last: float | None = None
+    try:
+        reader = can.LogReader(str(log))
+    except Exception as exc:  # unknown suffix, unreadable file
+        raise ReplayError(f"{log}: cannot read: {exc}") from exc
+    for msg in reader:
+        counts["frames"] += 1
+        t = float(msg.timestamp)
+        if first is None:
+            first = t
+            policy = _policy(config, db, t) if config is not None else None
+        last = t
+        if policy is not None:
+            policy.step_until(t)
+        if msg.is_error_frame:
+            counts["error_frames"] += 1
+            continue
+        message = by_id.get((msg.arbitration_id, msg.is_extended_id))
+        if message is None:
+            counts["unknown_ids"] += 1
+            continue
+        try:
+            values = message.decode(bytes(msg.data), decode_choices=False)
+        except Exception:  # cantools raises several types for bad frames; all are bad input
+            counts["decode_errors"] += 1
+            continue
+        counts["decoded"] += 1
+        seen.update(values)
+        if policy is not None:
+            for dbc_signal, ours in policy.routes.get(message.name, ()):
+                value = values.get(dbc_signal)
+                if isinstance(value, int | float):
+                    policy.samples[ours] = Sample(float(value), t)
+            policy.step(t)
+    result: dict[str, Any] = {
+        "log": str(log),
+        "dbc": str(dbc),
+        "frames": counts["frames"],
+        "decoded": counts["decoded"],
+        "unknown_ids": counts["unknown_ids"],
+        "decode_errors": counts["decode_errors"],
+        "error_frames": counts["error_frames"],
+        "signals": sorted(seen),
+        "duration_s": round(last - first, 6) if first is not None and last is not None else 0.0,
+        "policy": config.policy.name if config is not None else None,
+        "wakes": policy.wakes if policy else 0,
+        "sleeps": policy.sleeps if policy else 0,
+        "wake_reasons": dict(sorted(policy.reasons.items())) if policy else {},
+    }
+    if policy is not None and last is not None:
+        policy.accelerator.finish(last)
+        result["accelerator_energy_j"] = round(policy.accelerator.energy_j, 3)
+        result["fed_signals"] = sorted(ours for routes in policy.routes.values() for _, ours in routes)
+    return result
