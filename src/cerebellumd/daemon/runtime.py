@@ -23,6 +23,7 @@ from .actuator import Actuator
 from .clock import Clock
 from .control import CommandProcessor, HoldStore
 from .ingest import CanIngest, load_dbc
+from .lifecycle import attach_lifecycle
 from .metrics import Metrics
 from .mqtt import attach_mqtt
 from .sources import attach_sources
@@ -145,6 +146,7 @@ class Daemon:
         attach_persistence(self)
         attach_mqtt(self)  # [mqtt] status/state/set/response (only when enabled)
         attach_sources(self)  # [[someip]], [mcu] and measured power domains (only when configured)
+        attach_lifecycle(self)  # wake watchdog ladder, per-backend transition metrics, flaps
 
     @classmethod
     async def async_create(cls, config: Config, **kwargs: Any) -> Daemon:
