@@ -292,10 +292,14 @@ async def test_online_retained_and_state_published_retained(broker: Broker, daem
         assert (payload(status), status.retain) == (b"online", True)
         state = await viewer.expect(STATE)
         assert state.retain
-        body = state_of(state)
+        # Without any change the heartbeat (10 publish intervals = 1 s here) still sends fresh
+        # watts and joules.
+        later = await viewer.expect(STATE, lambda m: state_of(m)["joules"]["gateway"] > 0, within_s=5)
+    body = state_of(state)
     assert set(body) >= {"state", "target", "reason", "active_demands", "stale_signals", "watts", "joules",
                          "holds", "wakes", "sleeps", "time"}
     assert set(body["watts"]) == {"accelerator", "gateway", "mcu"} == set(body["joules"])
+    body = state_of(later)
     assert body["watts"]["gateway"] == pytest.approx(3.5)
     assert body["holds"] == []
     assert abs(body["time"] - time.time()) < 60
