@@ -291,6 +291,7 @@ async def async_run_sim(config: SimConfig, stop: asyncio.Event, out: Callable[[s
                                readings_interval_s=m.readings_interval_ms / 1000, link_path=m.link)
         # on_mv x on_ma / 1000 = rail_mw: a 5 V rail drawing the configured power.
         emulator.rail.on_ma = max(1, m.rail_on_mw * 1000 // emulator.rail.on_mv)
+        await asyncio.to_thread(m.link.parent.mkdir, parents=True, exist_ok=True)
         await emulator.async_open()
         emulator.start()
     someip = _SomeIpSender(config.someip, vehicle, now) if config.someip is not None else None
