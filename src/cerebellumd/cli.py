@@ -52,6 +52,27 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .daemon.status import MqttTarget, StatusError, read_status, render_table
+
+    try:
+        mqtt = None
+        if args.mqtt:
+            mqtt = MqttTarget.parse(args.mqtt, node=args.node, prefix=args.prefix,
+                                    username=args.username, password=args.password)
+        status = read_status(args.url, mqtt, args.wait)
+    except StatusError as exc:
+        print(f"cerebellumd status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status))
+    else:
+        from rich.console import Console
+
+        Console().print(render_table(status))
+    return 0
+
+
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, reload_cb: object = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -257,6 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the config")
     schema.set_defaults(func=_cmd_schema)
+
+    status = sub.add_parser("status", help="show a running daemon's state (metrics endpoint or MQTT)")
+    status.add_argument("--url", default="http://127.0.0.1:9108/metrics", help="the daemon's metrics URL")
+    status.add_argument("--mqtt", metavar="HOST:PORT", default=None, help="read the retained MQTT state instead")
+    status.add_argument("--node", default="gateway", help="[daemon] node of the daemon (MQTT)")
+    status.add_argument("--prefix", default="cerebellumd", help="[mqtt] prefix (MQTT)")
+    status.add_argument("--username", default=None, help="MQTT username (a viewer is enough)")
+    status.add_argument("--password", default=None, help="MQTT password")
+    status.add_argument("--wait", type=float, default=5.0, help="seconds to wait for an answer")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(func=_cmd_status)
 
     sim = sub.add_parser("sim", help="the plant as its own process over real transports (HIL against run)")
     sim.add_argument("--config", required=True, help="sim config TOML (see examples/hil-sim.toml)")
