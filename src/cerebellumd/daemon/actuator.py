@@ -127,8 +127,14 @@ class Actuator:
         cfg = self.config
         timeout_s = cfg.command_timeout_ms / 1000
         backoff_s = cfg.retry_backoff_ms / 1000
-        expected = self.model.exit_latency_s(self._from) if target is AccelState.ACTIVE else (
-            self.model.enter[target].latency_s if target in RESTING_STATES else 0.0)
+        if target is AccelState.ACTIVE and self._from not in (*self.model.exit, AccelState.ACTIVE):
+            # Waking from `unknown` (a failed wake read back as unknown): assume the slowest exit.
+            # exit_latency_s(unknown) raised KeyError here, outside the retry loop: the task died
+            # with the goal still set and the accelerator was never commanded again.
+            expected = max(t.latency_s for t in self.model.exit.values())
+        else:
+            expected = self.model.exit_latency_s(self._from) if target is AccelState.ACTIVE else (
+                self.model.enter[target].latency_s if target in RESTING_STATES else 0.0)
         loop = asyncio.get_running_loop()
         for attempt in range(cfg.retries + 1):
             started = loop.time()
