@@ -23,6 +23,7 @@ from .actuator import Actuator
 from .clock import Clock
 from .control import CommandProcessor, HoldStore
 from .ingest import CanIngest, load_dbc
+from .lease_service import attach_leases
 from .lifecycle import attach_lifecycle
 from .metrics import Metrics
 from .mqtt import attach_mqtt
@@ -147,6 +148,7 @@ class Daemon:
         attach_mqtt(self)  # [mqtt] status/state/set/response (only when enabled)
         attach_sources(self)  # [[someip]], [mcu] and measured power domains (only when configured)
         attach_lifecycle(self)  # wake watchdog ladder, per-backend transition metrics, flaps
+        attach_leases(self)  # [leases] Unix socket; leases become holds (only when enabled)
 
     @classmethod
     async def async_create(cls, config: Config, **kwargs: Any) -> Daemon:

@@ -1,0 +1,117 @@
+"""Leases wired into the daemon: real Unix-socket clients, an in-process daemon with the
+simulated accelerator; operator commands through the CommandProcessor MQTT uses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cerebellumd.config import Config, parse_config
+from cerebellumd.daemon.lease_service import LeaseService
+from cerebellumd.daemon.runtime import Daemon
+from cerebellumd.policies.model import AccelState
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="cbl-", dir="/tmp"))  # Unix socket paths are short
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+async def daemon(sock_dir: Path) -> AsyncIterator[Daemon]:
+    text = (
+        '[daemon]\nnode = "t"\ntick_ms = 10\ntelemetry_interval_ms = 50\ninitial_state = "sleep"\n'
+        "[prometheus]\nenabled = false\n"
+        '[accelerator]\nprofile = "orin_nano"\n'
+        "[policy]\nmin_dwell_ms = 0\nrelease_ms = 0\n"
+        f'[leases]\nenabled = true\npath = "{sock_dir / "l.sock"}"\noverride_grace_s = 30\n'
+    )
+    config: Config = await asyncio.to_thread(parse_config, text)
+    d = await Daemon.async_create(config)
+    await d.async_start()
+    yield d
+    await d.async_stop()
+
+
+class App:
+    """An inference application talking NDJSON over the lease socket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, path: Path) -> App:
+        return cls(*await asyncio.open_unix_connection(str(path)))
+
+    async def ask(self, **request: Any) -> dict[str, Any]:
+        self.writer.write(json.dumps(request).encode() + b"\n")
+        await self.writer.drain()
+        reply: dict[str, Any] = json.loads(await self.reader.readline())
+        return reply
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+def holds_gauge(daemon: Daemon) -> float:
+    return daemon.metrics.registry.get_sample_value("cerebellumd_holds_active") or 0.0
+
+
+def operator(daemon: Daemon, command: str, cid: str) -> None:
+    payload = {"command": command, "owner": "op", "id": cid, "ttl_s": 600}
+    assert daemon.commands.handle_payload(json.dumps(payload), daemon.clock.now()).ok
+
+
+async def test_an_awake_lease_keeps_the_accelerator_active_and_shows_everywhere(daemon: Daemon) -> None:
+    path = daemon.config.leases.path
+    app = await App.connect(path)
+    reply = await app.ask(op="acquire", app="lane_assist", reason="highway", ttl_s=60)
+    assert reply["ok"]
+    await until(lambda: daemon.actuator.state is AccelState.ACTIVE)
+    snap = daemon.snapshot()
+    assert snap.reason == "hold:app:lane_assist"
+    assert [h.owner for h in snap.holds] == ["app:lane_assist"]
+    await until(lambda: holds_gauge(daemon) == 1)
+    service = next(s for s in daemon.services if isinstance(s, LeaseService))
+    assert service.state_extra()["leases"]["leases"][0]["app"] == "lane_assist"
+    # the app goes away without releasing: its lease goes with its connection
+    await app.close()
+    await until(lambda: daemon.actuator.goal is not AccelState.ACTIVE)
+    await until(lambda: holds_gauge(daemon) == 0)
+
+
+async def test_operator_override_defers_normal_leases_but_not_safety_ones(daemon: Daemon) -> None:
+    path = daemon.config.leases.path
+    normal = await App.connect(path)
+    assert (await normal.ask(op="acquire", app="infotainment", ttl_s=60))["ok"]
+    await until(lambda: daemon.actuator.goal is AccelState.ACTIVE)
+    operator(daemon, "sleep", "s1")  # the operator wants it resting: the normal lease waits
+    await until(lambda: daemon.actuator.goal is not AccelState.ACTIVE)
+    assert (await normal.ask(op="status"))["override_grace_s"] > 0
+    safety = await App.connect(path)
+    assert (await safety.ask(op="acquire", app="pedestrian", priority="safety", ttl_s=60))["ok"]
+    await until(lambda: daemon.actuator.goal is AccelState.ACTIVE)
+    assert daemon.snapshot().reason == "hold:app:pedestrian"
+    overrides = daemon.metrics.registry.get_sample_value("cerebellumd_lease_overrides_total")
+    assert overrides == 1
+    await safety.close()
+    await normal.close()
