@@ -1,0 +1,255 @@
+"""daemon/sources: SOME/IP over real UDP, the companion MCU over a real pty (McuEmulator), hwmon
+power from a sysfs-like tree, two CAN buses at once; and the config checks that go with them."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import can
+import cantools
+import pytest
+
+from cerebellumd.config import ConfigError, parse_config
+from cerebellumd.daemon.runtime import Daemon
+from cerebellumd.daemon.sources import McuSource, SomeIpSource
+from cerebellumd.drivers.accel_mcu import McuAccelerator
+from cerebellumd.drivers.mcu_emulator import McuEmulator
+from cerebellumd.drivers.someip import build_notification
+
+BASE = """
+[daemon]
+initial_state = "idle"
+[prometheus]
+enabled = false
+[policy]
+release_ms = 300
+min_dwell_ms = 0
+"""
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def metric(daemon: Daemon, name: str, **labels: str) -> float:
+    value = daemon.metrics.registry.get_sample_value(name, labels)
+    return -1.0 if value is None else value
+
+
+SOMEIP = """
+[[someip]]
+name = "adas"
+host = "127.0.0.1"
+port = 0
+[[someip.fields]]
+notification = "adas"
+service_id = 0x1234
+event_id = 0x8001
+field = "obstacle_m"
+offset = 0
+type = "u16"
+scale = 0.01
+
+[signals.obstacle]
+someip = "adas.obstacle_m"
+max_age_ms = 300
+
+[[demands]]
+name = "obstacle"
+when = "obstacle < 10"
+class = "normal"
+"""
+
+
+async def test_someip_fields_become_signals_and_bad_datagrams_are_counted() -> None:
+    daemon = await Daemon.async_create(await asyncio.to_thread(parse_config, BASE + SOMEIP))
+    await daemon.async_start()
+    try:
+        source = next(s for s in daemon.services if isinstance(s, SomeIpSource))
+        address = source.receiver.local_address
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(build_notification(0x1234, 0x8001, (550).to_bytes(2, "big")), address)
+            await until(lambda: "obstacle" in daemon.samples, what="the SOME/IP sample")
+            assert daemon.samples["obstacle"].value == pytest.approx(5.5)
+            await until(lambda: daemon.wakes == 1, what="a wake for the obstacle demand")
+            sock.sendto(b"\x00\x01", address)  # shorter than a header
+            sock.sendto(build_notification(0x9999, 0x8001, b"\x00\x00"), address)  # not configured
+            await until(lambda: metric(daemon, "cerebellumd_someip_errors_total", endpoint="adas", kind="short") == 1)
+            await until(lambda: metric(daemon, "cerebellumd_someip_errors_total", endpoint="adas",
+                                       kind="unknown_message") == 1)
+            assert metric(daemon, "cerebellumd_someip_messages_total", endpoint="adas") == 1
+        # No more notifications: the signal goes stale by its own max_age.
+        await until(lambda: metric(daemon, "cerebellumd_signal_stale", signal="obstacle") == 1, what="staleness")
+    finally:
+        await daemon.async_stop()
+
+
+MCU = """
+[accelerator]
+driver = "{driver}"
+[mcu]
+port = "{port}"
+heartbeat_timeout_ms = 500
+reconnect_max_ms = 200
+[signals.battery_v]
+mcu = "battery_v"
+max_age_ms = 600
+[signals.mcu_wake_request]
+mcu = "wake_request"
+max_age_ms = 600
+[[demands]]
+name = "mcu_wake"
+when = "mcu_wake_request == 1"
+class = "normal"
+[[power.domains]]
+name = "accelerator"
+source = "mcu"
+interval_ms = 100
+"""
+
+
+@pytest.mark.parametrize("driver", ["simulated", "mcu"])
+async def test_mcu_readings_and_requests_feed_signals_and_silence_makes_them_stale(
+        tmp_path: Path, driver: str) -> None:
+    emulator = McuEmulator(heartbeat_interval_s=0.05, readings_interval_s=0.1, link_path=tmp_path / "mcu")
+    await emulator.async_open()
+    emulator.start()
+    text = BASE + MCU.format(driver=driver, port=tmp_path / "mcu")
+    daemon = await Daemon.async_create(await asyncio.to_thread(parse_config, text))
+    await daemon.async_start()
+    try:
+        source = next(s for s in daemon.services if isinstance(s, McuSource))
+        if driver == "mcu":
+            # One port, one link: the driver's link is the one the signals come from.
+            assert isinstance(daemon.driver, McuAccelerator)
+            assert daemon.driver.link is source.link
+        await until(lambda: "battery_v" in daemon.samples and "mcu_wake_request" in daemon.samples,
+                    what="MCU readings and heartbeats")
+        assert daemon.samples["battery_v"].value == pytest.approx(12.6)
+        assert daemon.samples["mcu_wake_request"].value == 0.0  # from the heartbeat
+        emulator.send_wake_request(5)
+        await until(lambda: daemon.wakes == 1, what="a wake for the MCU's request")
+        assert metric(daemon, "cerebellumd_wakes_total", reason="demand:mcu_wake") == 1
+        emulator.send_sleep_request(0)
+        await until(lambda: daemon.sleeps == 1, what="a step-down after the MCU's sleep request")
+        assert metric(daemon, "cerebellumd_mcu_requests_total", kind="wake") == 1
+        assert metric(daemon, "cerebellumd_mcu_requests_total", kind="sleep") == 1
+        assert metric(daemon, "cerebellumd_mcu_frames_total", direction="rx") > 5
+        assert metric(daemon, "cerebellumd_mcu_connects_total") == 1
+        if driver == "mcu":
+            # The rail followed the policy through the same link, and its power was measured.
+            await until(lambda: daemon.power_sources["accelerator"]() == 0.0, what="rail off measured")
+            assert metric(daemon, "cerebellumd_mcu_frames_total", direction="tx") >= 2
+        assert metric(daemon, "cerebellumd_signal_stale", signal="battery_v") == 0
+        emulator.misbehave.silent = True
+        await until(lambda: metric(daemon, "cerebellumd_signal_stale", signal="battery_v") == 1, what="staleness")
+        await until(lambda: metric(daemon, "cerebellumd_mcu_link_up") == 0, what="link down")
+        assert metric(daemon, "cerebellumd_mcu_errors_total", kind="stale") == 1
+    finally:
+        await daemon.async_stop()
+        await emulator.stop()
+
+
+@pytest.fixture
+def fake_hwmon(tmp_path: Path) -> Path:
+    device = tmp_path / "hwmon" / "hwmon3"
+    device.mkdir(parents=True)
+    (device / "name").write_text("ina219\n")
+    (device / "power1_input").write_text("2500000\n")  # µW
+    return tmp_path / "hwmon"
+
+
+async def test_hwmon_domain_is_read_into_its_power_source(fake_hwmon: Path) -> None:
+    text = BASE + f"""
+[[power.domains]]
+name = "npu"
+source = "hwmon"
+interval_ms = 50
+options = {{ name = "ina219", root = "{fake_hwmon}" }}
+"""
+    daemon = await Daemon.async_create(await asyncio.to_thread(parse_config, text))
+    await daemon.async_start()
+    try:
+        await until(lambda: daemon.power_sources["npu"]() == pytest.approx(2.5), what="a hwmon reading")
+        await until(lambda: daemon.watts["npu"] == pytest.approx(2.5), what="the daemon's integration")
+        assert metric(daemon, "cerebellumd_sensor_reads_total", domain="npu") >= 1
+        await asyncio.to_thread((fake_hwmon / "hwmon3" / "power1_input").write_text, "garbage\n")
+        await until(lambda: metric(daemon, "cerebellumd_sensor_errors_total", domain="npu", kind="garbage") >= 1)
+    finally:
+        await daemon.async_stop()
+
+
+async def test_two_buses_at_once_virtual_and_udp_multicast() -> None:
+    port = random.randint(20000, 60000)
+    channel = f"two-buses-{port}"
+    text = BASE + f"""
+[[can]]
+name = "chassis"
+interface = "virtual"
+channel = "{channel}"
+[[can]]
+name = "adas"
+interface = "udp_multicast"
+channel = "239.74.163.2"
+options = {{ port = {port} }}
+[signals.speed]
+can = "VehicleDynamics.VehicleSpeed"
+bus = "chassis"
+[signals.risk]
+can = "AdasStatus.CollisionRisk"
+bus = "adas"
+"""
+    from importlib import resources
+
+    db = cantools.database.load_string(
+        resources.files("cerebellumd").joinpath("data", "vehicle.dbc").read_text("utf-8"), database_format="dbc")
+    dyn, adas = db.get_message_by_name("VehicleDynamics"), db.get_message_by_name("AdasStatus")
+    daemon = await Daemon.async_create(await asyncio.to_thread(parse_config, text))
+    await daemon.async_start()
+    chassis = await asyncio.to_thread(can.Bus, interface="virtual", channel=channel)
+    udp = await asyncio.to_thread(can.Bus, interface="udp_multicast", channel="239.74.163.2", port=port)
+    try:
+        for _ in range(5):
+            chassis.send(can.Message(arbitration_id=dyn.frame_id, is_extended_id=False,
+                                     data=dyn.encode({"VehicleSpeed": 42, "LongAccel": 0, "Gear": 3, "DynCounter": 0})))
+            udp.send(can.Message(arbitration_id=adas.frame_id, is_extended_id=False,
+                                 data=adas.encode({s.name: 0 for s in adas.signals} | {"CollisionRisk": 1})))
+        await until(lambda: "speed" in daemon.samples and "risk" in daemon.samples, what="both buses")
+        assert daemon.samples["speed"].value == pytest.approx(42)
+        assert daemon.samples["risk"].value == 1
+        await until(lambda: metric(daemon, "cerebellumd_can_frames_total", bus="chassis") == 5
+                    and metric(daemon, "cerebellumd_can_frames_total", bus="adas") == 5, what="5 frames per bus")
+    finally:
+        await asyncio.to_thread(chassis.shutdown)
+        await asyncio.to_thread(udp.shutdown)
+        await daemon.async_stop()
+
+
+@pytest.mark.parametrize(("extra", "key", "message"), [
+    ('[signals.x]\nsomeip = "adas.nope"\n', "signals.x.someip", "no [[someip]] field 'adas.nope'"),
+    ('[signals.x]\nmcu = "battery_v"\n', "signals.x.mcu", "no [mcu] section"),
+    ('[mcu]\nport = "/dev/null"\n[signals.x]\nmcu = "volts"\n', "signals.x.mcu", "unknown MCU reading 'volts'"),
+    ('[[power.domains]]\nname = "a"\nsource = "mcu"\n', "power.domains[0].source", "needs an [mcu] section"),
+    ('[[power.domains]]\nname = "a"\nsource = "hwmon"\n', "power.domains[0].options", "name"),
+    ('[accelerator]\ndriver = "mcu"\noptions = { link = { port = "/dev/ttyA" } }\n[mcu]\nport = "/dev/ttyB"\n',
+     "accelerator.options.link.port", "one serial port has one link"),
+])
+def test_config_checks_that_sources_name_what_is_configured(extra: str, key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(BASE + extra)
+    assert any(i.key == key and message in i.message for i in info.value.issues), info.value.issues
+
+
+def test_mcu_driver_takes_its_link_from_the_mcu_section() -> None:
+    config = parse_config(BASE + '[accelerator]\ndriver = "mcu"\n[mcu]\nport = "/dev/ttyX"\nbaudrate = 9600\n')
+    link = config.accelerator.options["link"]
+    assert link == {"port": "/dev/ttyX", "baudrate": 9600}
