@@ -27,6 +27,7 @@ from .lease_service import attach_leases
 from .lifecycle import attach_lifecycle
 from .metrics import Metrics
 from .mqtt import attach_mqtt
+from .overhead import attach_overhead
 from .sources import attach_sources
 from .ticker import Ticker, TickInfo
 
@@ -149,6 +150,7 @@ class Daemon:
         attach_sources(self)  # [[someip]], [mcu] and measured power domains (only when configured)
         attach_lifecycle(self)  # wake watchdog ladder, per-backend transition metrics, flaps
         attach_leases(self)  # [leases] Unix socket; leases become holds (only when enabled)
+        attach_overhead(self)  # the daemon's own CPU seconds, RSS and scrape duration
 
     @classmethod
     async def async_create(cls, config: Config, **kwargs: Any) -> Daemon:
