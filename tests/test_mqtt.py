@@ -79,6 +79,8 @@ class Broker:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
+    tls: tuple[Path, Path, Path] | None = None  # (ca, server cert, server key)
+
     def prepare(self) -> None:
         passwd = self.directory / "passwd"
         passwd.touch(mode=0o600)
@@ -89,6 +91,9 @@ class Broker:
         lines = ["per_listener_settings false", "allow_anonymous false",
                  f"password_file {passwd}", f"acl_file {self.directory / 'acl'}",
                  f"listener {self.port} 127.0.0.1", "persistence false"]
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
         if os.geteuid() == 0:
             lines.append("user root")  # the dropped-to user could not read pytest's 0700 tmp dir
         (self.directory / "mosquitto.conf").write_text("\n".join(lines) + "\n")
@@ -510,3 +515,121 @@ async def test_last_will_when_the_daemon_is_killed(broker: Broker, tmp_path: Pat
         await late.subscribe(STATUS)
         retained = await late.expect(STATUS)
     assert (payload(retained), retained.retain) == (b"offline", True)
+
+
+class FreezableProxy:
+    """A TCP relay to the broker whose current connections can be frozen: bytes are swallowed
+    in both directions while the sockets stay open, as on a half-open link (a NAT or a cable
+    that dropped without a FIN). Connections made afterwards relay normally."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.connections = 0
+        self._frozen: list[asyncio.Event] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> FreezableProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def freeze_all(self) -> None:
+        for frozen in self._frozen:
+            frozen.set()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        frozen = asyncio.Event()
+        self._frozen.append(frozen)
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(src, dst, frozen))
+            self._tasks.add(task)
+
+    @staticmethod
+    async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, frozen: asyncio.Event) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                if not frozen.is_set():
+                    dst.write(data)
+                    await dst.drain()
+        dst.close()
+
+
+async def test_watchdog_drops_a_half_open_connection(broker: Broker, daemons: Daemons) -> None:
+    keepalive_s = 5
+    async with FreezableProxy(broker.port) as proxy:
+        daemon = await daemons.start(proxy.port, keepalive_s=keepalive_s)
+        bridge = bridge_of(daemon)
+        await asyncio.wait_for(bridge.connected.wait(), DEADLINE_S)
+        proxy.freeze_all()
+        frozen_at = time.monotonic()
+        await until(lambda: gauge(daemon, "cerebellumd_mqtt_connected") == 0.0, "the dead link to be noticed",
+                    within_s=4 * keepalive_s)
+        noticed_s = time.monotonic() - frozen_at
+        assert noticed_s < 3 * keepalive_s, noticed_s
+        # ...and it comes back over a fresh connection, with the commands working again.
+        await until(lambda: bridge.connections == 2, "a reconnect through a fresh connection", within_s=4 * keepalive_s)
+        assert proxy.connections >= 2
+        async with Peer(broker.port, "operator") as operator:
+            await operator.subscribe(RESPONSE)
+            await operator.command(command="wake", owner="alice", id="after-watchdog")
+            assert (await operator.response("after-watchdog"))["ok"] is True
+        await daemons.stop(daemon)  # while the relay still stands
+
+
+def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    key, pem = directory / f"{name}.key", directory / f"{name}.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(pem),
+                    "-days", "1", "-subj", f"/CN={name}"], check=True, capture_output=True, timeout=60)
+    return pem, key
+
+
+def make_server_cert(directory: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
+    key, csr, pem, ext = (directory / n for n in ("server.key", "server.csr", "server.pem", "server.ext"))
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                    "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+                    "-CAcreateserial", "-out", str(pem), "-days", "1", "-extfile", str(ext)],
+                   check=True, capture_output=True, timeout=60)
+    return pem, key
+
+
+@pytest.fixture
+def tls_broker(broker_dir: Path) -> Iterator[Broker]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    ca = make_ca(broker_dir, "test-ca")
+    cert, key = make_server_cert(broker_dir, ca)
+    make_ca(broker_dir, "other-ca")
+    b = Broker(broker_dir, tls=(ca[0], cert, key))
+    b.prepare()
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+async def test_tls_connects_with_the_right_ca_only(tls_broker: Broker, daemons: Daemons) -> None:
+    ca = tls_broker.directory / "test-ca.pem"
+    daemon = await daemons.start(tls_broker.port, tls_ca_file=str(ca))
+    await asyncio.wait_for(bridge_of(daemon).connected.wait(), DEADLINE_S)
+    assert gauge(daemon, "cerebellumd_mqtt_connected") == 1.0
+    # A CA that did not sign the broker's certificate: no session, and the loop goes on.
+    stranger = await daemons.start(tls_broker.port, tls_ca_file=str(tls_broker.directory / "other-ca.pem"))
+    failures = "cerebellumd_mqtt_connection_failures_total"
+    await until(lambda: (gauge(stranger, failures) or 0) >= 2, "failed TLS handshakes")
+    assert gauge(stranger, "cerebellumd_mqtt_connected") == 0.0
+    before = stranger.decisions
+    await until(lambda: stranger.decisions > before + 20, "decisions without a session")
