@@ -17,6 +17,9 @@ BUILTIN: dict[str, dict[str, str]] = {
         "pcie_runtime_pm": "cerebellumd.drivers.accel_pcie:PcieRuntimePmAccelerator",
         "command": "cerebellumd.drivers.accel_command:CommandAccelerator",
         "mcu": "cerebellumd.drivers.accel_mcu:McuAccelerator",
+        "hailo_pcie": "cerebellumd.drivers.accel_hailo:HailoAccelerator",
+        "coral_pcie": "cerebellumd.drivers.accel_coral:CoralAccelerator",
+        "jetson": "cerebellumd.drivers.accel_jetson:JetsonAccelerator",
     },
     "sensor": {
         "hwmon": "cerebellumd.drivers.hwmon:HwmonSensor",
