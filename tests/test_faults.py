@@ -31,6 +31,7 @@ from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.drivers.accel_simulated import SimulatedAccelerator, SimulatedOptions
 from cerebellumd.policies.model import AccelState
 from cerebellumd.profiles import load_profile
+from tests.test_persist import sample
 
 DEMO_TEXT = builtin_example()
 DB = load_dbc("builtin:vehicle.dbc")
@@ -70,7 +71,7 @@ class Rig:
         self._task: asyncio.Task[None] | None = None
 
     def metric(self, name: str, **labels: str) -> float:
-        return self.daemon.metrics.registry.get_sample_value(name, labels) or 0.0
+        return sample(self.daemon.metrics.registry, name, labels) or 0.0
 
     def can_errors(self, kind: str) -> float:
         return self.metric("cerebellumd_can_errors_total", bus="vehicle", kind=kind)

@@ -24,7 +24,7 @@ from cerebellumd.daemon.control import CommandProcessor, HoldStore
 from cerebellumd.daemon.persist import write_atomic
 from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.daemon.security import FileCheck, check_files
-from tests.test_persist import minimal_toml
+from tests.test_persist import minimal_toml, sample
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cerebellumd"
 
@@ -226,8 +226,8 @@ async def test_daemon_warns_at_start_about_writable_config(tmp_path: Path, caplo
         await daemon.async_start()
     try:
         registry = daemon.metrics.registry
-        assert registry.get_sample_value("cerebellumd_insecure_files", {"kind": "config_file"}) == 1
-        assert registry.get_sample_value("cerebellumd_insecure_files", {"kind": "state_dir"}) == 0
+        assert sample(registry, "cerebellumd_insecure_files", {"kind": "config_file"}) == 1
+        assert sample(registry, "cerebellumd_insecure_files", {"kind": "state_dir"}) == 0
         assert any("writable by group and others" in r.getMessage() for r in caplog.records)
         assert next(s for s in daemon.services if isinstance(s, FileCheck)).findings
     finally:
