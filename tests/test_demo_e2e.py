@@ -43,7 +43,7 @@ def total(metrics: dict, name: str, **match: str) -> float:
 def test_demo_wakes_for_demands_sleeps_between_and_counts_joules() -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cerebellumd", "demo", "--speedup", "40", "--duration", "900",
+        [sys.executable, "-m", "cerebellumd", "demo", "--speedup", "20", "--duration", "900",
          "--no-live", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     scrapes = []

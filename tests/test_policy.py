@@ -207,3 +207,47 @@ def test_step_is_pure_and_deterministic(changes) -> None:
     a = [(s, d) for _, s, d in run(policy, timeline, 10.0)]
     b = [(s, d) for _, s, d in run(policy, timeline, 10.0)]
     assert a == b
+
+
+def test_warm_hold_keeps_the_accelerator_warm_after_an_anticipation_ends() -> None:
+    policy = CerebellumFirst(params(initial_idle_prediction_s=600.0, anticipation_release_s=3.0), model())
+    trace = run(policy, [(10.0, {"ant": 1}), (15.0, {"ant": 0}), (16.0, {"norm": 1})], 25.0)
+    held = [s.target for t, s, _ in trace if 15.0 <= t < 16.0]
+    assert set(held) == {AccelState.IDLE}  # no idle -> sleep -> wake round trip right before the demand
+    woke = first_time([r for r in trace if r[0] >= 16.0], lambda s, d: d.target is AccelState.ACTIVE)
+    assert woke == pytest.approx(16.2, abs=TICK)
+    # Without a demand the hold lapses and the accelerator sinks again.
+    trace = run(policy, [(10.0, {"ant": 1}), (15.0, {"ant": 0})], 25.0)
+    assert first_time([r for r in trace if r[0] > 15.0], lambda s, d: s.target is AccelState.SLEEP) == pytest.approx(
+        18.0, abs=2 * TICK)
+
+
+def test_next_timer_names_every_time_the_decision_can_change_without_input() -> None:
+    """Stepping only at input changes and at next_timer() gives the same targets as stepping
+    every tick (the evaluator relies on it)."""
+    policy = CerebellumFirst(params(initial_idle_prediction_s=1.0, anticipation_release_s=2.0), model())
+    timeline = [(1.0, {"norm": 1}), (3.0, {"norm": 0}), (8.0, {"ant": 1}), (9.0, {"ant": 0}), (20.0, {"crit": 1}),
+                (20.5, {"crit": 0})]
+    dense = run(policy, timeline, 40.0)
+    state = policy.initial_state(0.0)
+    changes = {round(t / TICK) for t, _ in timeline}
+    values: dict[str, float] = {}
+    sparse_targets = {}
+    k = 0
+    while k <= round(40.0 / TICK):
+        now = round(k * TICK, 6)
+        for t, v in timeline:
+            if round(t / TICK) == k:
+                values.update(v)
+        # Fresh samples every step: staleness is not what this test is about.
+        state, d = policy.step(state, Inputs(samples(now, **values)), now)
+        sparse_targets[k] = d.target
+        timer = policy.next_timer(state, now)
+        candidates = [c for c in changes if c > k]
+        if timer is not None:
+            candidates += [math.ceil(timer / TICK - 1e-9), math.ceil(timer / TICK - 1e-9) + 1]
+        k = min([c for c in candidates if c > k], default=round(40.0 / TICK) + 1)
+    last = None
+    for k in range(round(40.0 / TICK) + 1):
+        last = sparse_targets.get(k, last)
+        assert last is dense[k][2].target, (k * TICK, last, dense[k][2].target)

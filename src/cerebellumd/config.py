@@ -127,6 +127,8 @@ class DemandConfig(Section):
 class PolicyConfig(Section):
     name: str = Field("cerebellum_first", description="Name reported by evaluate.")
     release_ms: int = Field(5000, ge=0, description="Stay active this long after the last demand ends.")
+    anticipation_release_ms: int = Field(
+        3000, ge=0, description="Stay warm this long after an anticipatory demand ends.")
     min_dwell_ms: int = Field(500, ge=0, description="No state change sooner than this (critical excepted).")
     max_wake_cycles_per_hour: int = Field(60, ge=1, description="Non-critical wake cap.")
     latency_budget_ms: PositiveMs = Field(
@@ -474,6 +476,7 @@ def semantic_issues(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
             issues.append((("power", "domains", i, "watts"), "source=constant needs watts"))
         if d.name not in rail_fed_domains(config):  # the rail map feeds it: its rails are checked below
             issues.extend(_sensor_issues(config, i, d))
+    issues += _power_and_nm_issues(config)
     if config.accelerator.driver == "mcu" and config.mcu is not None:
         link = config.accelerator.options.get("link")
         if isinstance(link, dict) and link.get("port") != config.mcu.port:
@@ -584,6 +587,7 @@ def policy_params(config: Config) -> PolicyParams:
         demands=demands,
         release_s=p.release_ms / 1000,
         min_dwell_s=p.min_dwell_ms / 1000,
+        anticipation_release_s=p.anticipation_release_ms / 1000,
         max_wake_cycles_per_hour=p.max_wake_cycles_per_hour,
         latency_budget_s=p.latency_budget_ms / 1000,
         initial_idle_prediction_s=p.initial_idle_prediction_s,

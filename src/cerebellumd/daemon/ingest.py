@@ -200,7 +200,7 @@ class CanIngest:
             if not self._scheduled:
                 self._scheduled = True
                 try:
-                    loop.call_soon_threadsafe(self._drain)
+                    loop.call_soon_threadsafe(self.drain)
                 except RuntimeError:  # loop closed during shutdown
                     return
 
@@ -210,7 +210,8 @@ class CanIngest:
         self.errors[kind] += 1
         self._c_errors[kind].inc()
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
+        """Decode every queued frame (called by the reader's wake-up and before each tick)."""
         self._scheduled = False
         queue = self._queue
         if not queue:

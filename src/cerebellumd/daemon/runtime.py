@@ -287,6 +287,10 @@ class Daemon:
         m.tick_lateness.labels("decision").observe(info.lateness_s)
         if info.expirations > 1:
             m.tick_overruns.labels("decision").inc(info.expirations - 1)
+        # Frames that arrived while the loop was busy are decoded before deciding: after a stall
+        # of our own, signals must not look stale merely because their frames wait in the queue.
+        for ingest in self.ingests:
+            ingest.drain()
         now = self.clock.now()
         self._decide(now, fast_path=False)
         self._integrate(now)

@@ -92,7 +92,8 @@ class SimulatedAccelerator:
             steady = self._to if self._state is AccelState.SUSPENDING else self._from
         self._from, self._to = steady, target
         if target is AccelState.ACTIVE:
-            latency = self.model.exit_latency_s(steady)
+            # From an unknown state, assume the slowest way back: a cold start.
+            latency = self.model.exit_latency_s(AccelState.OFF if steady is AccelState.UNKNOWN else steady)
             self._set(AccelState.WAKING)
         elif steady is AccelState.ACTIVE or steady in (AccelState.UNKNOWN,):
             latency = self.model.enter[target].latency_s

@@ -8,11 +8,12 @@ latency fits the latency budget of the challenges that may come unannounced.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from .expr import Value
-from .model import AcceleratorModel, AccelState
+from .model import RESTING_STATES, AcceleratorModel, AccelState
 from .types import (
     Decision,
     DemandClass,
@@ -43,6 +44,11 @@ class PolicyState:
     predicted_idle_s: float = 30.0
     wake_times: tuple[float, ...] = ()
     reason: str = "start"
+    # After an anticipation ends the accelerator stays warm (for its latency budget) until
+    # `warm_until`: the challenge it announced may still come (a car stopped in drive shifts
+    # to reverse before it parks), and a warm -> deep -> wake round trip costs more.
+    warm_budget_s: float | None = None
+    warm_until: float = float("-inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +187,16 @@ class CerebellumFirst:
             want, reason = AccelState.ACTIVE, f"hold:{top_hold.owner}"
         else:
             want, reason = self._rest_target(state, anticipatory, now, sleep_hold)
+        # While anticipating, the warm hold has no end; it starts running out at the first
+        # step without anticipation (so the result does not depend on how often we step).
+        warm_budget, warm_until = state.warm_budget_s, state.warm_until
+        if anticipatory:
+            tightest = min(d.deadline_s for d in anticipatory)
+            held = warm_budget is not None and now < warm_until - _EPS
+            if not held or warm_budget is None or tightest <= warm_budget:
+                warm_budget, warm_until = tightest, math.inf
+        elif warm_until == math.inf:
+            warm_until = now + p.anticipation_release_s
 
         is_wake = want is AccelState.ACTIVE and state.target is not AccelState.ACTIVE
         wake_times = tuple(t for t in state.wake_times if now - t < _HOUR_S)
@@ -220,6 +236,8 @@ class CerebellumFirst:
             predicted_idle_s=predicted,
             wake_times=wake_times,
             reason=reason,
+            warm_budget_s=warm_budget,
+            warm_until=warm_until,
         )
         decision = Decision(
             target=want,
@@ -232,6 +250,24 @@ class CerebellumFirst:
             denied=denied,
         )
         return new_state, decision
+
+    def next_timer(self, state: PolicyState, now: float) -> float | None:
+        """Earliest time after `now` at which `step` may decide differently with unchanged
+        inputs (confirm, dwell, release, warm hold, break-even promotion as the idle time
+        grows, the wake cap's hour window). Conservative: it may name times where nothing
+        changes. The evaluator steps only at these times and at input changes."""
+        p = self.params
+        times = [state.target_since + p.min_dwell_s, state.target_since + p.release_s, state.warm_until]
+        for spec, status in zip(p.demands, state.demands, strict=True):
+            if status.pending_since is not None and not status.active:
+                times.append(status.pending_since + spec.confirm_s)
+        if state.last_demand_end is not None:
+            times.append(state.last_demand_end + p.release_s)
+            times += [state.last_demand_end + self.model.break_even_s(s) for s in RESTING_STATES]
+        if state.wake_times:
+            times.append(state.wake_times[0] + _HOUR_S)
+        future = [t for t in times if t > now and math.isfinite(t)]
+        return min(future) if future else None
 
     @staticmethod
     def _demand_reason(spec: DemandSpec, ev: _Evaluated) -> str:
@@ -270,9 +306,13 @@ class CerebellumFirst:
         # to deeper states, as the menu governor corrects its guess).
         idle_so_far = now - state.last_demand_end if state.last_demand_end is not None else 0.0
         predicted = max(state.predicted_idle_s, idle_so_far)
+        held = state.warm_budget_s if state.warm_budget_s is not None and now < state.warm_until - _EPS else None
         if anticipatory:
-            budget = min(d.deadline_s for d in anticipatory)
-            chosen = self.model.deepest_state(predicted, budget)
-            return chosen, f"anticipate:{anticipatory[0].name}"
+            tightest = min(anticipatory, key=lambda d: d.deadline_s)
+            if held is not None and held < tightest.deadline_s:
+                return self.model.deepest_state(predicted, held), "anticipate:release"
+            return self.model.deepest_state(predicted, tightest.deadline_s), f"anticipate:{tightest.name}"
+        if held is not None:
+            return self.model.deepest_state(predicted, held), "anticipate:release"
         chosen = self.model.deepest_state(predicted, p.latency_budget_s, floor=p.deepest_state)
         return chosen, f"rest:{chosen.value}"

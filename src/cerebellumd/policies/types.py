@@ -79,6 +79,7 @@ class PolicyParams:
     min_dwell_s: float = 0.5
     max_wake_cycles_per_hour: int = 60
     latency_budget_s: float = 1.5
+    anticipation_release_s: float = 3.0
     initial_idle_prediction_s: float = 30.0
     idle_prediction_weight: float = 0.3
     deepest_state: AccelState = AccelState.OFF

@@ -29,7 +29,7 @@ import numpy as np
 from ..config import Config, policy_params
 from ..policies.baselines import AlwaysOn, Timeout
 from ..policies.cerebellum import CerebellumFirst, PolicyState
-from ..policies.model import RESTING_STATES, AcceleratorModel, AccelState
+from ..policies.model import AcceleratorModel, AccelState
 from ..policies.oracle import need_intervals, plan
 from ..policies.types import Decision, Inputs, PolicyParams, Sample
 from ..profiles import load_profile
@@ -291,21 +291,9 @@ class _Policy(Protocol):
 
 
 def policy_timer(core: CerebellumFirst, state: PolicyState, now: float, extra: Sequence[float] = ()) -> float | None:
-    """Earliest time after `now` at which the cerebellum-first `step` may decide differently
-    with unchanged inputs: confirm, dwell, release, break-even (the idle prediction grows with
-    idle time), and wake-cap timers. Conservative (may name times where nothing changes)."""
-    p = core.params
-    times = [state.target_since + p.min_dwell_s, state.target_since + p.release_s, *extra]
-    for spec, status in zip(p.demands, state.demands, strict=True):
-        if status.pending_since is not None and not status.active:
-            times.append(status.pending_since + spec.confirm_s)
-    if state.last_demand_end is not None:
-        times.append(state.last_demand_end + p.release_s)
-        times += [state.last_demand_end + core.model.break_even_s(s) for s in RESTING_STATES]
-    if state.wake_times:
-        times.append(state.wake_times[0] + _HOUR_S)
-    future = [t for t in times if t > now and math.isfinite(t)]
-    return min(future) if future else None
+    """The policy's own next timer, plus `extra` times (the timeout baseline's)."""
+    times = [t for t in (core.next_timer(state, now), *extra) if t is not None and t > now]
+    return min(times) if times else None
 
 
 @dataclass
