@@ -1,6 +1,6 @@
 """Evaluator speed: simulated seconds per wall second, per policy, on UDDS at a 10 ms tick.
 
-    python bench/evaluator.py [--json] [--seed N]
+    python bench/evaluator.py [--json] [--seed N] [--quick]
 
 The shared precomputation (vehicle traces, change points) is reported separately: it is paid
 once per scenario whatever the number of policies.
@@ -27,6 +27,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--seed", type=int, default=1)
+    # Accepted for a uniform CI smoke command line (tests/test_bench_smoke.py): one UDDS pass
+    # already takes only a few seconds, so quick changes nothing.
+    parser.add_argument("--quick", action="store_true", help="CI smoke (same run: it is short)")
     args = parser.parse_args()
     config = parse_config(builtin_example())
     params = policy_params(config)

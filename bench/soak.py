@@ -6,6 +6,9 @@ a state file, MQTT (a real mosquitto on a free port, when installed) and Prometh
 seconds the soak scrapes the metrics endpoint and publishes an operator command over MQTT.
 
     python bench/soak.py --minutes 30 --json
+    python bench/soak.py --quick --json     # CI smoke: 6 s after a 2 s warm-up
+
+`--minutes` may be fractional.
 
 Prints one JSON object: minutes, frames, dropped, overruns, rss_start_mb, rss_end_mb,
 decisions, errors (+ details). `errors` = CAN errors other than silence + actuation failures
@@ -91,7 +94,8 @@ def rss_mb(pid: int) -> float:
     return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
 
 
-def run(minutes: float, rate: float) -> dict[str, Any]:
+def run(minutes: float, rate: float, *, warmup_s: float = WARMUP_S,
+        scrape_every_s: float = SCRAPE_EVERY_S, fire_every_s: float = FIRE_EVERY_S) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="cerebellumd-soak-"))
     procs: list[subprocess.Popen[Any]] = []
     mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
@@ -127,23 +131,24 @@ def run(minutes: float, rate: float) -> dict[str, Any]:
 
         wait_for(up, 30, "daemon metrics")
         seconds = minutes * 60
-        sender = start_sender(rate, seconds + WARMUP_S + 30, interactive=True, port=udp_port)
+        sender = start_sender(rate, seconds + warmup_s + 30, interactive=True, port=udp_port)
         procs.append(sender)
         t_start = time.monotonic()
-        next_fire = t_start + FIRE_EVERY_S
+        next_fire = t_start + fire_every_s
         seq = 0
         rss_start: float | None = None
         start_metrics: dict[str, float] = {}
-        end = t_start + WARMUP_S + seconds
+        end = t_start + warmup_s + seconds
         while time.monotonic() < end:
-            time.sleep(SCRAPE_EVERY_S)  # the soak's own pacing (a benchmark, not a test)
+            # The soak's own pacing (a benchmark, not a test); never past the end of the run.
+            time.sleep(max(0.0, min(scrape_every_s, end - time.monotonic())))
             now = time.monotonic()
             try:
                 metrics = scrape(metrics_port)
             except OSError:
                 scrape_errors += 1
                 continue
-            if rss_start is None and now - t_start >= WARMUP_S:
+            if rss_start is None and now - t_start >= warmup_s:
                 rss_start, start_metrics = rss_mb(daemon.pid), metrics
             if now >= next_fire and sender.stdin is not None:
                 seq += 1
@@ -152,7 +157,7 @@ def run(minutes: float, rate: float) -> dict[str, Any]:
                 time.sleep(0.5)
                 sender.stdin.write(f"clear {seq}\n")
                 sender.stdin.flush()
-                next_fire += FIRE_EVERY_S
+                next_fire += fire_every_s
             if mqtt_port is not None:
                 body = json.dumps({"command": "hold" if commands % 2 == 0 else "release", "owner": "soak",
                                    "reason": "soak", "ttl_s": 3, "id": f"soak-{commands}"})
@@ -203,8 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--rate", type=float, default=5000.0, help="plant frames per second")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI smoke: 0.1 minutes after a 2 s warm-up, scraping every second, "
+                             "firing the critical demand every 3 s")
     args = parser.parse_args(argv)
-    result = run(args.minutes, args.rate)
+    if args.quick:
+        result = run(0.1, args.rate, warmup_s=2.0, scrape_every_s=1.0, fire_every_s=3.0)
+    else:
+        result = run(args.minutes, args.rate)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0 if result["details"]["exit_code"] == 0 else 1
 

@@ -1,0 +1,125 @@
+"""Smoke run of every bench script in its short mode: each must run to the end as a real
+process and print one JSON object with exactly the documented keys and sane types.
+
+The numbers themselves are never asserted (CI machines are slow and noisy): only that they are
+measurements at all (non-negative, ordered percentiles, counts that match what was asked).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+# Generous: a quick run takes 3-15 s on a quiet 2-core machine; a loaded CI runner may be
+# several times slower, and a hang must still fail inside pytest-timeout's budget.
+RUN_TIMEOUT_S = 100.0
+
+
+def run_bench(name: str, *extra: str, timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
+    cmd = [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--json", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, f"{name}: expected one JSON line, got stdout:\n{proc.stdout[-3000:]}"
+    result = json.loads(lines[0])
+    assert isinstance(result, dict)
+    return result
+
+
+def is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def assert_percentiles(r: dict[str, Any], prefix: str = "") -> None:
+    p50, p99, mx = r[f"{prefix}p50_us"], r[f"{prefix}p99_us"], r[f"{prefix}max_us"]
+    assert all(is_num(v) and v >= 0 for v in (p50, p99, mx)), r
+    assert p50 <= p99 <= mx, r
+
+
+def test_tick_jitter_quick() -> None:
+    r = run_bench("tick_jitter")
+    assert set(r) == {"period_ms", "ticks", "p50_us", "p99_us", "max_us", "overruns",
+                      "load_frames_per_s", "cyclictest_p50_us", "cyclictest_p99_us",
+                      "cyclictest_max_us", "ratio_p99"}
+    assert r["period_ms"] == 10.0 and r["load_frames_per_s"] == 500.0
+    # 3 s at 10 ms: ~300 ticks; missed periods are skipped (counted as overruns), not replayed.
+    assert isinstance(r["ticks"], int) and isinstance(r["overruns"], int)
+    assert 0 < r["ticks"] <= 310 and r["overruns"] >= 0
+    assert r["ticks"] + r["overruns"] >= 250, r
+    assert_percentiles(r)
+    if shutil.which("cyclictest") is None:  # the bench reports nulls without rt-tests
+        assert r["cyclictest_p99_us"] is None and r["ratio_p99"] is None
+    else:
+        assert_percentiles(r, "cyclictest_")
+        ct99 = r["cyclictest_p99_us"]
+        if ct99 > 0:
+            assert is_num(r["ratio_p99"]) and r["ratio_p99"] == pytest.approx(
+                r["p99_us"] / ct99, abs=0.01)
+
+
+def test_ingest_quick() -> None:
+    r = run_bench("ingest")
+    assert set(r) == {"frames", "daemon_frames_per_s", "bare_frames_per_s", "cpu_ratio"}
+    assert r["frames"] == 5000
+    assert isinstance(r["daemon_frames_per_s"], int) and r["daemon_frames_per_s"] > 0
+    assert isinstance(r["bare_frames_per_s"], int) and r["bare_frames_per_s"] > 0
+    assert is_num(r["cpu_ratio"]) and r["cpu_ratio"] > 0
+
+
+def test_wake_latency_quick() -> None:
+    r = run_bench("wake_latency")
+    assert set(r) == {"samples", "transport", "p50_us", "p99_us", "max_us"}
+    assert r["samples"] == 20 and r["transport"] == "udp_multicast"
+    assert_percentiles(r)
+    assert r["p50_us"] > 0  # stamped before the send: a wake cannot precede its frame
+
+
+def test_memory_quick() -> None:
+    r = run_bench("memory")
+    assert set(r) == {"rss_mb", "peak_rss_mb", "run_s", "rss_samples"}
+    assert is_num(r["rss_mb"]) and 0 < r["rss_mb"] <= r["peak_rss_mb"]
+    assert isinstance(r["rss_samples"], int) and r["rss_samples"] > 0
+    assert is_num(r["run_s"]) and r["run_s"] > 0
+
+
+def test_evaluator_quick() -> None:
+    r = run_bench("evaluator")
+    assert set(r) == {"cycle", "duration_s", "tick_ms", "setup_s", "policies", "evaluate_all_s"}
+    assert r["cycle"] == "udds" and r["tick_ms"] == 10 and r["duration_s"] > 1000
+    assert set(r["policies"]) == {"cerebellum_first", "always_on", "timeout", "oracle"}
+    for name, row in r["policies"].items():
+        assert set(row) == {"wall_s", "steps", "speedup"}, name
+        assert is_num(row["wall_s"]) and row["wall_s"] >= 0, name
+        assert isinstance(row["steps"], int) and row["steps"] >= 0, name
+        assert isinstance(row["speedup"], int) and row["speedup"] > 0, name
+    # The oracle is not stepped; every real policy is.
+    assert r["policies"]["oracle"]["steps"] == 0
+    assert all(r["policies"][n]["steps"] > 0 for n in ("cerebellum_first", "always_on", "timeout"))
+    assert is_num(r["setup_s"]) and is_num(r["evaluate_all_s"])
+
+
+@pytest.mark.timeout(180)
+def test_soak_quick() -> None:
+    r = run_bench("soak", timeout=150.0)
+    assert set(r) == {"minutes", "rate", "frames", "dropped", "overruns", "rss_start_mb",
+                      "rss_end_mb", "decisions", "errors", "details"}
+    assert r["minutes"] == 0.1 and r["rate"] == 5000.0
+    assert isinstance(r["frames"], int) and r["frames"] > 0
+    assert isinstance(r["decisions"], int) and r["decisions"] > 0
+    assert all(isinstance(r[k], int) and r[k] >= 0 for k in ("dropped", "overruns", "errors"))
+    assert is_num(r["rss_start_mb"]) and r["rss_start_mb"] > 0
+    assert is_num(r["rss_end_mb"]) and r["rss_end_mb"] > 0
+    d = r["details"]
+    assert d["exit_code"] == 0  # SIGTERM ended the daemon cleanly
+    assert d["critical_fired"] >= 1  # quick mode fires every 3 s over 8 s
+    assert d["scrape_errors"] == 0 and d["log_errors"] == [], d
