@@ -13,7 +13,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -71,7 +71,7 @@ class OverheadCollector:
                                 value=last if last is not None else 0.0)
 
     def timed(self, registry: CollectorRegistry) -> None:
-        inner: Callable[[], Iterator[Metric]] = registry.collect
+        inner: Callable[[], Iterable[Metric]] = registry.collect
 
         def collect() -> Iterator[Metric]:
             started = time.perf_counter()

@@ -55,7 +55,7 @@ class JetsonOptions(BaseModel):
     mode: str | None = Field(None, description="Live mode re-applied after every resume.")
     reapply: list[list[str]] = Field(default_factory=list, description="argvs re-run after every resume.")
     status_words: dict[str, Literal["off", "sleep", "idle", "active"]] = Field(
-        default_factory=lambda: {"active": "active", "running": "active", "suspended": "sleep",
+        default_factory=lambda: {"active": "active", "running": "active", "suspended": "sleep",  # type: ignore[arg-type]
                                  "sc7": "sleep", "off": "off"},
         description="First word of `status` -> state.")
     timeout_ms: int = Field(10000, gt=0, description="Kill a command running longer than this.")

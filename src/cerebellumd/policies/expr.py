@@ -131,13 +131,14 @@ def _compile(node: ast.expr, names: set[str]) -> Evaluator:
             raise _fail(node, f"only the functions {', '.join(_FUNCTIONS)} may be called")
         if node.keywords or not node.args:
             raise _fail(node, f"{node.func.id}() takes positional arguments only")
-        fn = _FUNCTIONS[node.func.id]
-        if fn is abs and len(node.args) != 1:
+        name = node.func.id
+        function = _FUNCTIONS[name]
+        if name == "abs" and len(node.args) != 1:
             raise _fail(node, "abs() takes one argument")
-        if fn is not abs and len(node.args) < 2:
-            raise _fail(node, f"{node.func.id}() takes at least two arguments")
+        if name != "abs" and len(node.args) < 2:
+            raise _fail(node, f"{name}() takes at least two arguments")
         args = [_compile(a, names) for a in node.args]
-        return lambda env: _call(fn, [a(env) for a in args])
+        return lambda env: _call(function, [a(env) for a in args])
     raise _fail(node, f"{type(node).__name__} is not allowed in a demand expression")
 
 

@@ -366,7 +366,9 @@ def _run_oracle(scenario: Scenario, model: AcceleratorModel, initial: AccelState
 def _metrics(run: PolicyRun, scenario: Scenario, other_watts: float, end_s: float) -> dict[str, Any]:
     acc = run.accelerator
     t0 = scenario.cycle.times[0]
-    served, by_kind, latencies = 0, {}, []
+    served = 0
+    by_kind: dict[str, tuple[int, int]] = {}
+    latencies: list[float] = []
     for e in scenario.events:
         start, end = e.start_s - t0, e.end_s - t0
         ok = acc.is_active_at(min(start + e.deadline_ms / 1000, end_s))

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import can
 import cantools
@@ -132,7 +133,8 @@ def replay(log: str | Path, dbc: str | Path, config: Config | None = None) -> di
             counts["unknown_ids"] += 1
             continue
         try:
-            values = message.decode(bytes(msg.data), decode_choices=False)
+            # Plain decode (no multiplexer container) returns a dict of numbers.
+            values = cast(Mapping[str, Any], message.decode(bytes(msg.data), decode_choices=False))
         except Exception:  # cantools raises several types for bad frames; all are bad input
             counts["decode_errors"] += 1
             continue

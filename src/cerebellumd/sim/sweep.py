@@ -128,9 +128,9 @@ def run_sweep(
         from dask.distributed import Client
         from dask.distributed import as_completed as dask_completed
 
-        with Client(dask_address) as client:
+        with Client(dask_address) as client:  # type: ignore[no-untyped-call]
             futures = [client.submit(run_one, *job, pure=False) for job in jobs]
-            for fut in dask_completed(futures):
+            for fut in dask_completed(futures):  # type: ignore[no-untyped-call]
                 rows.append(fut.result())
                 if progress:
                     progress(len(rows), len(jobs))
