@@ -33,8 +33,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cerebellumd"
 ACCEPTED = {
     ("B310", "daemon/status.py"): "urlopen of the operator-given metrics URL; the scheme is checked to be http(s) "
                                   "just before (ruff S310 is suppressed with that reason)",
-    ("B104", "drivers/someip.py"): "OPEN FINDING (docs/SECURITY.md S-1): the SOME/IP receiver binds 0.0.0.0 by "
-                                   "default and for multicast; owner to default to the vehicle interface",
+    ("B104", "drivers/someip.py"): "multicast_interface defaults to 0.0.0.0 (INADDR_ANY) for the IP_ADD_MEMBERSHIP "
+                                   "join only; the socket binds 127.0.0.1 or the group address (S-1, resolved)",
 }
 
 

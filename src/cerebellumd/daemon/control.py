@@ -45,13 +45,24 @@ class CommandResult:
         return json.dumps(body)
 
 
+class HoldLimitError(ValueError):
+    pass
+
+
 class HoldStore:
-    """Holds by id; expired ones drop out on every read."""
+    """Holds by id; expired ones drop out on every read. Bounded in total, so a chatty or
+    hostile operator cannot grow it without limit (operator commands also replace their
+    owner's previous hold of the same mode instead of adding one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_total: int = 256) -> None:
         self._holds: dict[str, Hold] = {}
+        self.max_total = max_total
 
-    def add(self, hold: Hold) -> None:
+    def add(self, hold: Hold, now: float | None = None) -> None:
+        if now is not None:
+            self.active(now)
+        if hold.id not in self._holds and len(self._holds) >= self.max_total:
+            raise HoldLimitError(f"too many holds ({self.max_total})")
         self._holds[hold.id] = hold
 
     def remove_owner(self, owner: str) -> int:
@@ -124,10 +135,13 @@ class CommandProcessor:
         else:
             ttl = cmd.ttl_s if cmd.ttl_s is not None else DEFAULT_TTL_S[cmd.command]
             mode = HoldMode.SLEEP if cmd.command == "sleep" else HoldMode.AWAKE
-            self.holds.add(Hold(
-                id=f"{cmd.owner}:{cmd.id}", owner=cmd.owner, reason=cmd.reason or cmd.command,
-                mode=mode, expires_at=now + ttl, priority=1 if cmd.command == "sleep" else 2,
-            ))
+            try:
+                self.holds.add(Hold(
+                    id=f"{cmd.owner}:{mode.value}", owner=cmd.owner, reason=cmd.reason or cmd.command,
+                    mode=mode, expires_at=now + ttl, priority=1 if cmd.command == "sleep" else 2,
+                ), now)
+            except HoldLimitError as exc:
+                return self._remember_result(CommandResult(cmd.id, False, str(exc)))
         return self._remember_result(CommandResult(cmd.id, True, holds=len(self.holds.active(now))))
 
     def _remember_result(self, result: CommandResult) -> CommandResult:

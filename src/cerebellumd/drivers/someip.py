@@ -247,7 +247,11 @@ class SomeIpOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = Field("0.0.0.0", description="Local address to bind.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Local address to bind: the gateway's address on the vehicle network. Never "
+        "0.0.0.0 on a gateway with cellular/Wi-Fi/diagnostic interfaces: anyone who reaches the port "
+        "could inject signal values.")
     port: int = Field(30490, ge=0, le=65535, description="UDP port (0 = any free port).")
     multicast_group: str | None = Field(
         None, description="IPv4 multicast group to join (events sent to a group).")
@@ -378,9 +382,9 @@ class SomeIpReceiver:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setblocking(False)
-            # A multicast receiver binds the group's port on any address so that it sees
-            # datagrams sent to the group.
-            sock.bind((opts.host if opts.multicast_group is None else "0.0.0.0", opts.port))
+            # A multicast receiver binds the group address itself: Linux then delivers only
+            # datagrams sent to that group, not unicast from any interface.
+            sock.bind((opts.host if opts.multicast_group is None else opts.multicast_group, opts.port))
             if opts.multicast_group is not None:
                 mreq = socket.inet_aton(opts.multicast_group) + socket.inet_aton(
                     opts.multicast_interface
