@@ -38,12 +38,12 @@ def test_shipped_demo_config_is_valid() -> None:
 
 
 def test_typo_in_key_is_reported_with_line() -> None:
-    text = broken("release_ms = 4000", "relase_ms = 4000")
+    text = broken("min_dwell_ms = 300", "min_dwel_ms = 300")
     [issue] = issues(text)
-    assert issue.key == "policy.relase_ms"
-    assert issue.line == line_of(text, "relase_ms")
+    assert issue.key == "policy.min_dwel_ms"
+    assert issue.line == line_of(text, "min_dwel_ms")
     assert "unknown key" in issue.message
-    assert str(issue).startswith(f"cfg.toml:{issue.line}: policy.relase_ms")
+    assert str(issue).startswith(f"cfg.toml:{issue.line}: policy.min_dwel_ms")
 
 
 def test_wrong_type_in_array_of_tables_points_at_the_right_entry() -> None:
