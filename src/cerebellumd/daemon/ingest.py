@@ -31,8 +31,21 @@ log = logging.getLogger(__name__)
 
 #: (signal name, value) pairs decoded from one frame, and the frame's policy time.
 SampleSink = Callable[[Sequence[tuple[str, float]], float], None]
+#: Sees every received frame (error frames included) on the loop before it is decoded; returns
+#: True when the frame was its own (e.g. an NM PDU), so an ID missing from the DBC is not
+#: counted as `unknown_id`. Keep it cheap: it runs once per frame.
+FrameHook = Callable[[can.Message], bool]
 _MAX_RECONNECT_BACKOFF_S = 30.0
 _KERNEL_FILTER_INTERFACES = frozenset({"socketcan", "socketcand", "kvaser", "pcan", "vector", "ixxat"})
+
+
+@dataclass(frozen=True, slots=True)
+class FrameTap:
+    """A per-frame hook and the kernel acceptance filters its frames need (where the kernel or
+    adapter filters, frames outside the DBC's wanted IDs never reach us otherwise)."""
+
+    hook: FrameHook
+    filters: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +83,7 @@ class CanIngest:
         now: Callable[[], float] = time.monotonic,
         from_monotonic: Callable[[float], float] = lambda t: t,
         bus_factory: Callable[..., can.BusABC] | None = None,
+        tap: FrameTap | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -79,6 +93,7 @@ class CanIngest:
         self._from_monotonic = from_monotonic
         self._bus_factory = bus_factory or can.Bus
         self._routes = self._build_routes(db, wanted)
+        self._tap = tap
         self._queue: collections.deque[can.Message] = collections.deque()
         self._maxlen = config.queue_size
         self._scheduled = False
@@ -120,11 +135,12 @@ class CanIngest:
 
     @property
     def can_filters(self) -> list[dict[str, Any]]:
-        return [
+        filters = [
             {"can_id": m.message.frame_id, "can_mask": 0x1FFFFFFF if m.message.is_extended_frame else 0x7FF,
              "extended": m.message.is_extended_frame}
             for m in self._routes.values() if m.wanted
         ]
+        return filters + [dict(f) for f in self._tap.filters] if self._tap is not None else filters
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -218,17 +234,20 @@ class CanIngest:
             return
         routes = self._routes
         sink = self._sink
+        hook = self._tap.hook if self._tap is not None else None
         now_mono = time.monotonic()
         n = 0
         while queue:
             msg = queue.popleft()
             n += 1
+            claimed = hook(msg) if hook is not None else False
             if msg.is_error_frame:
                 self._count_error("error_frame")
                 continue
             route = routes.get((msg.arbitration_id, msg.is_extended_id))
             if route is None:
-                self._count_error("unknown_id")
+                if not claimed:
+                    self._count_error("unknown_id")
                 continue
             if not route.wanted:
                 continue
@@ -255,6 +274,14 @@ class CanIngest:
         if self.silent:
             self.silent = False
             log.info("bus %s: traffic again", self.name)
+
+    def send(self, msg: can.Message) -> None:
+        """Transmit one frame (NM PDUs of an active node). Blocking: call it off the loop.
+        Raises CanOperationError while the bus is down; the caller counts it."""
+        bus = self._bus
+        if bus is None or not self.connected:
+            raise can.CanOperationError(f"bus {self.name} is not connected")
+        bus.send(msg, timeout=0.1)
 
     async def _supervise(self) -> None:
         """Silence and failure watch: a silent bus is flagged and counted once per episode; a

@@ -56,6 +56,19 @@ class NmFrameLayout:
         return max(used) + 1 if used else 0
 
 
+def encode_nm_frame(node_id: int, layout: NmFrameLayout, control: int = 0) -> can.Message:
+    """Our own NM PDU (active nodes only): CAN ID nm_id_base + node id, the node id and the
+    control bit vector at their bytes, the rest 0xFF (AUTOSAR's default for unused user data)."""
+    data = bytearray(b"\xff" * max(8, layout.min_length))
+    if layout.source_byte is not None:
+        data[layout.source_byte] = node_id
+    if layout.control_byte is not None:
+        data[layout.control_byte] = control
+    arbitration_id = layout.id_base + node_id
+    return can.Message(arbitration_id=arbitration_id, data=bytes(data),
+                       is_extended_id=arbitration_id > 0x7FF)
+
+
 def decode_nm_frame(msg: can.Message, layout: NmFrameLayout) -> NmPdu | None:
     """The NM PDU in `msg`, or None when it is no NM frame (other ID, error or remote frame).
 

@@ -22,11 +22,12 @@ from ..profiles import load_profile
 from .actuator import Actuator
 from .clock import Clock
 from .control import CommandProcessor, HoldStore
-from .ingest import CanIngest, load_dbc
+from .ingest import CanIngest, FrameTap, load_dbc
 from .lease_service import attach_leases
 from .lifecycle import attach_lifecycle
 from .metrics import Metrics
 from .mqtt import attach_mqtt
+from .nm_service import attach_nm
 from .overhead import attach_overhead
 from .sources import attach_sources
 from .ticker import Ticker, TickInfo
@@ -139,6 +140,11 @@ class Daemon:
         self.tick_hooks: list[Callable[[float], None]] = []
         self.telemetry_hooks: list[Callable[[float], None]] = []
         self.stop_hooks: list[Callable[[float], None]] = []
+        self.frame_taps: dict[str, FrameTap] = {}  # per bus name: sees every frame (NM PDUs)
+        self.wake_hooks: list[Callable[[float], None]] = []  # told of any input while paused
+        # Set by NM while the bus sleeps or is going to: stale signals are quiet, not failed.
+        self.quiet_bus = False
+        self.paused = False
         self._attach_services()
 
     def _attach_services(self) -> None:
@@ -151,6 +157,7 @@ class Daemon:
         attach_lifecycle(self)  # wake watchdog ladder, per-backend transition metrics, flaps
         attach_leases(self)  # [leases] Unix socket; leases become holds (only when enabled)
         attach_overhead(self)  # the daemon's own CPU seconds, RSS and scrape duration
+        attach_nm(self)  # [nm] CAN network management: bus sleep pauses the daemon (only when enabled)
 
     @classmethod
     async def async_create(cls, config: Config, **kwargs: Any) -> Daemon:
@@ -184,11 +191,17 @@ class Daemon:
                 if s.can and (s.bus or cfg.can[0].name) == bus.name
             }
             ingest = CanIngest(bus, db, wanted, self._on_samples, self.metrics,  # type: ignore[arg-type]
-                               now=self.clock.now, from_monotonic=self.clock.from_monotonic)
+                               now=self.clock.now, from_monotonic=self.clock.from_monotonic,
+                               tap=self.frame_taps.get(bus.name))
             await ingest.async_start()
             self.ingests.append(ingest)
         for service in self.services:
             await service.async_start()
+        wall_tick = self._start_tickers()
+        self._notify_ready(wall_tick)
+
+    def _start_tickers(self) -> float:
+        cfg = self.config
         wall_tick = max(self.clock.wall_seconds(cfg.daemon.tick_ms / 1000), _MIN_WALL_TICK_S)
         wall_telemetry = max(self.clock.wall_seconds(cfg.daemon.telemetry_interval_ms / 1000), 0.05)
         self._tickers = [
@@ -197,7 +210,52 @@ class Daemon:
         ]
         for ticker in self._tickers:
             ticker.start()
-        self._notify_ready(wall_tick)
+        return wall_tick
+
+    def pause(self) -> None:
+        """Go quiet (NM bus sleep): stop the decision and telemetry tickers. Frames are still
+        received and stored; instead of the fast path they go to `wake_hooks`, which decide
+        whether to `resume`. Energy is integrated up to now and again at resume (the domains
+        keep drawing while we sleep)."""
+        if self.paused or not self._tickers:
+            return
+        self.paused = True
+        for ticker in self._tickers:
+            ticker.stop()
+        self._tickers = []
+        self._integrate(self.clock.now())
+        self._ping_watchdog_while_paused()
+        log.info("daemon paused (tickers stopped)")
+
+    def _ping_watchdog_while_paused(self) -> None:
+        # The decision tick pings systemd's watchdog; paused, a slow timer must, or systemd
+        # would kill a daemon that merely sleeps with the bus.
+        if not self.paused or self._notifier is None or not self._watchdog_every:
+            return
+        self._notifier.notify("WATCHDOG=1")
+        period = self._watchdog_every * max(self.clock.wall_seconds(self.config.daemon.tick_ms / 1000),
+                                            _MIN_WALL_TICK_S)
+        asyncio.get_running_loop().call_later(period, self._ping_watchdog_while_paused)
+
+    def resume(self, *, reset: bool = True) -> None:
+        """Restart the tickers. With `reset`, drop all samples (they predate the sleep) and
+        start the policy afresh from its current target, as after a start."""
+        if not self.paused:
+            return
+        self.paused = False
+        now = self.clock.now()
+        self._integrate(now)
+        if reset and self._state is not None:
+            self.samples.clear()
+            self._state = self.policy.initial_state(now, self._state.target)
+        self._start_tickers()
+        log.info("daemon resumed")
+
+    async def async_pause(self) -> None:
+        self.pause()
+
+    async def async_resume(self, *, reset: bool = True) -> None:
+        self.resume(reset=reset)
 
     async def async_stop(self) -> None:
         for ticker in self._tickers:
@@ -276,6 +334,10 @@ class Daemon:
             store[name] = Sample(value, t)
             if name in self._critical_inputs and (old is None or old.value != value):
                 critical_changed = True
+        if self.paused:
+            for hook in self.wake_hooks:  # no fast path while asleep: NM validates wake-ups
+                hook(t)
+            return
         if critical_changed and self._state is not None and self._state.target is not AccelState.ACTIVE:
             # Fast path: a critical input moved; decide now instead of at the next tick.
             self._decide(self.clock.now(), fast_path=True)
@@ -314,7 +376,7 @@ class Daemon:
 
     def _decide(self, now: float, *, fast_path: bool) -> None:
         assert self._state is not None
-        inputs = Inputs(self.samples, self.active_holds(now), self.actuator.state, fast_path)
+        inputs = Inputs(self.samples, self.active_holds(now), self.actuator.state, fast_path, self.quiet_bus)
         started = time.perf_counter()
         self._state, d = self.policy.step(self._state, inputs, now)
         self.metrics.decision_seconds.observe(time.perf_counter() - started)

@@ -107,7 +107,9 @@ class CerebellumFirst:
         for spec, status in zip(self.params.demands, state.demands, strict=True):
             raw = spec.expression(env)
             truth: bool
-            if raw is None:
+            if raw is None and inputs.quiet_bus:
+                truth = False  # the bus sleeps: quiet is not a fault (see Inputs.quiet_bus)
+            elif raw is None:
                 policy, culprit = self._on_stale(spec, stale_set)
                 if policy is OnStale.WAKE:
                     truth = True

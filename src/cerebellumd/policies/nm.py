@@ -380,6 +380,9 @@ class NmConfig(BaseModel):
                     "(0 = pure AUTOSAR).")
     passive: bool = Field(
         True, description="Never transmit NM PDUs (even active, never on a sleeping bus).")
+    node_id: int = Field(
+        0x7E, ge=0, le=255,
+        description="Our NM node id when not passive: source byte, and added to nm_id_base for the CAN ID.")
     ignition_signal: str | None = Field(
         None, description="Signal with KL15 (non-zero = on); it requests the network.")
     battery_signal: str | None = Field(None, description="Signal with battery voltage (V).")
@@ -392,6 +395,8 @@ class NmConfig(BaseModel):
             raise ValueError("source_byte and control_byte must differ")
         if self.nm_id_base & ~self.nm_id_mask & 0x1FFFFFFF:
             raise ValueError("nm_id_base has bits outside nm_id_mask")
+        if not self.passive and (self.nm_id_base + self.node_id) & self.nm_id_mask != self.nm_id_base:
+            raise ValueError("nm_id_base + node_id leaves the NM ID range (nm_id_mask)")
         return self
 
     def params(self) -> NmParams:

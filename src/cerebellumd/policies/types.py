@@ -95,6 +95,10 @@ class Inputs:
     holds: tuple[Hold, ...] = ()
     actual: AccelState = AccelState.UNKNOWN
     fast_path: bool = False
+    # The vehicle bus is going to sleep or asleep (CAN NM): signals go stale because their
+    # senders stopped on purpose, not because something failed, so `on_stale` does not apply
+    # (a stale signal is simply unknown) and the fail-safe wake stays for real faults.
+    quiet_bus: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,234 @@
+"""CAN NM in the daemon (daemon/nm_service.py) against real python-can virtual buses: two
+simulated ECUs send NM PDUs and application frames; when they release the network and go quiet
+the daemon must reach bus sleep at the right time, put the accelerator to its deepest state and
+stop its tickers; a wake frame (NM PDU or KL15) must bring it back, validated, with fresh samples
+and a fresh policy state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import re
+from collections.abc import AsyncIterator, Callable
+
+import can
+
+from cerebellumd.config import builtin_example, parse_config
+from cerebellumd.daemon.clock import Clock
+from cerebellumd.daemon.nm_service import NmService
+from cerebellumd.daemon.runtime import Daemon
+from cerebellumd.drivers.accel_simulated import SimulatedAccelerator
+from cerebellumd.policies.model import AccelState
+from cerebellumd.policies.nm import NmMode
+from cerebellumd.profiles import load_profile
+from tests.test_faults import DB, REAL_BUS, defaults, until
+from tests.test_persist import sample
+
+_channels = itertools.count()
+DEMO_TEXT = builtin_example()  # read at import: a file read inside the loop is refused
+# Short NM timers so a test runs in about a second; the ratios are a real vehicle's.
+NM_TIMEOUT_S = 0.3
+IDLE_S = 0.3
+WAIT_BUS_SLEEP_S = 0.3
+NM_TOML = f"""
+[nm]
+enabled = true
+timeout_ms = {int(NM_TIMEOUT_S * 1000)}
+repeat_message_ms = 200
+wait_bus_sleep_ms = {int(WAIT_BUS_SLEEP_S * 1000)}
+wake_validation_ms = 300
+idle_timeout_ms = {int(IDLE_S * 1000)}
+"""
+ECUS = (0x10, 0x20)
+
+
+def nm_pdu(node: int, control: int = 0) -> can.Message:
+    return can.Message(arbitration_id=0x500 + node, data=bytes([node, control, 0, 0, 0, 0, 0, 0]),
+                       is_extended_id=False)
+
+
+class Vehicle:
+    """Two ECUs: NM PDUs every 50 ms each and the DBC's application frames every 20 ms."""
+
+    def __init__(self, channel: str) -> None:
+        self.bus = REAL_BUS(interface="virtual", channel=channel)
+        self.nm_on = True
+        self.app_on = True
+        self.values = defaults()
+        self._task: asyncio.Task[None] | None = None
+
+    def send_app(self, message: str, **override: float) -> None:
+        msg = DB.get_message_by_name(message)
+        data = msg.encode({**self.values[message], **override})
+        self.bus.send(can.Message(arbitration_id=msg.frame_id, data=data, is_extended_id=False))
+
+    async def _run(self) -> None:
+        for k in itertools.count():
+            if self.nm_on and k % 5 == 0:
+                for node in ECUS:
+                    self.bus.send(nm_pdu(node))
+            if self.app_on and k % 2 == 0:
+                for name in self.values:
+                    self.send_app(name)
+            await asyncio.sleep(0.01)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.bus.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def rig(extra: str = "", nm: str = NM_TOML) -> AsyncIterator[tuple[Daemon, NmService, Vehicle, str]]:
+    ch = f"test-nm-{next(_channels)}"
+    text = DEMO_TEXT.replace('channel = "cerebellumd-demo"', f'channel = "{ch}"')
+    text = re.sub(r"(?m)^(min_dwell_ms|release_ms) = \d+", r"\1 = 0", text)
+    config = await asyncio.to_thread(parse_config, text + nm + extra)
+    config = config.model_copy(update={"prometheus": config.prometheus.model_copy(update={"enabled": False})})
+    model = await asyncio.to_thread(load_profile, "orin_nano")
+    driver = SimulatedAccelerator(model, initial=AccelState.SLEEP, time_scale=50.0)
+    daemon = await Daemon.async_create(config, clock=Clock(), driver=driver, model=model)
+    service = next(s for s in daemon.services if isinstance(s, NmService))
+    vehicle = Vehicle(ch)
+    vehicle.start()
+    await daemon.async_start()
+    try:
+        yield daemon, service, vehicle, ch
+    finally:
+        await vehicle.close()
+        await daemon.async_stop()
+
+
+def metric(daemon: Daemon, name: str, **labels: str) -> float:
+    return sample(daemon.metrics.registry, name, labels) or 0.0
+
+
+async def stays(predicate: Callable[[], bool], duration: float, what: str) -> None:
+    """A negative check: `predicate` must hold at every poll for `duration` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + duration
+    while loop.time() < end:
+        assert predicate(), what
+        await asyncio.sleep(0.005)
+
+
+async def mode_change_time(service: NmService, mode: NmMode, timeout: float = 5.0) -> float:
+    loop = asyncio.get_running_loop()
+    await until(lambda: service.mode is mode, timeout, f"NM {mode.value}")
+    return loop.time()
+
+
+async def to_bus_sleep(daemon: Daemon, service: NmService, vehicle: Vehicle) -> None:
+    """ECUs release the network (NM PDUs stop), then, one NM timeout later, go quiet."""
+    loop = asyncio.get_running_loop()
+    await until(lambda: service.mode is NmMode.READY_SLEEP, 5, "ready sleep while ECUs talk")
+    vehicle.nm_on = False
+    released = loop.time()
+    await until(lambda: loop.time() - released >= NM_TIMEOUT_S, 5, "NM timeout passes")
+    vehicle.app_on = False
+    quiet = loop.time()
+    prepare = await mode_change_time(service, NmMode.PREPARE_BUS_SLEEP)
+    asleep = await mode_change_time(service, NmMode.BUS_SLEEP)
+    # Prepare-bus-sleep only after the idle guard's silence, bus sleep one wait-bus-sleep later
+    # (each step is a 10 ms decision tick: allow some scheduling slack on a loaded runner).
+    assert IDLE_S - 0.02 <= prepare - quiet <= IDLE_S + 0.4, prepare - quiet
+    assert WAIT_BUS_SLEEP_S - 0.02 <= asleep - prepare <= WAIT_BUS_SLEEP_S + 0.4, asleep - prepare
+
+
+async def test_two_ecus_then_silence_bus_sleep_then_wake_frame() -> None:
+    async with rig() as (daemon, service, vehicle, _):
+        await until(lambda: service.mode in (NmMode.REPEAT_MESSAGE, NmMode.READY_SLEEP), 5, "network up")
+        assert metric(daemon, "cerebellumd_wake_validations_total", result="validated") >= 1
+        assert not daemon.paused
+        await to_bus_sleep(daemon, service, vehicle)
+
+        deepest = daemon.params.deepest_state
+        await until(lambda: daemon.actuator.state is deepest, 5, "accelerator in its deepest state")
+        assert metric(daemon, "cerebellumd_nm_state", state="bus_sleep") == 1
+        assert metric(daemon, "cerebellumd_nm_state", state="ready_sleep") == 0
+        assert metric(daemon, "cerebellumd_nm_transitions_total", state="bus_sleep") == 1
+        # The collision signal (on_stale = wake) went stale because the bus went to sleep:
+        # no fail-safe wake for that.
+        assert metric(daemon, "cerebellumd_wakes_total", reason="stale:collision_risk") == 0
+        assert daemon.paused
+        decisions = daemon.decisions
+        await stays(lambda: daemon.decisions == decisions, 0.3, "decisions stop in bus sleep")
+
+        # A plain frame is a wake candidate only: it expires without an NM PDU or KL15.
+        expired = metric(daemon, "cerebellumd_wake_validations_total", result="expired")
+        vehicle.send_app("VehicleDynamics")
+        await until(lambda: metric(daemon, "cerebellumd_wake_validations_total", result="expired") > expired,
+                    5, "unvalidated wake expires")
+        assert service.mode is NmMode.BUS_SLEEP and daemon.paused and daemon.decisions == decisions
+
+        # An NM PDU wakes the network: validated, resumed, samples from before cleared.
+        validated = metric(daemon, "cerebellumd_wake_validations_total", result="validated")
+        loop = asyncio.get_running_loop()
+        woke_at = daemon.clock.now()
+        vehicle.bus.send(nm_pdu(ECUS[0], control=0x10))
+        await until(lambda: service.mode is NmMode.REPEAT_MESSAGE, 5, "wake frame -> repeat message")
+        assert service.state is not None and service.state.reason == "nm_pdu"
+        assert metric(daemon, "cerebellumd_wake_validations_total", result="validated") == validated + 1
+        assert not daemon.paused
+        assert "speed_kmh" not in daemon.samples  # the last speed before the sleep is gone
+        state = daemon._state
+        assert state is not None and state.started_at >= woke_at  # policy restarted
+        started = loop.time()
+        await until(lambda: daemon.decisions > decisions + 20, 5, "decisions resume")
+        assert loop.time() - started < 2
+
+
+async def test_kl15_wakes_a_sleeping_bus() -> None:
+    extra = '\n[signals.kl15]\ncan = "BodyStatus.Ignition"\nmax_age_ms = 1000\n'
+    async with rig(extra=extra, nm=NM_TOML + 'ignition_signal = "kl15"\n') as (daemon, service, vehicle, _):
+        # Ignition off while the ECUs run down, else KL15 holds the network (normal operation).
+        vehicle.values["BodyStatus"]["Ignition"] = 0
+        await to_bus_sleep(daemon, service, vehicle)
+        assert daemon.paused
+        vehicle.send_app("BodyStatus", Ignition=1)
+        await until(lambda: service.mode is NmMode.REPEAT_MESSAGE, 5, "KL15 -> repeat message")
+        assert service.state is not None and service.state.reason == "ignition"
+        assert not daemon.paused
+
+
+async def test_active_node_transmits_only_while_the_bus_is_awake() -> None:
+    nm = NM_TOML + "passive = false\nnode_id = 0x30\nmsg_cycle_ms = 50\n"
+    async with rig(nm=nm) as (daemon, service, vehicle, ch):
+        listener = REAL_BUS(interface="virtual", channel=ch)
+        try:
+            def ours() -> int:
+                n = 0
+                while (msg := listener.recv(0)) is not None:
+                    if msg.arbitration_id == 0x530:
+                        assert msg.data[0] == 0x30
+                        n += 1
+                return n
+
+            seen = 0
+            # A repeat-message request: every node (we included) announces itself again.
+            vehicle.bus.send(nm_pdu(ECUS[0], control=0x01))
+
+            def heard() -> bool:
+                nonlocal seen
+                seen += ours()
+                return seen >= 2
+
+            await until(heard, 5, "the gateway's NM PDUs while the network is up")
+            await to_bus_sleep(daemon, service, vehicle)
+            ours()  # drop what was sent before bus sleep
+            sent = service.sent
+            await stays(lambda: ours() == 0 and service.sent == sent, 0.3, "nothing sent in bus sleep")
+        finally:
+            listener.shutdown()
+
+
+async def test_without_nm_nothing_attaches() -> None:
+    config = await asyncio.to_thread(parse_config, DEMO_TEXT)
+    daemon = await Daemon.async_create(config)
+    assert not any(isinstance(s, NmService) for s in daemon.services)
+    assert daemon.frame_taps == {}
