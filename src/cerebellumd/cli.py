@@ -151,9 +151,10 @@ async def _async_demo(args: argparse.Namespace, config: Config) -> int:
     live_enabled = not args.no_live and console.is_terminal
     try:
         if live_enabled:
-            with Live(render(daemon.snapshot()), console=console, refresh_per_second=4) as live:
+            title = f"cerebellumd demo — {cycle.name}"
+            with Live(render(daemon.snapshot(), title, start=start), console=console, refresh_per_second=4) as live:
                 while not stop.is_set() and not plant.done():
-                    live.update(render(daemon.snapshot(), title=f"cerebellumd demo — {cycle.name}"))
+                    live.update(render(daemon.snapshot(), title, start=start))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 0.25)
         else:

@@ -18,10 +18,11 @@ _STATE_STYLE = {
 }
 
 
-def render(snap: Snapshot, title: str = "cerebellumd", speed_signal: str = "speed_kmh") -> Panel:
+def render(snap: Snapshot, title: str = "cerebellumd", speed_signal: str = "speed_kmh", start: float = 0.0) -> Panel:
+    """`start` is the policy time shown as t=0 (the demo's plant start)."""
     head = Table.grid(padding=(0, 2))
     head.add_row(
-        Text(f"t={snap.time:9.1f} s"),
+        Text(f"t={snap.time - start:8.1f} s"),
         Text(f"speed {snap.signals.get(speed_signal, float('nan')):6.1f} km/h"),
         Text(f"accelerator {snap.state.value}", style=_STATE_STYLE.get(snap.state, "")),
         Text(f"target {snap.target.value}"),
