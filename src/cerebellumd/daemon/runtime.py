@@ -29,6 +29,7 @@ from .metrics import Metrics
 from .mqtt import attach_mqtt
 from .nm_service import attach_nm
 from .overhead import attach_overhead
+from .power import attach_rail_power
 from .sources import attach_sources
 from .ticker import Ticker, TickInfo
 
@@ -140,6 +141,7 @@ class Daemon:
         self.tick_hooks: list[Callable[[float], None]] = []
         self.telemetry_hooks: list[Callable[[float], None]] = []
         self.stop_hooks: list[Callable[[float], None]] = []
+        self.self_integrated: set[str] = set()  # domains whose service integrates their energy
         self.frame_taps: dict[str, FrameTap] = {}  # per bus name: sees every frame (NM PDUs)
         self.wake_hooks: list[Callable[[float], None]] = []  # told of any input while paused
         # Set by NM while the bus sleeps or is going to: stale signals are quiet, not failed.
@@ -154,6 +156,7 @@ class Daemon:
         attach_persistence(self)
         attach_mqtt(self)  # [mqtt] status/state/set/response (only when enabled)
         attach_sources(self)  # [[someip]], [mcu] and measured power domains (only when configured)
+        attach_rail_power(self)  # [power.rails] rail map: per-domain watts, trapezoid energy
         attach_lifecycle(self)  # wake watchdog ladder, per-backend transition metrics, flaps
         attach_leases(self)  # [leases] Unix socket; leases become holds (only when enabled)
         attach_overhead(self)  # the daemon's own CPU seconds, RSS and scrape duration
@@ -430,6 +433,8 @@ class Daemon:
                 reading = source() if source is not None else None
                 watts = reading if reading is not None else self.watts.get(d.name, 0.0)
             self.watts[d.name] = watts
+            if d.name in self.self_integrated:
+                continue  # its service integrates between readings (trapezoid): count once
             joules = watts * dt
             self.joules[d.name] += joules
             self.metrics.domain_energy.labels(d.name).inc(joules)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..config import Config, DomainConfig, McuConfig, SomeIpEndpointConfig, hwmon_options
+from ..config import Config, DomainConfig, McuConfig, SomeIpEndpointConfig, hwmon_options, rail_fed_domains
 from ..drivers.accel_mcu import McuAccelerator, McuPowerSensor
 from ..drivers.base import PowerSensor
 from ..drivers.hwmon import HwmonSensor
@@ -304,7 +304,8 @@ def attach_sources(daemon: Daemon) -> None:
     if config.mcu is not None:
         shared = daemon.driver.link if isinstance(daemon.driver, McuAccelerator) else None
         mcu = McuSource(config.mcu, signal_routes(config, "mcu"), daemon._on_samples, daemon.clock, link=shared)
-    measured = [d for d in config.power.domains if d.source in ("hwmon", "mcu")]
+    fed = rail_fed_domains(config)  # the rail map's service reads those (daemon/power.py)
+    measured = [d for d in config.power.domains if d.source in ("hwmon", "mcu") and d.name not in fed]
     sensors = {d.name: build_sensor(d, mcu.link if mcu else None) for d in measured}
     readers = PowerReaders((d, sensors[d.name]) for d in measured)
     daemon.services.extend(someip)
