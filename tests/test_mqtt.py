@@ -633,3 +633,30 @@ async def test_tls_connects_with_the_right_ca_only(tls_broker: Broker, daemons: 
     assert gauge(stranger, "cerebellumd_mqtt_connected") == 0.0
     before = stranger.decisions
     await until(lambda: stranger.decisions > before + 20, "decisions without a session")
+
+
+async def test_state_carries_watchdog_and_leases(broker: Broker, password_file: Path, tmp_path: Path) -> None:
+    """The services' state_extra() (lifecycle watchdog, leases) ride in the retained state,
+    beside the documented keys, never over them."""
+    sock = tmp_path / "leases.sock"
+    text = await asyncio.to_thread(daemon_config_text, broker.port, password_file)
+    config = await asyncio.to_thread(parse_config, text + f'\n[leases]\nenabled = true\npath = "{sock}"\n')
+    daemon = await Daemon.async_create(config)
+    await daemon.async_start()
+    try:
+        await asyncio.wait_for(bridge_of(daemon).connected.wait(), DEADLINE_S)
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        writer.write(b'{"op":"acquire","app":"lane_keeper","ttl_s":30,"priority":"safety"}\n')
+        await writer.drain()
+        reply = json.loads(await reader.readline())
+        assert reply.get("ok") is True, reply
+        async with Peer(broker.port, "viewer") as viewer:
+            await viewer.subscribe(f"cerebellumd/{NODE}/#")
+            body = state_of(await viewer.expect(STATE, lambda m: bool(state_of(m).get("leases", {}).get("leases"))))
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await daemon.async_stop()
+    assert body["watchdog"]["alarm"] is None and "phase" in body["watchdog"]
+    assert [lease["app"] for lease in body["leases"]["leases"]] == ["lane_keeper"]
+    assert {"state", "target", "reason", "holds", "wakes"} <= set(body)

@@ -17,7 +17,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,9 +81,10 @@ class LatestOnly:
         return True
 
 
-def state_payload(snap: Snapshot) -> bytes:
-    """The retained `state` document (docs/mqtt.md)."""
-    body = {
+def state_payload(snap: Snapshot, extra: Mapping[str, Any] | None = None) -> bytes:
+    """The retained `state` document (docs/mqtt.md). `extra`: the services' `state_extra()`
+    (watchdog, leases, nm), added under their own keys; never over a key of the document."""
+    body: dict[str, Any] = {
         "state": snap.state.value,
         "target": snap.target.value,
         "reason": snap.reason,
@@ -102,7 +103,24 @@ def state_payload(snap: Snapshot) -> bytes:
         # meaningless to anyone reading the broker.
         "time": round(time.time(), 3),
     }
+    for key, value in (extra or {}).items():
+        body.setdefault(key, value)
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def service_extras(services: Iterable[object]) -> dict[str, Any]:
+    """Merged `state_extra()` of the daemon's services (lifecycle, leases, NM, ...). A failing
+    one is left out: telemetry must not stop over one service's bug."""
+    extra: dict[str, Any] = {}
+    for service in services:
+        state_extra = getattr(service, "state_extra", None)
+        if not callable(state_extra):
+            continue
+        try:
+            extra.update(state_extra())
+        except Exception as exc:  # any bug in one service's extras: drop them, keep the state
+            log.error("state_extra of %s failed: %s", type(service).__name__, exc)
+    return extra
 
 
 def change_key(snap: Snapshot) -> tuple[Any, ...]:
@@ -284,7 +302,8 @@ class MqttBridge:
                 domains = [d.name for d in self.daemon.config.power.domains]
                 for topic, body in discovery_configs(self.cfg, self.node, self.topics, domains).items():
                     await self._publish(client, topic, body, retain=True, kind="discovery")
-            await self._publish(client, self.topics.state, state_payload(self.daemon.snapshot()),
+            await self._publish(client, self.topics.state,
+                                state_payload(self.daemon.snapshot(), service_extras(self.daemon.services)),
                                 retain=True, kind="state")
             self.buffer.take()  # just published: what was waiting is older
             self.connections += 1
@@ -351,7 +370,8 @@ class MqttBridge:
                 if self._stop.is_set():
                     return
             snap = self.buffer.take() if changed else None
-            await self._publish(client, self.topics.state, state_payload(snap or self.daemon.snapshot()),
+            await self._publish(client, self.topics.state,
+                                state_payload(snap or self.daemon.snapshot(), service_extras(self.daemon.services)),
                                 retain=True, kind="state")
             last = time.monotonic()
 
