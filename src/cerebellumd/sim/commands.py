@@ -40,6 +40,14 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--json", action="store_true", help="print the JSON object only")
     ev.add_argument("--plot", metavar="FILE.png")
     ev.add_argument("--profile", metavar="NAME", help="accelerator profile (overrides the config)")
+    ev.add_argument(
+        "--resume-failure-probability",
+        metavar="P",
+        type=float,
+        default=0.0,
+        help="chance that a resume fails and costs the profile's escalation retry (default 0; "
+        "drawn per resume from the seed; the oracle never fails)",
+    )
     ev.set_defaults(func=cmd_evaluate)
 
     sw = subparsers.add_parser("sweep", help="grid of policy parameters over scenarios, in parallel")
@@ -59,7 +67,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             cycle_name, variant = args.cycle, args.variant
         scenario = build_scenario(load_cycle(cycle_name), args.seed, named_scenario(variant), name=variant)
-        evaluation = run_evaluation(config, scenario, profile=args.profile)
+        evaluation = run_evaluation(
+            config, scenario, profile=args.profile, resume_failure_probability=args.resume_failure_probability
+        )
     except (ConfigError, CycleError, EvaluationError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 2

@@ -13,11 +13,19 @@ decisions come from `CerebellumFirst.step` and the baselines unchanged.
   checks the two loops agree.
 - The simulated accelerator costs every state and transition with the profile's model; a
   command during a transition takes effect when it completes (an SC7 entry cannot be aborted).
+- Failed resumes (`resume_failure_probability`, default 0): resume number i of a run fails when
+  a draw keyed by (scenario seed, i) falls below the probability. Keyed by the resume's index,
+  never by a random stream consumed per `step`, so the event-driven and the plain loop draw
+  alike, and every policy meets the same failures at its i-th resume (common random numbers).
+  A failed resume costs what the profile's default escalation ladder spends before its retry
+  succeeds: the wait until the ladder's wake deadline, then a second exit (latency + energy).
+  The oracle never fails: it stays the no-failure lower bound.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +37,9 @@ import numpy as np
 from ..config import Config, policy_params
 from ..policies.baselines import AlwaysOn, Timeout
 from ..policies.cerebellum import CerebellumFirst, PolicyState
-from ..policies.model import AcceleratorModel, AccelState
+from ..policies.escalation import DEFAULT_LADDERS, LadderSpec
+from ..policies.flapping import TimelinePoint, flap_figures
+from ..policies.model import AcceleratorModel, AccelState, Transition
 from ..policies.oracle import need_intervals, plan
 from ..policies.types import Decision, Inputs, PolicyParams, Sample
 from ..profiles import load_profile
@@ -71,6 +81,12 @@ class SimAccelerator:
     active: list[list[float]] = field(default_factory=list)  # [start, end] of active periods
     woken: list[bool] = field(default_factory=list)  # per active period: began with a wake
     wake_latencies: list[float] = field(default_factory=list)
+    # Failed resumes: `resume_fails(i)` says whether resume number i (0-based) fails; a failed
+    # one waits `retry_after_s` (the ladder's wake deadline) before a second exit succeeds.
+    resume_fails: Callable[[int], bool] | None = None
+    retry_after_s: float = 0.0
+    resumes: int = 0
+    failed_resumes: int = 0
     _wake_requested: float | None = None
 
     def __post_init__(self) -> None:
@@ -134,6 +150,10 @@ class SimAccelerator:
             else:
                 # Resting -> anything goes through `active`: the model only costs those edges.
                 cost, kind, to = self.model.exit[current], AccelState.WAKING, AccelState.ACTIVE
+                index, self.resumes = self.resumes, self.resumes + 1
+                if self.resume_fails is not None and self.resume_fails(index):
+                    self.failed_resumes += 1
+                    cost = self._failed_resume(current, cost)
             if cost.latency_s > 0:
                 self.state, self.since = kind, t
                 self.transition = _Transition(kind, t, t + cost.latency_s, to, cost.energy_j)
@@ -141,8 +161,44 @@ class SimAccelerator:
             self.energy_j += cost.energy_j
             self._arrive(to, t)
 
+    def _failed_resume(self, current: AccelState, exit_: Transition) -> Transition:
+        """One waking transition that covers the failed attempt and the successful retry.
+
+        The first exit draws its energy but never reaches `active`; the watchdog notices at
+        its wake deadline (not before the exit would have finished), the accelerator rests at
+        `current`'s power meanwhile, and the retry is a second full exit."""
+        wait = max(self.retry_after_s, exit_.latency_s)
+        energy = exit_.energy_j + self.model.power_w[current] * (wait - exit_.latency_s) + exit_.energy_j
+        return Transition(wait + exit_.latency_s, energy)
+
     def is_active_at(self, t: float) -> bool:
         return any(a <= t + 1e-6 and t <= b for a, b in self.active)
+
+
+# -- failed resumes ----------------------------------------------------------------------------
+
+#: The default escalation ladder of each shipped profile's backend (policies/escalation.py);
+#: profiles not listed (a user's TOML) use the simulated accelerator's ladder.
+PROFILE_LADDERS: Mapping[str, str] = {"orin_nano": "jetson", "hailo8": "hailo_pcie"}
+
+
+def ladder_for_profile(model: AcceleratorModel) -> LadderSpec:
+    return DEFAULT_LADDERS[PROFILE_LADDERS.get(model.name, "simulated")]
+
+
+def resume_draw(seed: int, index: int) -> float:
+    """Uniform [0, 1) for resume `index` of a run on scenario `seed`: a hash, so the draw
+    depends on nothing but the two numbers (not on how often `step` ran, not on numpy)."""
+    digest = hashlib.blake2b(f"resume-failure:{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def resume_failures(seed: int, probability: float) -> Callable[[int], bool] | None:
+    if not 0.0 <= probability <= 1.0:
+        raise EvaluationError(f"resume failure probability {probability} is not in [0, 1]")
+    if probability == 0.0:
+        return None
+    return lambda index: resume_draw(seed, index) < probability
 
 
 # -- inputs as the policy sees them ----------------------------------------------------------
@@ -310,10 +366,12 @@ def _run_policy(
     model: AcceleratorModel,
     initial: AccelState,
     event_driven: bool,
+    resume_fails: Callable[[int], bool] | None = None,
+    retry_after_s: float = 0.0,
 ) -> PolicyRun:
     tick_s = timeline.tick_s
     state = policy.initial_state(0.0, initial)
-    acc = SimAccelerator(model, state.target)
+    acc = SimAccelerator(model, state.target, resume_fails=resume_fails, retry_after_s=retry_after_s)
     commanded = state.target
     run = PolicyRun(policy.name, acc)
     change = timeline.change_ticks.tolist()
@@ -383,6 +441,7 @@ def _metrics(run: PolicyRun, scenario: Scenario, other_watts: float, end_s: floa
         1 for a, b in cycles if not any(e.start_s - t0 <= b and a <= e.end_s - t0 for e in scenario.events)
     )
     n = len(scenario.events)
+    flaps = _flaps(acc, [(e.start_s - t0, e.end_s - t0) for e in scenario.events], end_s)
     return {
         "policy": run.name,
         "accelerator_energy_j": round(acc.energy_j, 3),
@@ -394,6 +453,32 @@ def _metrics(run: PolicyRun, scenario: Scenario, other_watts: float, end_s: floa
         "mean_wake_latency_ms": round(1000 * float(np.mean(acc.wake_latencies)), 3) if acc.wake_latencies else 0.0,
         "mean_event_latency_ms": round(1000 * float(np.mean(latencies)), 3) if latencies else 0.0,
         "readiness_by_kind": {k: round(g / t, 6) for k, (t, g) in sorted(by_kind.items())},
+        **flaps,
+        "failed_resumes": acc.failed_resumes,
+    }
+
+
+def _flaps(acc: SimAccelerator, events: Sequence[tuple[float, float]], end_s: float) -> dict[str, Any]:
+    """policies.flapping's figures over the accelerator's steady states (what it did, not what
+    was commanded: a command absorbed by a running transition is no flap). Transitional
+    segments belong to the change they make; an active period is served when an event
+    overlaps it."""
+    points: list[TimelinePoint] = []
+    for a, b, state in sorted(acc.segments, key=lambda seg: seg[0]):
+        if state in (AccelState.WAKING, AccelState.SUSPENDING):
+            continue
+        served = state is AccelState.ACTIVE and any(s <= b and a <= e for s, e in events)
+        if points and points[-1].target is state:
+            served = served or points[-1].served
+            points[-1] = TimelinePoint(points[-1].time, state, served)
+            continue
+        points.append(TimelinePoint(a, state, served))
+    figures = flap_figures(points, start=0.0, end=end_s)
+    return {
+        "state_changes": figures.state_changes,
+        "state_changes_per_h": round(figures.changes_per_hour, 3),
+        "peak_state_changes_per_h": figures.peak_changes_per_hour,
+        "unserved_wakes": figures.unserved_wakes,
     }
 
 
@@ -413,9 +498,15 @@ def run_evaluation(
     profile: str | None = None,
     event_driven: bool = True,
     vehicle: VirtualVehicle | None = None,
+    resume_failure_probability: float = 0.0,
+    ladder: LadderSpec | None = None,
 ) -> Evaluation:
+    """`resume_failure_probability`: chance that a resume fails and needs the ladder's retry;
+    `ladder`: whose wake deadline that retry waits for (default: the profile's backend)."""
     params = policy_params(config)
     model = load_profile(profile or config.accelerator.profile)
+    fails = resume_failures(scenario.seed, resume_failure_probability)
+    retry_after_s = (ladder or ladder_for_profile(model)).wake_timeout_s
     tick_s = tick_ms / 1000
     vehicle = vehicle if vehicle is not None else VirtualVehicle(scenario)
     timeline = _Timeline(config, params, vehicle, tick_s)
@@ -437,12 +528,16 @@ def run_evaluation(
     def core_timer(state: PolicyState, now: float) -> float | None:
         return policy_timer(core, state, now)
 
-    cerebellum = _run_policy(core, core_timer, timeline, model, initial, event_driven)
+    def run(policy: _Policy, timer: Callable[[PolicyState, float], float | None]) -> PolicyRun:
+        return _run_policy(policy, timer, timeline, model, initial, event_driven, fails, retry_after_s)
+
+    cerebellum = run(core, core_timer)
     cerebellum.name = config.policy.name
     runs = [
         cerebellum,
-        _run_policy(AlwaysOn(params, model), core_timer, timeline, model, initial, event_driven),
-        _run_policy(timeout, timeout_timer, timeline, model, initial, event_driven),
+        run(AlwaysOn(params, model), core_timer),
+        run(timeout, timeout_timer),
+        # The oracle plans with the future and never fails a resume: the no-failure bound.
         _run_oracle(scenario, model, initial, end_s),
     ]
     other_watts = sum(d.watts or 0.0 for d in config.power.domains if d.source == "constant")
@@ -455,6 +550,8 @@ def run_evaluation(
         "events": len(scenario.events),
         "results": [_metrics(r, scenario, other_watts, end_s) for r in runs],
     }
+    if resume_failure_probability > 0:
+        result["resume_failure_probability"] = resume_failure_probability
     return Evaluation(result, runs)
 
 
@@ -467,4 +564,12 @@ def results_by_policy(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["policy"]: r for r in result["results"]}
 
 
-__all__ = ["Evaluation", "EventKind", "SimAccelerator", "evaluate", "run_evaluation"]
+__all__ = [
+    "Evaluation",
+    "EventKind",
+    "SimAccelerator",
+    "evaluate",
+    "ladder_for_profile",
+    "resume_draw",
+    "run_evaluation",
+]
