@@ -38,6 +38,7 @@ from cerebellumd.policies.model import AccelState
 
 RESTING = frozenset({AccelState.IDLE, AccelState.SLEEP, AccelState.OFF})
 WAIT_S = 10.0
+LOST_AFTER_S = 2.0  # no wake this long after the critical frame: the frame was lost
 
 
 class ProbeDriver:
@@ -55,6 +56,10 @@ class ProbeDriver:
         return None
 
     async def async_set_state(self, target: AccelState) -> None:
+        self.request_now(target)
+
+    def request_now(self, target: AccelState) -> None:
+        """EagerAccelerator: the actuator may command a wake synchronously from the decision."""
         if target is AccelState.ACTIVE and self.armed and self.woke_at is None:
             self.woke_at = time.monotonic()
         self.state = target
@@ -74,6 +79,16 @@ class ProbeDriver:
                 self.changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.changed.wait(), 0.001)
+
+
+class AsyncOnlyProbeDriver(ProbeDriver):
+    """The same probe without the synchronous fast path (--no-eager): every command goes
+    through the actuator's drive task and async_set_state, as for drivers without it."""
+
+    request_now = None  # type: ignore[assignment]  # not an EagerAccelerator
+
+    async def async_set_state(self, target: AccelState) -> None:
+        ProbeDriver.request_now(self, target)
 
 
 def bench_config() -> Config:
@@ -98,12 +113,13 @@ async def read_sent(proc: asyncio.subprocess.Process, seq: int) -> float:
             return float(parts[2])
 
 
-async def measure(samples: int, load: float) -> dict[str, Any]:
-    probe = ProbeDriver()
+async def measure(samples: int, load: float, eager: bool = True) -> dict[str, Any]:
+    probe = ProbeDriver() if eager else AsyncOnlyProbeDriver()
     daemon = Daemon(bench_config(), driver=probe)
     sender = await common.start_sender_async(load)
     assert sender.stdin is not None
     latencies: list[float] = []
+    lost = 0
     await daemon.async_start()
     try:
         # Wait for traffic so no signal is stale (a stale collision_risk wakes by design).
@@ -118,10 +134,16 @@ async def measure(samples: int, load: float) -> dict[str, Any]:
             sender.stdin.write(f"fire {seq}\n".encode())
             await sender.stdin.drain()
             sent_at = await read_sent(sender, seq)
-            await probe.wait_for(lambda: probe.woke_at is not None)
+            try:
+                await probe.wait_for(lambda: probe.woke_at is not None, LOST_AFTER_S)
+            except TimeoutError:
+                # udp_multicast does not guarantee delivery: on a loaded machine the kernel
+                # drops datagrams when a socket buffer is full. Counted, not waited for: one
+                # lost frame must not end the run.
+                lost += 1
             probe.armed = False
-            assert probe.woke_at is not None
-            latencies.append(probe.woke_at - sent_at)
+            if probe.woke_at is not None:
+                latencies.append(probe.woke_at - sent_at)
             # Background frames carry CollisionRisk=0; clear explicitly as well.
             sender.stdin.write(f"clear {seq}\n".encode())
             await sender.stdin.drain()
@@ -136,9 +158,11 @@ async def measure(samples: int, load: float) -> dict[str, Any]:
             await sender.wait()
     s = common.summary_us(latencies)
     print(f"path: sender bus.send -> udp_multicast -> CanIngest -> Daemon fast path -> "
-          f"Actuator -> driver.async_set_state(ACTIVE); frames ingested {ingest.frames}",
+          f"Actuator -> driver.request_now / async_set_state(ACTIVE); frames ingested "
+          f"{ingest.frames}, dropped by the ingest queue {ingest.dropped}; lost wakes {lost}",
           file=sys.stderr)
-    return {"samples": len(latencies), "transport": "udp_multicast", **s}
+    return {"samples": len(latencies), "transport": "udp_multicast", "lost": lost, **s}
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--load", type=float, default=1000.0,
                    help="background CAN frames per second (>= 100: keeps signals fresh)")
+    p.add_argument("--no-eager", action="store_true",
+                   help="probe driver without request_now (the drive-task path of other drivers)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="CI smoke: 20 samples")
     a = p.parse_args(argv)
@@ -154,11 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.samples = 20
     if a.load < 100:
         p.error("--load must be >= 100 so the ADAS signals stay fresh")
-    r = asyncio.run(measure(a.samples, a.load))
+    r = asyncio.run(measure(a.samples, a.load, eager=not a.no_eager))
     if a.json:
         print(json.dumps(r))
     else:
-        print(f"wake latency over {r['transport']} ({r['samples']} samples): "
+        print(f"wake latency over {r['transport']} ({r['samples']} samples, {r['lost']} lost): "
               f"p50 {r['p50_us']} us, p99 {r['p99_us']} us, max {r['max_us']} us")
     return 0
 

@@ -78,8 +78,10 @@ def test_ingest_quick() -> None:
 
 def test_wake_latency_quick() -> None:
     r = run_bench("wake_latency")
-    assert set(r) == {"samples", "transport", "p50_us", "p99_us", "max_us"}
-    assert r["samples"] == 20 and r["transport"] == "udp_multicast"
+    assert set(r) == {"samples", "transport", "lost", "p50_us", "p99_us", "max_us"}
+    # udp_multicast may lose a critical frame on a loaded machine: counted, not a failure.
+    assert isinstance(r["lost"], int) and r["samples"] + r["lost"] == 20
+    assert r["samples"] > 0 and r["transport"] == "udp_multicast"
     assert_percentiles(r)
     assert r["p50_us"] > 0  # stamped before the send: a wake cannot precede its frame
 

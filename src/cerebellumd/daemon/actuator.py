@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from ..config import AcceleratorConfig
-from ..drivers.base import AcceleratorDriver
+from ..drivers.base import AcceleratorDriver, EagerAccelerator
 from ..policies.model import RESTING_STATES, AcceleratorModel, AccelState
 from .clock import Clock
 from .metrics import Metrics
@@ -76,9 +76,21 @@ class Actuator:
             self._wake_started = self.clock.now()
         if target is not AccelState.ACTIVE:
             self._wake_started = None
-        if self._task is not None:
-            self._task.cancel()
-        self._task = asyncio.create_task(self._drive(target), name=f"actuate-{target.value}")
+        previous = self._task
+        if previous is not None:
+            previous.cancel()
+        eager: _Eager | None = None
+        if (target is AccelState.ACTIVE and (previous is None or previous.done())
+                and isinstance(self.driver, EagerAccelerator)):
+            # A wake is the latency-critical command: issue it now, from the decision itself,
+            # instead of after the rest of this loop iteration (drain, listeners) and a task
+            # hop. Only when no command is under way, so no superseded call can race it.
+            eager = _Eager(asyncio.get_running_loop().time())
+            try:
+                self.driver.request_now(target)
+            except Exception as exc:  # the drive task counts and retries it like any failure
+                eager.error = exc
+        self._task = asyncio.create_task(self._drive(target, eager), name=f"actuate-{target.value}")
 
     async def async_recover(self, action: Callable[[], Awaitable[None]], timeout_s: float) -> None:
         """Run a recovery action (rebind, rescan, rail cycle) with the drive loop stopped, so
@@ -123,7 +135,7 @@ class Actuator:
         if self._on_change is not None:
             self._on_change(state)
 
-    async def _drive(self, target: AccelState) -> None:
+    async def _drive(self, target: AccelState, eager: _Eager | None = None) -> None:
         cfg = self.config
         timeout_s = cfg.command_timeout_ms / 1000
         backoff_s = cfg.retry_backoff_ms / 1000
@@ -139,9 +151,14 @@ class Actuator:
         for attempt in range(cfg.retries + 1):
             started = loop.time()
             try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for adds a task hop to every wake.
-                async with asyncio.timeout(timeout_s):
-                    await self.driver.async_set_state(target)
+                if eager is not None:  # first attempt already issued by request()
+                    started, error, eager = eager.started, eager.error, None
+                    if error is not None:
+                        raise error
+                else:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for adds a task hop to every wake.
+                    async with asyncio.timeout(timeout_s):
+                        await self.driver.async_set_state(target)
                 if await self._await_readback(target, self.clock.wall_seconds(expected) * 2 + timeout_s):
                     for heard in self.transition_listeners:
                         heard(target, loop.time() - started)
@@ -182,3 +199,13 @@ class Actuator:
             if state is AccelState.UNKNOWN or loop.time() >= deadline:
                 return False
             await asyncio.sleep(self._poll_s)
+
+
+class _Eager:
+    """A first command issued synchronously by `Actuator.request` (EagerAccelerator)."""
+
+    __slots__ = ("error", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started  # loop.time() when it was issued: transition timing starts here
+        self.error: Exception | None = None

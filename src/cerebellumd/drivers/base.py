@@ -47,6 +47,17 @@ class RecoverableAccelerator(Protocol):
     async def async_recover(self, action: str) -> None: ...
 
 
+@runtime_checkable
+class EagerAccelerator(Protocol):
+    """Optional: a driver that can issue a command synchronously without blocking (a GPIO
+    line already requested, a frame into a non-blocking queue, a model). The actuator calls
+    `request_now` for a wake straight from the fast-path decision, skipping the task hop
+    before the first `async_set_state`; it raises DriverError like `async_set_state`, and
+    the result is still read back, with the usual retries on failure."""
+
+    def request_now(self, target: AccelState) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PowerReading:
     """Watts for one domain; `measured` False means an estimate (exported as source=model)."""
