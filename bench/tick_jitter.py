@@ -9,6 +9,7 @@ interval, duration and scheduling class, as the kernel's reference for this mach
 Lateness = time.monotonic() in the tick callback - the tick's absolute deadline.
 
     python bench/tick_jitter.py [--seconds S] [--load FRAMES_PER_S] [--json] [--quick]
+        [--fifo PRIO] [--uvloop] [--mlockall] [--gc-freeze] [--switch-interval-us US]
 """
 
 from __future__ import annotations
@@ -183,6 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fifo", type=int, default=0, metavar="PRIO",
                    help="run this process (and cyclictest) at SCHED_FIFO PRIO, as the daemon's "
                         "[realtime] sched_fifo_priority does; 0 = SCHED_OTHER")
+    p.add_argument("--mlockall", action="store_true",
+                   help="lock memory as the daemon's [realtime] mlockall does")
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="gc.freeze() start-up objects as the daemon's [realtime] gc_freeze does")
+    p.add_argument("--switch-interval-us", type=float, default=0.0,
+                   help="sys.setswitchinterval (GIL hand-over between the CAN reader thread and "
+                        "the loop; Python's default is 5000 us); 0 = leave the default")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="CI smoke: 3 s at 500 frames/s")
     a = p.parse_args(argv)
@@ -192,19 +200,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cerebellumd.daemon.realtime import install_event_loop_policy_if
 
         install_event_loop_policy_if(True)
-    if a.fifo:
+    if a.fifo or a.mlockall:
         from cerebellumd.daemon.realtime import apply_realtime
 
         # Before any thread exists: the scheduling policy is per thread, inherited at creation.
-        class Fifo:
+        class Settings:
             uvloop = False
             cpu_affinity: list[int] = []
             sched_fifo_priority = a.fifo
-            mlockall = False
+            mlockall = a.mlockall
             gc_freeze = False
 
-        for msg in apply_realtime(Fifo()):
+        for msg in apply_realtime(Settings()):
             print(msg, file=sys.stderr)
+    if a.gc_freeze:
+        from cerebellumd.daemon.realtime import freeze_gc_after_startup
+
+        # The daemon freezes after start-up; here the imports are the start-up.
+        print(freeze_gc_after_startup(), file=sys.stderr)
+    if a.switch_interval_us > 0:
+        sys.setswitchinterval(a.switch_interval_us / 1e6)
     r = asyncio.run(measure(a.seconds, a.load, a.period_ms / 1e3, a.hist_max_us, a.own_ingest,
                             a.fifo))
     if a.json:
