@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import can
 import cantools
@@ -135,3 +136,81 @@ def test_a_real_dbc_that_does_not_parse_is_reported_with_the_reason(tmp_path: Pa
     # cantools rejects a standard frame id wider than 11 bits even when not strict.
     with pytest.raises(ReplayError, match="more than 11 bits"):
         replay(log, dbc)
+
+
+# -- CAN NM in the replay ([nm] enabled) ------------------------------------------------------
+
+NM_TOML = """
+[signals.ignition]
+can = "BodyStatus.Ignition"
+max_age_ms = 1000
+
+[nm]
+enabled = true
+"""
+
+
+def _nm_drive(db: cantools.database.can.Database, ignition_off_at: float) -> list[can.Message]:
+    """ECU 0x12's NM PDU every 0.5 s and VehicleDynamics every 20 ms for 10 s, BodyStatus
+    (KL15 on until `ignition_off_at`) every 100 ms, then silence."""
+    dyn = db.get_message_by_name("VehicleDynamics")
+    body = db.get_message_by_name("BodyStatus")
+    out = [can.Message(timestamp=T0 + k * 0.5, arbitration_id=0x512, data=b"\x12\x00\xff\xff", is_extended_id=False)
+           for k in range(21)]
+    out += [can.Message(timestamp=T0 + k * 0.02 + 0.001, arbitration_id=dyn.frame_id, is_extended_id=False,
+                        data=dyn.encode({"VehicleSpeed": 30, "LongAccel": 0, "Gear": 3, "DynCounter": k % 16}))
+            for k in range(500)]
+    out += [can.Message(timestamp=T0 + k * 0.1 + 0.05, arbitration_id=body.frame_id, is_extended_id=False,
+                        data=body.encode({"BatteryVoltage": 12.6, "AmbientTemp": 20,
+                                          "Ignition": int(k * 0.1 + 0.05 < ignition_off_at)}))
+            for k in range(100)]
+    out.sort(key=lambda m: m.timestamp)
+    return out
+
+
+def _modes(result: dict[str, Any]) -> list[tuple[float, str]]:
+    return [(round(tr["t"], 3), tr["state"]) for tr in result["nm"]["transitions"]]
+
+
+def test_nm_transitions_and_bus_sleep_after_the_log_falls_silent(tmp_path: Path, vehicle_dbc: Path) -> None:
+    db = cantools.database.load_file(str(vehicle_dbc))
+    log = _write(tmp_path / "nm.log", _nm_drive(db, ignition_off_at=0.0))  # KL15 off throughout
+    config = parse_config(builtin_example() + NM_TOML.replace("[nm]", "[nm]\nignition_signal = \"ignition\""))
+    result = replay(log, vehicle_dbc, config)
+    assert _modes(result) == [
+        (0.0, "bus_sleep"),  # log start
+        (0.0, "repeat_message"),  # the first NM PDU validates the wake
+        (1.5, "ready_sleep"),  # repeat-message time over; nothing requests the network
+        (12.0, "prepare_bus_sleep"),  # last NM PDU at 10.0 + NM timeout 2.0 (traffic ended 9.981)
+        (14.0, "bus_sleep"),  # + wait-bus-sleep 2.0: after the log's end, as the silence goes on
+    ]
+    nm = result["nm"]
+    assert nm["bus_sleep_at"] == pytest.approx(14.0)
+    assert nm["final_state"] == "bus_sleep"
+    assert nm["pdus"] == 21 and nm["nodes"] == [0x12] and nm["malformed"] == 0
+    assert nm["wake_validations"] == {"validated": 1, "expired": 0}
+    assert result["nm"]["transitions"][1]["nodes"] == [0x12]
+    json.dumps(result)
+
+    # The same state machine as the daemon's log replay (daemon/nm_frames.py), event for event.
+    from cerebellumd.daemon.nm_frames import replay_nm_log
+
+    daemon_view = replay_nm_log(log, config.nm)
+    assert [(round(e.time - T0, 3), e.mode.value) for e in daemon_view.events] == _modes(result)
+
+    # Without [nm] there is no "nm" key.
+    assert "nm" not in replay(log, vehicle_dbc, parse_config(builtin_example()))
+
+
+def test_nm_ignition_from_the_log_holds_normal_operation(tmp_path: Path, vehicle_dbc: Path) -> None:
+    db = cantools.database.load_file(str(vehicle_dbc))
+    log = _write(tmp_path / "kl15.log", _nm_drive(db, ignition_off_at=6.0))
+    config = parse_config(builtin_example() + NM_TOML.replace("[nm]", "[nm]\nignition_signal = \"ignition\""))
+    modes = _modes(replay(log, vehicle_dbc, config))
+    # KL15 requests the network until the first frame after the 6.05 s BodyStatus said off.
+    assert modes[:3] == [(0.0, "bus_sleep"), (0.0, "repeat_message"), (1.5, "normal_operation")]
+    assert modes[3][1] == "ready_sleep" and 6.05 < modes[3][0] <= 6.1
+    assert modes[4:] == [(12.0, "prepare_bus_sleep"), (14.0, "bus_sleep")]
+    # Without the ignition signal the same log never reaches normal operation.
+    plain = _modes(replay(log, vehicle_dbc, parse_config(builtin_example() + NM_TOML)))
+    assert "normal_operation" not in {m for _, m in plain}

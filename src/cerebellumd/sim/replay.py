@@ -13,6 +13,15 @@ is the evaluator's `SimAccelerator` (model latencies). Counts, per frame:
 
 Without `--config` there is no policy: `wakes` is 0. With one, the config's signals whose
 `can = "Message.Signal"` exists in the DBC are fed (whatever their `bus`; a log is one bus).
+
+With `[nm] enabled = true` the log's frames (whatever their ID: any frame is bus activity)
+also step the daemon's CanNm (`policies/nm_replay.py`, the same replayer as
+`daemon/nm_frames.replay_nm_log`), and the JSON gets an `nm` object: its transitions (seconds
+from the first frame), when the bus went to sleep, PDUs, nodes and malformed NM frames. KL15
+comes from `nm.ignition_signal` when the DBC decodes it (fresh within its `max_age_ms`). After
+the last frame the NM timers run on until the network sleeps: a log that ends in silence shows
+when the bus would have slept. The replayed policy is not clamped by NM (the daemon's
+bus-sleep clamp) and the gateway's own network request (leases, demands) is not modelled.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ from cantools.database.can import Database, Message
 from ..config import Config, policy_params
 from ..policies.cerebellum import CerebellumFirst, PolicyState
 from ..policies.model import AccelState
+from ..policies.nm import NmMode
+from ..policies.nm_replay import NmFrameLayout, NmReplay, NmReplayer
 from ..policies.types import Inputs, Sample
 from ..profiles import load_profile
 from .evaluate import SimAccelerator
@@ -104,12 +115,53 @@ def _policy(config: Config, db: Database, t0: float) -> _Policy:
                    commanded=initial, last_step=t0)
 
 
+def _nm_replayer(config: Config | None) -> NmReplayer | None:
+    if config is None or not config.nm.enabled:
+        return None
+    return NmReplayer(config.nm.params(), NmFrameLayout.from_config(config.nm))
+
+
+def _ignition(config: Config, samples: Mapping[str, Sample], now: float) -> bool | None:
+    """KL15 as the daemon's NM service reads it: unknown without a fresh sample."""
+    name = config.nm.ignition_signal
+    sample = samples.get(name) if name is not None else None
+    spec = config.signals.get(name) if name is not None else None
+    if sample is None or spec is None or now - sample.time > spec.max_age_ms / 1000:
+        return None
+    return sample.value != 0
+
+
+def _nm_json(out: NmReplay, t0: float) -> dict[str, Any]:
+    def rel(t: float) -> float:
+        return round(t - t0, 6)
+
+    # The last entry into bus sleep from prepare-bus-sleep (not the log-start state).
+    sleeps = [e.time for e in out.events if e.mode is NmMode.BUS_SLEEP and e.reason != "log_start"]
+    return {
+        "transitions": [
+            {"t": rel(e.time), "state": e.mode.value, "reason": e.reason}
+            | ({"nodes": list(e.nodes)} if e.nodes else {})
+            for e in out.events
+        ],
+        "bus_sleep_at": rel(sleeps[-1]) if sleeps else None,
+        "final_state": out.final.mode.value if out.final is not None else None,
+        "pdus": out.nm_pdus,
+        "nodes": sorted(out.nodes),
+        "malformed": out.malformed,
+        "wake_validations": {
+            "validated": sum(e.wakeup_validated for e in out.events),
+            "expired": sum(e.wakeup_expired for e in out.events),
+        },
+    }
+
+
 def replay(log: str | Path, dbc: str | Path, config: Config | None = None) -> dict[str, Any]:
     db = load_replay_dbc(dbc)
     by_id: dict[tuple[int, bool], Message] = {(m.frame_id, m.is_extended_frame): m for m in db.messages}
     counts: Counter[str] = Counter()
     seen: set[str] = set()
     policy: _Policy | None = None
+    nm = _nm_replayer(config)
     first: float | None = None
     last: float | None = None
     try:
@@ -125,6 +177,11 @@ def replay(log: str | Path, dbc: str | Path, config: Config | None = None) -> di
         last = t
         if policy is not None:
             policy.step_until(t)
+        if nm is not None:
+            # Before this frame's samples: the daemon steps NM with what it knew at the tick.
+            if config is not None and policy is not None:
+                nm.ignition = _ignition(config, policy.samples, t)
+            nm.feed(msg)
         if msg.is_error_frame:
             counts["error_frames"] += 1
             continue
@@ -165,4 +222,6 @@ def replay(log: str | Path, dbc: str | Path, config: Config | None = None) -> di
         policy.accelerator.finish(last)
         result["accelerator_energy_j"] = round(policy.accelerator.energy_j, 3)
         result["fed_signals"] = sorted(ours for routes in policy.routes.values() for _, ours in routes)
+    if nm is not None:
+        result["nm"] = _nm_json(nm.finish(), first if first is not None else 0.0)
     return result
