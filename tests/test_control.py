@@ -64,3 +64,28 @@ def test_an_owner_refreshes_its_hold_and_the_store_is_bounded() -> None:
     assert not refused.ok and "too many holds" in (refused.error or "")
     # Expired holds free their places.
     assert proc.handle_payload(cmd(21, owner="later"), now=2000.0).ok
+
+
+def test_priority_ranks_a_command_as_a_lease_and_its_absence_as_an_operator() -> None:
+    from cerebellumd.daemon.control import is_lease_priority
+    from cerebellumd.daemon.leases import HOLD_PRIORITY, LeasePriority
+
+    proc = CommandProcessor(HoldStore(), rate_per_minute=1000)
+    got = {}
+    for i, (command, priority) in enumerate([
+        ("hold", "safety"), ("sleep", "normal"), ("wake", "power_saver"), ("hold", None), ("sleep", None),
+    ]):
+        extra = {"priority": priority} if priority is not None else {}
+        assert proc.handle_payload(cmd(i, owner=f"o{i}", command=command, **extra), now=0.0).ok
+    for h in proc.holds.active(0.0):
+        got[h.owner] = (h.mode, h.priority)
+    assert got == {
+        "o0": (HoldMode.AWAKE, HOLD_PRIORITY[LeasePriority.SAFETY]),
+        "o1": (HoldMode.SLEEP, HOLD_PRIORITY[LeasePriority.NORMAL]),
+        "o2": (HoldMode.AWAKE, HOLD_PRIORITY[LeasePriority.POWER_SAVER]),
+        "o3": (HoldMode.AWAKE, 2),  # operator holds sit below every lease, as before
+        "o4": (HoldMode.SLEEP, 1),
+    }
+    assert [is_lease_priority(p) for _, p in (got["o2"], got["o3"])] == [True, False]
+    bad = proc.handle_payload(cmd(9, priority="urgent"), now=0.0)
+    assert not bad.ok and "priority" in (bad.error or "")

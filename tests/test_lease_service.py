@@ -115,3 +115,39 @@ async def test_operator_override_defers_normal_leases_but_not_safety_ones(daemon
     assert overrides == 1
     await safety.close()
     await normal.close()
+
+
+def remote(daemon: Daemon, command: str, cid: str, priority: str, owner: str = "fleet_tool") -> None:
+    """A remote tool's command with a lease priority, through the processor MQTT uses."""
+    payload = {"command": command, "owner": owner, "id": cid, "ttl_s": 600, "priority": priority}
+    assert daemon.commands.handle_payload(json.dumps(payload), daemon.clock.now()).ok
+
+
+async def test_a_remote_tools_hold_takes_part_in_the_lease_priority_rule(daemon: Daemon) -> None:
+    path = daemon.config.leases.path
+    app = await App.connect(path)
+    assert (await app.ask(op="acquire", app="infotainment", ttl_s=60, priority="normal"))["ok"]
+    await until(lambda: daemon.actuator.goal is AccelState.ACTIVE)
+    # power_saver sleep < normal awake lease: the lease keeps it awake.
+    remote(daemon, "sleep", "p1", "power_saver")
+    await until(lambda: daemon.decisions > 0 and daemon.snapshot().reason == "hold:app:infotainment")
+    assert daemon.actuator.goal is AccelState.ACTIVE
+    # normal sleep ties the normal awake lease: awake wins the tie (fail-safe), whatever the
+    # order of the hold sources.
+    remote(daemon, "sleep", "p2", "normal")
+    before = daemon.decisions
+    await until(lambda: daemon.decisions > before + 5)
+    assert daemon.actuator.goal is AccelState.ACTIVE
+    assert daemon.snapshot().reason == "hold:app:infotainment"
+    # safety sleep beats the normal lease: the accelerator rests.
+    remote(daemon, "sleep", "p3", "safety")
+    await until(lambda: daemon.actuator.goal is not AccelState.ACTIVE)
+    assert any(h.owner == "fleet_tool" and h.priority == 300 for h in daemon.snapshot().holds)
+    # A lease-ranked hold is an app, not a manual override: no grace, no override counted.
+    assert (await app.ask(op="status")).get("override_grace_s", 0) == 0
+    assert (daemon.metrics.registry.get_sample_value("cerebellumd_lease_overrides_total") or 0) == 0
+    # Releasing the remote holds hands the decision back to the lease.
+    assert daemon.commands.handle_payload(
+        json.dumps({"command": "release", "owner": "fleet_tool", "id": "r1"}), daemon.clock.now()).ok
+    await until(lambda: daemon.actuator.goal is AccelState.ACTIVE)
+    await app.close()

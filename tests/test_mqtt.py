@@ -660,3 +660,37 @@ async def test_state_carries_watchdog_and_leases(broker: Broker, password_file: 
     assert body["watchdog"]["alarm"] is None and "phase" in body["watchdog"]
     assert [lease["app"] for lease in body["leases"]["leases"]] == ["lane_keeper"]
     assert {"state", "target", "reason", "holds", "wakes"} <= set(body)
+
+
+async def test_remote_tool_hold_with_priority_ranks_as_a_lease(broker: Broker, password_file: Path,
+                                                               tmp_path: Path) -> None:
+    """A remote tool's `sleep` over MQTT with priority `safety` beats an app's normal lease on
+    the Unix socket (the lease rule), shows its priority in the state, and starts no grace."""
+    sock = tmp_path / "leases.sock"
+    text = await asyncio.to_thread(daemon_config_text, broker.port, password_file)
+    config = await asyncio.to_thread(parse_config, text + f'\n[leases]\nenabled = true\npath = "{sock}"\n')
+    daemon = await Daemon.async_create(config)
+    await daemon.async_start()
+    try:
+        await asyncio.wait_for(bridge_of(daemon).connected.wait(), DEADLINE_S)
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        writer.write(b'{"op":"acquire","app":"infotainment","ttl_s":60,"priority":"normal"}\n')
+        await writer.drain()
+        assert json.loads(await reader.readline()).get("ok") is True
+        await until(lambda: daemon.snapshot().target.value == "active", "the lease to wake the accelerator")
+        async with Peer(broker.port, "operator") as tool:
+            await tool.subscribe(f"cerebellumd/{NODE}/#")
+            await tool.command(command="sleep", owner="fleet_tool", reason="depot", priority="safety", id="s1")
+            assert (await tool.response("s1"))["ok"] is True
+            rested = await tool.expect(STATE, lambda m: state_of(m)["target"] != "active")
+            await tool.command(command="sleep", owner="x", priority="urgent", id="bad")
+            bad = await tool.response("bad")
+        body = state_of(rested)
+        [mine] = [h for h in body["holds"] if h["owner"] == "fleet_tool"]
+        assert mine["mode"] == "sleep" and mine["priority"] == 300
+        assert bad["ok"] is False and "priority" in bad["error"]
+        assert (gauge(daemon, "cerebellumd_lease_overrides_total") or 0) == 0
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await daemon.async_stop()

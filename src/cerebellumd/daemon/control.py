@@ -11,8 +11,23 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..policies.types import Hold, HoldMode
+from .leases import HOLD_PRIORITY, LeasePriority
 
 DEFAULT_TTL_S = {"hold": 600.0, "wake": 30.0, "sleep": 300.0}
+#: Operator holds (no `priority`): below every lease, so a manual command does not silently
+#: undo a running app (the lease service's override grace handles that instead).
+OPERATOR_PRIORITY = {HoldMode.SLEEP: 1, HoldMode.AWAKE: 2}
+
+
+def hold_priority(mode: HoldMode, priority: LeasePriority | None) -> int:
+    """`Hold.priority` of a command: a lease's (daemon/leases.HOLD_PRIORITY) when the command
+    names a lease priority, else the operator priority."""
+    return OPERATOR_PRIORITY[mode] if priority is None else HOLD_PRIORITY[priority]
+
+
+def is_lease_priority(priority: int) -> bool:
+    """A hold ranked as a lease (a remote tool's), not as an operator's manual command."""
+    return priority >= min(HOLD_PRIORITY.values())
 MAX_PAYLOAD_BYTES = 4096
 
 
@@ -26,6 +41,9 @@ class Command(BaseModel):
     reason: str = Field("", max_length=200, description="Why (shown in state and decision reasons).")
     ttl_s: float | None = Field(None, gt=0, le=86400, description="Expiry in seconds.")
     id: str = Field(..., min_length=1, max_length=64, description="Command id, echoed in the response.")
+    priority: LeasePriority | None = Field(
+        None, description="safety | normal | power_saver: the hold ranks as a Unix-socket lease of "
+        "that priority (a remote tool). Absent: an operator hold, below every lease.")
 
 
 @dataclass(frozen=True)
@@ -138,7 +156,7 @@ class CommandProcessor:
             try:
                 self.holds.add(Hold(
                     id=f"{cmd.owner}:{mode.value}", owner=cmd.owner, reason=cmd.reason or cmd.command,
-                    mode=mode, expires_at=now + ttl, priority=1 if cmd.command == "sleep" else 2,
+                    mode=mode, expires_at=now + ttl, priority=hold_priority(mode, cmd.priority),
                 ), now)
             except HoldLimitError as exc:
                 return self._remember_result(CommandResult(cmd.id, False, str(exc)))

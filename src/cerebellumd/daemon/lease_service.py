@@ -7,6 +7,8 @@
   top of the policy's (the highest-priority hold decides). Operator holds from MQTT/CLI have
   priorities 1-2, below every lease: an operator does not silently undo a running app; instead
   each operator command starts the override grace, during which only safety leases count.
+  A command with a `priority` (a remote tool's hold, docs/mqtt.md) ranks as a lease of that
+  priority instead and, like a lease, starts no grace.
 - Operator commands are seen where they land, in the daemon's HoldStore: a hold that appears,
   or one that disappears before its expiry (a `release`), is a manual override.
 - Lease expiry uses the daemon's clock, the same clock the policy compares `expires_at` with.
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter, Gauge
 
 from ..policies.types import Hold
+from .control import is_lease_priority
 from .leases import HOLD_PRIORITY, LeasePriority, LeaseServer
 
 if TYPE_CHECKING:
@@ -75,7 +78,8 @@ class LeaseService:
         return self.server.holds(now)
 
     def _notice_operator(self, now: float) -> None:
-        current = {h.id: h for h in self.daemon.holds.active(now)}
+        # Lease-ranked holds from remote tools are apps, not manual overrides: no grace.
+        current = {h.id: h for h in self.daemon.holds.active(now) if not is_lease_priority(h.priority)}
         added = [h for hid, h in current.items() if hid not in self._operator]
         removed = [h for hid, h in self._operator.items() if hid not in current and h.expires_at > now]
         self._operator = current

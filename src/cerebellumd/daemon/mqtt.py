@@ -94,7 +94,7 @@ def state_payload(snap: Snapshot, extra: Mapping[str, Any] | None = None) -> byt
         "joules": {k: round(v, 3) for k, v in snap.joules.items()},
         "holds": [
             {"id": h.id, "owner": h.owner, "reason": h.reason, "mode": h.mode.value,
-             "expires_in_s": round(max(0.0, h.expires_at - snap.time), 3)}
+             "expires_in_s": round(max(0.0, h.expires_at - snap.time), 3), "priority": h.priority}
             for h in snap.holds
         ],
         "wakes": snap.wakes,

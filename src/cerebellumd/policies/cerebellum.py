@@ -161,8 +161,12 @@ class CerebellumFirst:
     def step(self, state: PolicyState, inputs: Inputs, now: float) -> tuple[PolicyState, Decision]:
         p = self.params
         ev = self._evaluate(state, inputs, now)
+        # Highest priority decides; at equal priority awake beats sleep (fail-safe, the lease
+        # rule), whatever order the hold sources (operator store, leases) listed them in.
         holds = sorted(
-            (h for h in inputs.holds if h.expires_at > now), key=lambda h: h.priority, reverse=True
+            (h for h in inputs.holds if h.expires_at > now),
+            key=lambda h: (h.priority, h.mode is HoldMode.AWAKE),
+            reverse=True,
         )
         top_hold: Hold | None = holds[0] if holds else None
         sleep_hold = top_hold is not None and top_hold.mode is HoldMode.SLEEP
