@@ -135,3 +135,18 @@ def test_schema_command_describes_every_field() -> None:
         for name, prop in model.get("properties", {}).items():
             assert prop.get("description"), f"{model['title']}.{name} has no description"
     assert "class" in defs["DemandConfig"]["properties"]
+
+
+def test_bad_nm_and_power_config_reports_each_issue_once() -> None:
+    text = DEMO + (
+        '\n[nm]\nenabled = true\nbus = "nope"\nignition_signal = "ghost"\nbattery_signal = "ghost_v"\n'
+        '\n[power.rails]\nboard = "jetson_orin_nano"\n'  # rails mapped, but no rail sensor given
+    )
+    found = [(i.key, i.message) for i in issues(text)]
+    assert len(found) == len(set(found)), found  # nothing reported twice
+    keys = [k for k, _ in found]
+    for key in ("nm.bus", "nm.ignition_signal", "nm.battery_signal"):
+        assert keys.count(key) == 1, found
+    rails = [m for k, m in found if k == "power.rail_sensors"]
+    assert rails and len(rails) == len(set(rails))
+    assert any("unknown bus 'nope'" in m for _, m in found)

@@ -482,7 +482,6 @@ def semantic_issues(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
         if isinstance(link, dict) and link.get("port") != config.mcu.port:
             issues.append((("accelerator", "options", "link", "port"),
                            f"differs from [mcu] port {config.mcu.port!r}: one serial port has one link"))
-    issues += _power_and_nm_issues(config)
     return issues
 
 
