@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import can
 import cantools
@@ -128,9 +128,9 @@ class CanIngest:
                 lo, hi = -math.inf, math.inf
             per_message[message].append((signal, ours, lo, hi))
         routes: dict[tuple[int, bool], _Route] = {}
-        for message in db.messages:
-            routes[(message.frame_id, message.is_extended_frame)] = _Route(
-                message, tuple(per_message.get(message.name, ())))
+        for dbc_message in db.messages:
+            routes[(dbc_message.frame_id, dbc_message.is_extended_frame)] = _Route(
+                dbc_message, tuple(per_message.get(dbc_message.name, ())))
         return routes
 
     @property
@@ -252,7 +252,8 @@ class CanIngest:
             if not route.wanted:
                 continue
             try:
-                values = route.message.decode(msg.data, decode_choices=False)
+                # Plain decode (no multiplexer container) returns a dict of numbers.
+                values = cast(Mapping[str, Any], route.message.decode(msg.data, decode_choices=False))  # type: ignore[arg-type]
             except Exception:  # cantools raises several types for bad frames; all are bad input
                 self._count_error("decode")
                 continue

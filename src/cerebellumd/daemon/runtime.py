@@ -189,7 +189,7 @@ class Daemon:
         for bus in cfg.can:
             db = await asyncio.to_thread(load_dbc, bus.dbc, bus.dbc_strict)
             wanted = {
-                tuple(s.can.split(".", 1)): name  # type: ignore[union-attr]
+                tuple(s.can.split(".", 1)): name
                 for name, s in cfg.signals.items()
                 if s.can and (s.bus or cfg.can[0].name) == bus.name
             }
