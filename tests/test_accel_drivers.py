@@ -19,7 +19,7 @@ from cerebellumd.drivers.accel_command import CommandAccelerator
 from cerebellumd.drivers.accel_gpio import GpioAccelerator, GpioOptions, LineId
 from cerebellumd.drivers.accel_mcu import McuAccelerator, McuPowerSensor
 from cerebellumd.drivers.accel_pcie import PcieRuntimePmAccelerator, PcieRuntimePmOptions
-from cerebellumd.drivers.base import AcceleratorDriver, DriverError
+from cerebellumd.drivers.base import AcceleratorDriver, DriverError, RecoverableAccelerator
 from cerebellumd.drivers.mcu_emulator import McuEmulator
 from cerebellumd.drivers.mcu_link import McuLink, McuLinkOptions
 from cerebellumd.policies.model import AccelState
@@ -433,3 +433,129 @@ async def test_mcu_accelerator_owns_its_link_from_options(tmp_path: Path) -> Non
         await emu.stop()
     with pytest.raises(ValueError, match="link"):
         McuAccelerator({})
+
+
+# -- recovery rungs (RecoverableAccelerator) ---------------------------------------------------
+
+
+async def test_gpio_rail_cycle_goes_down_waits_and_comes_back() -> None:
+    fake = FakeLineRequest(17, 27, pg_lag_reads=1)
+    accel = GpioAccelerator(GpioOptions(enable_line=17, power_good_line=27, rail_off_ms=30, poll_interval_ms=1),
+                            opener=lambda o: fake)
+    assert isinstance(accel, RecoverableAccelerator)
+    assert accel.recovery_actions() == {"rail_cycle"}
+    await accel.async_open()
+    await accel.async_set_state(AccelState.IDLE)
+    assert await accel.async_read_state() is AccelState.IDLE
+    fake.writes.clear()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await accel.async_recover("rail_cycle")
+    assert loop.time() - started >= 0.03  # the rail stayed down for rail_off_ms
+    assert fake.writes == [(17, Value.INACTIVE), (17, Value.ACTIVE)]
+    assert fake.values[27] is Value.ACTIVE  # power-good followed before it returned
+    assert await accel.async_read_state() is AccelState.ACTIVE  # the watchdog wanted a wake
+    assert accel.counters["rail_cycles"] == 1
+    with pytest.raises(DriverError, match="rebind"):
+        await accel.async_recover("rebind")
+    # A rail whose power-good never comes back is a failed step, not a hang.
+    fake.pg_broken = True
+    fake.values[27] = Value.INACTIVE
+    broken = GpioAccelerator(GpioOptions(enable_line=17, power_good_line=27, rail_off_ms=1,
+                                         power_good_timeout_ms=50, poll_interval_ms=1), opener=lambda o: fake)
+    await broken.async_open()
+    with pytest.raises(DriverError, match="power-good"):
+        await broken.async_recover("rail_cycle")
+    assert broken.counters["rail_cycles"] == 0
+
+
+def read(path: Path) -> str:
+    return path.read_text().strip()
+
+
+async def sysfs(path: Path) -> str:
+    """A sysfs file's value, read off the event loop."""
+    return await asyncio.to_thread(read, path)
+
+
+class FakeDriverCore:
+    """The driver-core half of sysfs for FakeKernel's device: drivers/<name>/{bind,unbind} and
+    the device's `driver` link, in a thread of its own."""
+
+    def __init__(self, kernel: FakeKernel, name: str = "npu") -> None:
+        self.kernel = kernel
+        self.root = kernel.root.parent / "drivers"
+        self.dir = self.root / name
+        self.dir.mkdir(parents=True)
+        for f in ("bind", "unbind"):
+            (self.dir / f).write_text("")
+        self.events: list[str] = []
+        self.link(True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def link(self, bound: bool) -> None:
+        link = self.kernel.device / "driver"
+        if bound and self.kernel.device.is_dir() and not link.is_symlink():
+            link.symlink_to(self.dir)
+        elif not bound and link.is_symlink():
+            link.unlink()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            for op in ("bind", "unbind"):
+                f = self.dir / op
+                if f.read_text().strip() == ADDR:
+                    f.write_text("")
+                    self.events.append(op)
+                    self.link(op == "bind")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def test_pcie_rebind_unbinds_and_binds_the_same_driver(kernel: FakeKernel) -> None:
+    core = await asyncio.to_thread(FakeDriverCore, kernel)
+    try:
+        accel = PcieRuntimePmAccelerator(PcieRuntimePmOptions(address=ADDR, root=kernel.root,
+                                                              drivers_root=core.root))
+        assert isinstance(accel, RecoverableAccelerator)
+        assert accel.recovery_actions() == {"rebind", "pci_rescan"}
+        await accel.async_set_state(AccelState.SLEEP)
+        await accel.async_recover("rebind")
+        assert core.events == ["unbind", "bind"]
+        assert await asyncio.to_thread(os.readlink, kernel.device / "driver") == str(core.dir)
+        assert accel.counters["rebinds"] == 1
+        # It ends awake: power/control back to "on", and the device resumes.
+        assert await sysfs(kernel.device / "power" / "control") == "on"
+        await wait_until(lambda: read(kernel.device / "power" / "runtime_status") == "active")
+        assert await accel.async_read_state() is AccelState.ACTIVE
+        # Nothing bound and no driver_name: there is nothing to bind.
+        await asyncio.to_thread(core.link, False)
+        with pytest.raises(DriverError, match="driver_name"):
+            await accel.async_recover("rebind")
+        named = PcieRuntimePmAccelerator(PcieRuntimePmOptions(address=ADDR, root=kernel.root,
+                                                              drivers_root=core.root, driver_name="npu"))
+        await named.async_recover("rebind")
+        assert core.events[-1] == "bind" and await asyncio.to_thread((kernel.device / "driver").is_symlink)
+        with pytest.raises(DriverError, match="rail_cycle"):
+            await named.async_recover("rail_cycle")
+    finally:
+        core.stop()
+
+
+async def test_pcie_rescan_removes_and_brings_the_device_back_awake(kernel: FakeKernel) -> None:
+    # No allow_remove: `off` stays refused, but the watchdog's rescan is still possible.
+    accel = PcieRuntimePmAccelerator(PcieRuntimePmOptions(address=ADDR, root=kernel.root))
+    await accel.async_set_state(AccelState.SLEEP)
+    await asyncio.to_thread((kernel.device / "power" / "control").write_text, "auto\n")
+    await accel.async_recover("pci_rescan")
+    assert (accel.counters["removes"], accel.counters["rescans"]) == (1, 1)
+    assert await asyncio.to_thread(kernel.device.is_dir)
+    assert await sysfs(kernel.device / "power" / "control") == "on"
+    await wait_until(lambda: read(kernel.device / "power" / "runtime_status") == "active")
+    assert await accel.async_read_state() is AccelState.ACTIVE
+    with pytest.raises(DriverError, match="allow_remove"):
+        await accel.async_set_state(AccelState.OFF)

@@ -8,6 +8,11 @@ from the enable line when there is none) and labels it with the last commanded s
 class, so a commanded `idle` reads back `idle` while the rail is up, and `off` or `sleep`
 reads back as commanded while it is down. The power itself is always read from hardware.
 
+Recovery (`RecoverableAccelerator`): `rail_cycle` only (nothing to rebind on a bare rail):
+enable off, power-good low (when wired), `rail_off_ms` down so the module discharges, enable
+on, the reset pulse when `reset_after_power_on`, power-good high. It returns once the rail is
+back; the wake watchdog reads the state back as usual.
+
 The gpiod calls sit behind a small seam (`LineRequestLike` and `RequestOpener`) so that tests
 can inject a fake request object; everything else is the real code path. gpiod calls are
 ioctls on the chip fd: they run in a worker thread.
@@ -47,6 +52,8 @@ class GpioOptions(BaseModel):
     power_good_timeout_ms: int = Field(
         500, gt=0, description="How long power-good may take to follow the enable line.")
     poll_interval_ms: int = Field(5, gt=0, description="Power-good polling period.")
+    rail_off_ms: int = Field(
+        500, gt=0, description="How long the rail stays off in a rail cycle (watchdog recovery).")
     initial_enable: bool | None = Field(
         None, description="Drive the enable line to this at open; None keeps its current level.")
     consumer: str = Field("cerebellumd", description="Consumer name shown by gpioinfo.")
@@ -121,7 +128,7 @@ class GpioAccelerator:
         self._unpowered_label = AccelState.OFF
         self._lock = asyncio.Lock()
         self.counters: dict[str, int] = dict.fromkeys(
-            ("switch_on", "switch_off", "resets", "power_good_timeouts"), 0)
+            ("switch_on", "switch_off", "resets", "power_good_timeouts", "rail_cycles"), 0)
 
     async def async_open(self) -> None:
         if self._request is not None:
@@ -159,6 +166,30 @@ class GpioAccelerator:
             else:
                 self._unpowered_label = target
             await self._wait_power_good(request, powered)
+
+    def recovery_actions(self) -> frozenset[str]:
+        return frozenset({"rail_cycle"})
+
+    async def async_recover(self, action: str) -> None:
+        """The watchdog's rail cycle (DriverError for any other action)."""
+        if action != "rail_cycle":
+            raise DriverError(f"GPIO accelerator cannot {action}: a bare rail only cycles")
+        async with self._lock:
+            request = self._req()
+            enable = self.options.enable_line
+            await self._set(request, enable, Value.INACTIVE)
+            self.counters["switch_off"] += 1
+            await self._wait_power_good(request, False)
+            # The rail must stay down long enough to discharge: that is the point here.
+            await asyncio.sleep(self.options.rail_off_ms / 1000)
+            await self._set(request, enable, Value.ACTIVE)
+            self.counters["switch_on"] += 1
+            if self.options.reset_after_power_on:
+                await self._pulse_reset(request)
+            # The watchdog cycles the rail to get a wake through: powered reads back active.
+            self._powered_label = AccelState.ACTIVE
+            await self._wait_power_good(request, True)
+            self.counters["rail_cycles"] += 1
 
     async def async_reset(self) -> None:
         """Pulse the reset line (DriverError when none is configured)."""

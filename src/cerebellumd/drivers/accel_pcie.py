@@ -11,6 +11,13 @@
   power is then the slot's/driver's business). Any powered state after `off` rescans the bus
   (write 1 to `/sys/bus/pci/rescan`) and waits for the device to come back.
 
+Recovery (`RecoverableAccelerator`, via `pci_sysfs.PciDevice`): `rebind` unbinds the bound
+driver and binds it again (or `driver_name` when none is bound); `pci_rescan` removes the device
+and rescans the bus (whatever `allow_remove` says: that option is about `off` as a commanded
+state, while a rescan is the watchdog's step for a wake that did not come through). Both end
+with `power/control` = "on", as a wake wants, and return once the device is back; the watchdog
+reads the state back as usual.
+
 `async_read_state`: device directory missing → off; runtime_status active → active/idle,
 suspended → sleep, suspending → suspending, resuming → waking, anything else → unknown.
 All sysfs I/O runs in a worker thread; waits poll with a deadline.
@@ -28,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..policies.model import AccelState
 from .base import DriverError
+from .pci_sysfs import PciDevice, wait_for
 
 _STATUS_TO_STATE = {
     "suspended": AccelState.SLEEP,
@@ -52,6 +60,9 @@ class PcieRuntimePmOptions(BaseModel):
     settle_timeout_ms: int = Field(
         3000, gt=0, description="How long runtime_status may take to reach the target.")
     poll_interval_ms: int = Field(10, gt=0, description="Status polling period.")
+    drivers_root: Path = Field(Path("/sys/bus/pci/drivers"), description="PCI drivers directory (rebind).")
+    driver_name: str | None = Field(
+        None, description="Driver to bind in a rebind when none is bound (default: the bound one).")
 
 
 class PcieRuntimePmAccelerator:
@@ -66,10 +77,11 @@ class PcieRuntimePmAccelerator:
         )
         self.device = self.options.root / self.options.address
         self.rescan_path = self.options.rescan_path or self.options.root.parent / "rescan"
+        self.pci = PciDevice(self.options.address, self.options.root, self.options.drivers_root, self.rescan_path)
         self._running_label = AccelState.ACTIVE
         self._lock = asyncio.Lock()
         self.counters: dict[str, int] = dict.fromkeys(
-            ("control_writes", "removes", "rescans", "settle_timeouts"), 0)
+            ("control_writes", "removes", "rescans", "settle_timeouts", "rebinds"), 0)
 
     async def async_open(self) -> None:
         """Check the device (or, with allow_remove, the rescan file) is there."""
@@ -107,6 +119,42 @@ class PcieRuntimePmAccelerator:
         if status == "active":
             return self._running_label
         return _STATUS_TO_STATE.get(status, AccelState.UNKNOWN)
+
+    # -- recovery (wake watchdog) ---------------------------------------------------------------
+
+    def recovery_actions(self) -> frozenset[str]:
+        return frozenset({"rebind", "pci_rescan"})
+
+    async def async_recover(self, action: str) -> None:
+        async with self._lock:
+            settle = self.options.settle_timeout_ms / 1000
+            poll = self.options.poll_interval_ms / 1000
+            pci = self.pci
+            if action == "rebind":
+                driver = await asyncio.to_thread(pci.bound_driver) or self.options.driver_name
+                if driver is None:
+                    raise DriverError(f"cannot rebind {pci.address}: no driver bound and no driver_name")
+                await asyncio.to_thread(pci.unbind)
+                await wait_for(lambda: pci.bound_driver() is None, settle, poll, f"{pci.address} unbound")
+                await asyncio.to_thread(pci.bind, driver)
+                await wait_for(lambda: pci.bound_driver() is not None, settle, poll,
+                               f"{pci.address} bound to {driver}")
+                self.counters["rebinds"] += 1
+            elif action == "pci_rescan":
+                if await asyncio.to_thread(pci.present):
+                    await asyncio.to_thread(pci.remove)
+                    self.counters["removes"] += 1
+                    await wait_for(lambda: not pci.present(), settle, poll, f"{pci.address} removed")
+                await asyncio.to_thread(pci.rescan_bus)
+                self.counters["rescans"] += 1
+                await wait_for(lambda: (pci.path / "power" / "control").exists(), settle, poll,
+                               f"{pci.address} present after rescan")
+            else:
+                raise DriverError(f"PCIe runtime PM accelerator cannot {action}")
+            # A new device or driver starts with whatever runtime-PM default the kernel gives
+            # it; the watchdog recovers a wake, so forbid runtime suspend again.
+            await self._write_control("on")
+            self._running_label = AccelState.ACTIVE
 
     # -- steps ---------------------------------------------------------------------------------
 
