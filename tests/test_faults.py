@@ -332,12 +332,12 @@ async def test_readback_mismatch_is_counted_and_retried() -> None:
         rig.values["AdasStatus"]["CollisionRisk"] = 1
         await until(lambda: rig.failures("readback") >= 1, what="readback failure")
         await until(lambda: rig.failures("gave_up") >= 2, what="kept trying after giving up once")
-        # Retried, never assumed awake (the simulated driver cannot wake *from* unknown: those
-        # retries fail as driver errors, which are counted too).
+        # Retried (a wake from unknown is costed as a cold start), never assumed awake: the
+        # read-back only ever shows the failed state or the next attempt under way.
         assert rig.driver.commands.count(AccelState.ACTIVE) >= 6
         assert rig.failures("readback") + rig.failures("error") >= 6
-        assert rig.daemon.actuator.state is AccelState.UNKNOWN
-        assert rig.metric("cerebellumd_accelerator_state", state="unknown") == 1
+        assert rig.daemon.actuator.state in (AccelState.UNKNOWN, AccelState.WAKING)
+        assert rig.metric("cerebellumd_accelerator_state", state="active") == 0
 
 
 # -- policy guards ---------------------------------------------------------------------------
