@@ -5,7 +5,6 @@ and a failed eager command is counted and retried through `async_set_state`."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import ClassVar
 
 from cerebellumd.config import AcceleratorConfig
@@ -15,6 +14,8 @@ from cerebellumd.daemon.metrics import Metrics
 from cerebellumd.drivers.base import DriverError, EagerAccelerator
 from cerebellumd.policies.model import AccelState
 from cerebellumd.profiles import load_profile
+
+from .helpers import until
 
 
 class EagerDriver:
@@ -48,13 +49,6 @@ class EagerDriver:
         return None
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.002)
 
 
 async def make(driver: EagerDriver, retries: int = 2) -> tuple[Actuator, Metrics]:

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from .helpers import free_port
+
 paho = pytest.importorskip("paho.mqtt.client")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,10 +32,6 @@ pytestmark = pytest.mark.skipif(
     reason="mosquitto / mosquitto_passwd not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rewrite_conf(text: str, tmp: Path, port: int) -> str:

@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from cerebellumd.drivers.accel_simulated import SimulatedAccelerator, SimulatedO
 from cerebellumd.policies.model import AccelState
 from cerebellumd.profiles import load_profile
 from tests.test_persist import sample
+
+from .helpers import free_port, until
 
 DEMO_TEXT = builtin_example()
 DB = load_dbc("builtin:vehicle.dbc")
@@ -50,13 +52,6 @@ def defaults() -> dict[str, dict[str, float]]:
     }
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"{what}: not met within {timeout} s")
-        await asyncio.sleep(0.005)
 
 
 class Rig:
@@ -391,10 +386,6 @@ async def test_guards_deny_normal_wakes_but_not_critical(message: str, signal: s
 # -- MQTT ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Broker:

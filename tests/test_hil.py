@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from .helpers import free_port
+
 # Standing 3 s, up to 90 km/h, steady until 40 s, down and standing: with seed 1 the event model
 # puts one highway event at 22-40 s (and its precursor before it).
 CYCLE = "time_s,speed_kmh\n" + "".join(
@@ -28,10 +30,6 @@ CYCLE = "time_s,speed_kmh\n" + "".join(
 SPEEDUP = 4.0
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
 
 import can
 import pytest
@@ -19,6 +18,8 @@ from cerebellumd.drivers.accel_simulated import SimulatedAccelerator
 from cerebellumd.policies.model import AccelState
 from cerebellumd.profiles import load_profile
 
+from .helpers import until
+
 _channels = itertools.count()
 DB = load_dbc("builtin:vehicle.dbc")
 DEMO_TEXT = builtin_example()
@@ -28,13 +29,6 @@ def channel() -> str:
     return f"test-ingest-{next(_channels)}"
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.005)
 
 
 def make_ingest(ch: str, sink, **cfg: object) -> tuple[CanIngest, Metrics]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 
 from cerebellumd.config import Config, parse_config
 from cerebellumd.daemon.lifecycle import Lifecycle
@@ -14,14 +13,7 @@ from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.policies.escalation import Phase
 from cerebellumd.policies.model import AccelState
 
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.005)
+from .helpers import until
 
 
 def toml(failure_probability: float, escalation: str) -> str:

@@ -28,6 +28,8 @@ from cerebellumd.config import builtin_example, parse_config
 from cerebellumd.daemon.mqtt import MqttBridge
 from cerebellumd.daemon.runtime import Daemon
 
+from .helpers import free_port
+
 PASSWORDS = {"cerebellumd": "daemon-secret", "operator": "operator-secret", "viewer": "viewer-secret"}
 DEADLINE_S = 15.0
 POLL_S = 0.02  # poll interval of the deadline loops below
@@ -61,10 +63,6 @@ pytestmark = pytest.mark.skipif(
     reason="mosquitto / mosquitto_passwd not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the broker ------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,7 @@ from cerebellumd.config import Config, parse_config
 from cerebellumd.daemon.persist import SCHEMA_VERSION, Persistence, StateFileError, Totals, read_totals, write_atomic
 from cerebellumd.daemon.runtime import Daemon
 
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.005)
+from .helpers import until
 
 
 def minimal_toml(state_file: Path | None, *, interval_s: float = 0.1, extra: str = "") -> str:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import can
@@ -21,6 +19,8 @@ from cerebellumd.drivers.accel_mcu import McuAccelerator
 from cerebellumd.drivers.mcu_emulator import McuEmulator
 from cerebellumd.drivers.someip import build_notification
 
+from .helpers import until
+
 BASE = """
 [daemon]
 initial_state = "idle"
@@ -32,12 +32,6 @@ min_dwell_ms = 0
 """
 
 
-async def until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def metric(daemon: Daemon, name: str, **labels: str) -> float:
