@@ -28,7 +28,9 @@ from typing import Any
 # a neighbouring group so a concurrently running demo or test on the default group does not
 # mix its frames into the measurement.
 BENCH_GROUP = "239.74.163.7"
-BENCH_PORT = 43117
+# Per process: two benches running at once on a shared machine (a CI smoke run next to a
+# measurement) would otherwise count each other's frames. The sender gets the port via --port.
+BENCH_PORT = 44000 + os.getpid() % 1000
 CRITICAL_MESSAGE = "AdasStatus"
 CRITICAL_SIGNAL = "CollisionRisk"  # the demo config's `collision` critical demand
 
