@@ -46,17 +46,6 @@ class CoralAccelerator(PciBackend):
         self._running = AccelState.ACTIVE
         self._down = AccelState.OFF  # label of "rail cut": sleep when sleep was commanded as a cut
 
-    def _driver_name(self) -> str:
-        return self.options.driver_name
-
-    def _settle_s(self) -> float:
-        return self.options.settle_timeout_ms / 1000
-
-    async def async_open(self) -> None:
-        await self._open_rail()
-        if not await asyncio.to_thread(self.pci.present) and self.rail is None:
-            raise DriverError(f"PCI device {self.pci.path} not found (and no rail to power it)")
-
     async def async_close(self) -> None:
         await self._close_rail()
 

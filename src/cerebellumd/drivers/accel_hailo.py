@@ -45,6 +45,8 @@ class PciBackendOptions(BaseModel):
     rail: GpioOptions | None = Field(None, description="Enable line of the module's rail (for off and rail_cycle).")
     rail_off_ms: int = Field(500, gt=0, description="How long the rail stays off in a rail cycle.")
     poll_interval_ms: int = Field(10, gt=0, description="Read-back polling period.")
+    driver_name: str = Field(..., description="Kernel driver to bind.")
+    settle_timeout_ms: int = Field(3000, gt=0, description="How long a rescan, bind or power state may take.")
 
     def pci(self) -> PciDevice:
         return PciDevice(self.address, self.root, self.drivers_root, self.rescan_path)
@@ -70,9 +72,11 @@ class PciBackend:
     def recovery_actions(self) -> frozenset[str]:
         return frozenset({"rebind", "pci_rescan", *(("rail_cycle",) if self.rail is not None else ())})
 
-    async def _open_rail(self) -> None:
+    async def async_open(self) -> None:
         if self.rail is not None:
             await self.rail.async_open()
+        if not await asyncio.to_thread(self.pci.present) and self.rail is None:
+            raise DriverError(f"PCI device {self.pci.path} not found (and no rail to power it)")
 
     async def _close_rail(self) -> None:
         if self.rail is not None:
@@ -140,10 +144,10 @@ class PciBackend:
                        f"{self.pci.address} removed")
 
     def _driver_name(self) -> str:
-        raise NotImplementedError
+        return self._base.driver_name
 
     def _settle_s(self) -> float:
-        raise NotImplementedError
+        return self._base.settle_timeout_ms / 1000
 
 
 class HailoAccelerator(PciBackend):
@@ -155,17 +159,6 @@ class HailoAccelerator(PciBackend):
         super().__init__(self.options, rail_opener)
         self._fd: int | None = None
         self._running = AccelState.ACTIVE
-
-    def _driver_name(self) -> str:
-        return self.options.driver_name
-
-    def _settle_s(self) -> float:
-        return self.options.settle_timeout_ms / 1000
-
-    async def async_open(self) -> None:
-        await self._open_rail()
-        if not await asyncio.to_thread(self.pci.present) and self.rail is None:
-            raise DriverError(f"PCI device {self.pci.path} not found")
 
     async def async_close(self) -> None:
         await self._release()
