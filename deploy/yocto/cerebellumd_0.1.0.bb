@@ -39,6 +39,7 @@ RDEPENDS:${PN} += " \
     python3-pydantic \
     python3-rich \
     python3-sdnotify \
+    python3-numpy \
 "
 # GPIO accelerator control (libgpiod v2 bindings) and uvloop are optional extras.
 RRECOMMENDS:${PN} += "python3-gpiod python3-uvloop can-utils iproute2"
