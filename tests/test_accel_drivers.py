@@ -176,10 +176,18 @@ class FakeKernel:
         self.rescan.write_text("0\n")
 
     def make_device(self) -> None:
-        (self.device / "power").mkdir(parents=True, exist_ok=True)
-        (self.device / "power" / "control").write_text("on\n")
-        (self.device / "power" / "runtime_status").write_text("active\n")
-        (self.device / "remove").write_text("0\n")
+        # Built aside and renamed into place: the device appears whole, as the kernel's does
+        # (a driver that sees a half-made directory could write control before we do).
+        staging = self.root / f".new-{ADDR}"
+        (staging / "power").mkdir(parents=True, exist_ok=True)
+        (staging / "power" / "control").write_text("on\n")
+        (staging / "power" / "runtime_status").write_text("active\n")
+        (staging / "remove").write_text("0\n")
+        if self.device.exists():
+            for p in sorted(self.device.rglob("*"), reverse=True):
+                p.rmdir() if p.is_dir() else p.unlink()
+            self.device.rmdir()
+        staging.rename(self.device)
 
     def start(self) -> None:
         self._thread.start()
