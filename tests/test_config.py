@@ -150,3 +150,9 @@ def test_bad_nm_and_power_config_reports_each_issue_once() -> None:
     rails = [m for k, m in found if k == "power.rail_sensors"]
     assert rails and len(rails) == len(set(rails))
     assert any("unknown bus 'nope'" in m for _, m in found)
+
+
+def test_expression_python_only_warns_about_is_rejected() -> None:
+    text = broken('when = "collision_risk == 1"', 'when = "collision_risk == 1and gear"')
+    [issue] = issues(text)
+    assert issue.key == "demands[0].when" and "does not parse" in issue.message

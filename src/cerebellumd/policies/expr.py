@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -64,7 +65,13 @@ def compile_expression(source: str, known_names: frozenset[str] | None = None) -
     if len(source) > MAX_EXPRESSION_LENGTH:
         raise ExpressionError(f"expression longer than {MAX_EXPRESSION_LENGTH} characters")
     try:
-        tree = ast.parse(source.strip(), mode="eval")
+        with warnings.catch_warnings():
+            # What Python only warns about (`1and x`: "invalid decimal literal") is an error in
+            # a demand: ambiguous text must not reach a car's wake logic.
+            warnings.simplefilter("error", SyntaxWarning)
+            tree = ast.parse(source.strip(), mode="eval")
+    except SyntaxWarning as exc:
+        raise ExpressionError(f"does not parse: {exc}") from None
     except SyntaxError as exc:
         raise ExpressionError(f"does not parse: {exc.msg}", exc.offset) from None
     if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
