@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from prometheus_client import Counter, Gauge
 from ..policies.types import Hold
 from .control import is_lease_priority
 from .leases import HOLD_PRIORITY, LeasePriority, LeaseServer
+from .tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from .runtime import Daemon
@@ -59,11 +59,8 @@ class LeaseService:
         log.info("lease socket on %s", self.daemon.config.leases.path)
 
     async def async_stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+        watch, self._watch = self._watch, None
+        await cancel_and_wait(watch)
         await self.server.close()
 
     async def _watch_changes(self) -> None:

@@ -26,6 +26,7 @@ from prometheus_client import Counter
 
 from ..config import MqttConfig
 from .control import CommandResult
+from .tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from .runtime import Daemon, Snapshot
@@ -250,9 +251,7 @@ class MqttBridge:
             await asyncio.wait_for(asyncio.shield(task), STOP_TIMEOUT_S)
         except TimeoutError:
             log.warning("mqtt: clean stop took longer than %.0f s; dropping the connection", STOP_TIMEOUT_S)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         self._set_connected(False)
 
     def _new_client(self) -> aiomqtt.Client:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import math
 import time
@@ -32,6 +31,7 @@ from ..drivers.base import PowerSensor
 from ..drivers.hwmon import HwmonSensor
 from ..drivers.mcu_link import McuLink
 from ..policies.rails import DomainPower, RailMap, domain_power, integrate_trapezoid
+from .tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from .runtime import Daemon
@@ -98,11 +98,8 @@ class RailPower:
         self._task = asyncio.create_task(self._run(), name="rail-power")
 
     async def async_stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -23,7 +23,6 @@ settings come from `[mcu]`, see config.py) and the driver opens and closes it; o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -42,6 +41,7 @@ from ..drivers.mcu_protocol import ERROR_KINDS as MCU_PARSER_ERRORS
 from ..drivers.mcu_protocol import Heartbeat, Message, Readings, SleepRequest, StatusFlags, WakeRequest
 from ..drivers.someip import ERROR_KINDS as SOMEIP_DECODE_ERRORS
 from ..drivers.someip import SomeIpReceiver
+from .tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from .clock import Clock
@@ -186,11 +186,8 @@ class PowerReaders:
             self._task = asyncio.create_task(self._run(), name="power-readers")
 
     async def async_stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
