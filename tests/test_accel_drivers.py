@@ -5,11 +5,12 @@ kernel), external commands (real scripts), companion MCU (emulator on a pty)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import glob
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,10 @@ from cerebellumd.drivers.mcu_emulator import McuEmulator
 from cerebellumd.drivers.mcu_link import McuLink, McuLinkOptions
 from cerebellumd.policies.model import AccelState
 
+from .helpers import until
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.005)
+# The conditions here settle within seconds: a tighter deadline than the shared default.
+wait_until = functools.partial(until, timeout=5.0)
 
 
 # -- GPIO ----------------------------------------------------------------------------------------

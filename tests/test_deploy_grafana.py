@@ -4,7 +4,6 @@ promtool."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -15,19 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-
-def _sibling(name: str) -> Any:
-    """Import a sibling test module by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_{name}", Path(__file__).with_name(f"{name}.py"))
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_prom = _sibling("test_deploy_prometheus")
-contract_metrics = _prom.contract_metrics
-used_metrics = _prom.used_metrics
+from .test_deploy_prometheus import contract_metrics, used_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 GRAFANA = REPO / "deploy" / "grafana"

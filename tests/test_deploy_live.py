@@ -5,7 +5,6 @@ demo is a bug in the dashboard or in the exporter."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import signal
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from . import test_deploy_grafana as _grafana
 from .helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,15 +46,6 @@ pytestmark = [
 ]
 
 
-def _sibling(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"_{name}", Path(__file__).with_name(f"{name}.py"))
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_grafana = _sibling("test_deploy_grafana")
 
 
 

@@ -3,8 +3,8 @@ pyserial, the emulator drives the master)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+import functools
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,15 +24,10 @@ from cerebellumd.drivers.mcu_protocol import (
     encode,
 )
 
+from .helpers import until
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll with a deadline (the conditions here have no event of their own)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.005)
+# The conditions here settle within seconds: a tighter deadline than the shared default.
+wait_until = functools.partial(until, timeout=5.0)
 
 
 @pytest.fixture
