@@ -15,7 +15,7 @@ import time
 from cerebellumd.config import builtin_example, parse_config, policy_params
 from cerebellumd.policies.baselines import AlwaysOn, Timeout
 from cerebellumd.policies.cerebellum import CerebellumFirst
-from cerebellumd.policies.model import AccelState
+from cerebellumd.accel import AccelState
 from cerebellumd.profiles import load_profile
 from cerebellumd.sim import evaluate as ev
 from cerebellumd.sim.cycles import load_cycle

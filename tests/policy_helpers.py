@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from cerebellumd.accel import AcceleratorModel, AccelState, Transition
 from cerebellumd.policies.expr import compile_expression
-from cerebellumd.policies.model import AcceleratorModel, AccelState, Transition
 from cerebellumd.policies.types import DemandClass, DemandSpec, OnStale, PolicyParams, Sample, SignalSpec
 
 SIGNALS = ("crit", "norm", "ant", "battery")

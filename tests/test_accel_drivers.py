@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from gpiod.line import Value
 
+from cerebellumd.accel import AccelState
 from cerebellumd.drivers.accel_command import CommandAccelerator
 from cerebellumd.drivers.accel_gpio import GpioAccelerator, GpioOptions, LineId
 from cerebellumd.drivers.accel_mcu import McuAccelerator, McuPowerSensor
@@ -23,7 +24,6 @@ from cerebellumd.drivers.accel_pcie import PcieRuntimePmAccelerator, PcieRuntime
 from cerebellumd.drivers.base import AcceleratorDriver, DriverError, RecoverableAccelerator
 from cerebellumd.drivers.mcu_emulator import McuEmulator
 from cerebellumd.drivers.mcu_link import McuLink, McuLinkOptions
-from cerebellumd.policies.model import AccelState
 
 from .helpers import until
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 from typing import ClassVar
 
+from cerebellumd.accel import AccelState
 from cerebellumd.config import AcceleratorConfig
 from cerebellumd.daemon.actuator import Actuator
 from cerebellumd.daemon.clock import Clock
 from cerebellumd.daemon.metrics import Metrics
 from cerebellumd.drivers.base import DriverError, EagerAccelerator
-from cerebellumd.policies.model import AccelState
 from cerebellumd.profiles import load_profile
 
 from .helpers import until

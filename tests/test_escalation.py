@@ -8,20 +8,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from cerebellumd.accel import AccelState
+from cerebellumd.config.escalation import EscalationConfig, RungConfig
 from cerebellumd.policies.escalation import (
     DEFAULT_LADDERS,
     SEVERITY,
     Action,
-    EscalationConfig,
     Ladder,
     LadderSpec,
     LadderState,
     Phase,
     Rung,
-    RungConfig,
     RungSpec,
 )
-from cerebellumd.policies.model import AccelState
 
 FULL = LadderSpec(
     "test", 1.0,

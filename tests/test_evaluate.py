@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from cerebellumd.accel import AccelState
 from cerebellumd.config import builtin_example, parse_config
-from cerebellumd.policies.model import AccelState
 from cerebellumd.profiles import load_profile
 from cerebellumd.sim.cycles import load_cycle, parse_cycle
 from cerebellumd.sim.evaluate import (

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cerebellumd.accel import AccelState
 from cerebellumd.policies.flapping import TimelinePoint, flap_figures, wake_cycles
-from cerebellumd.policies.model import AccelState
 
 ACT, IDLE, SLP, OFF = AccelState.ACTIVE, AccelState.IDLE, AccelState.SLEEP, AccelState.OFF
 

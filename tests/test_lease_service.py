@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from cerebellumd.accel import AccelState
 from cerebellumd.config import Config, parse_config
 from cerebellumd.daemon.lease_service import LeaseService
 from cerebellumd.daemon.runtime import Daemon
-from cerebellumd.policies.model import AccelState
 
 from .helpers import until
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from cerebellumd.accel import AcceleratorModel, AccelState
 from cerebellumd.daemon.leases import (
     HOLD_PRIORITY,
     LeaseConfig,
@@ -26,7 +27,6 @@ from cerebellumd.daemon.leases import (
     LeaseServerError,
 )
 from cerebellumd.policies.cerebellum import CerebellumFirst
-from cerebellumd.policies.model import AcceleratorModel, AccelState
 from cerebellumd.policies.types import HoldMode, Inputs, PolicyParams
 from cerebellumd.profiles import load_profile
 

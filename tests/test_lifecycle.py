@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+from cerebellumd.accel import AccelState
 from cerebellumd.config import Config, parse_config
 from cerebellumd.daemon.lifecycle import Lifecycle
 from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.policies.escalation import Phase
-from cerebellumd.policies.model import AccelState
 
 from .helpers import until
 

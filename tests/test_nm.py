@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from cerebellumd.config.nm import NmConfig
 from cerebellumd.daemon.nm_frames import (
     NmFrameError,
     NmFrameLayout,
@@ -23,7 +24,6 @@ from cerebellumd.daemon.nm_frames import (
 from cerebellumd.policies.nm import (
     CBV_REPEAT_MESSAGE_REQUEST,
     CanNm,
-    NmConfig,
     NmInputs,
     NmMode,
     NmParams,

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator, Callable
 
 import can
 
+from cerebellumd.accel import AccelState
 from cerebellumd.config import builtin_example, parse_config
 from cerebellumd.daemon.clock import Clock
 from cerebellumd.daemon.nm_service import NmService
 from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.drivers.accel_simulated import SimulatedAccelerator
-from cerebellumd.policies.model import AccelState
 from cerebellumd.policies.nm import NmMode
 from cerebellumd.profiles import load_profile
 from tests.test_faults import DB, REAL_BUS, defaults, until

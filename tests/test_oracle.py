@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cerebellumd.accel import AccelState
 from cerebellumd.config import builtin_example, parse_config
-from cerebellumd.policies.model import AccelState
 from cerebellumd.policies.oracle import need_intervals, plan
 from cerebellumd.profiles import load_profile
 from cerebellumd.sim.cycles import load_cycle

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cerebellumd.accel import AccelState
 from cerebellumd.policies.baselines import AlwaysOn, Timeout
 from cerebellumd.policies.cerebellum import CerebellumFirst, PolicyState
-from cerebellumd.policies.model import AccelState
 from cerebellumd.policies.types import Decision, Guards, Hold, HoldMode, Inputs
 
 from .policy_helpers import model, params, samples

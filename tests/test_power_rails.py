@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from cerebellumd.accel import AccelState
 from cerebellumd.config import builtin_example, parse_config
 from cerebellumd.daemon.clock import Clock
 from cerebellumd.daemon.power import RailPower
 from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.daemon.sources import PowerReaders
 from cerebellumd.drivers.accel_simulated import SimulatedAccelerator
-from cerebellumd.policies.model import AccelState
 from cerebellumd.profiles import load_profile
 from tests.test_faults import until
 from tests.test_persist import sample

@@ -10,11 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from cerebellumd.config.rails import RailMapConfig
 from cerebellumd.policies.rails import (
     BUILTIN_RAIL_MAPS,
     RailGroup,
     RailMap,
-    RailMapConfig,
     domain_power,
     integrate_trapezoid,
 )

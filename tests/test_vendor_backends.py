@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from gpiod.line import Value
 
+from cerebellumd.accel import AccelState
 from cerebellumd.drivers import registry
 from cerebellumd.drivers.accel_coral import CoralAccelerator, CoralOptions
 from cerebellumd.drivers.accel_gpio import GpioOptions
@@ -23,7 +24,6 @@ from cerebellumd.drivers.accel_hailo import HailoAccelerator, HailoOptions
 from cerebellumd.drivers.accel_jetson import JetsonAccelerator, JetsonOptions
 from cerebellumd.drivers.base import AcceleratorDriver, DriverError, RecoverableAccelerator
 from cerebellumd.drivers.pci_sysfs import holders
-from cerebellumd.policies.model import AccelState
 
 from .test_accel_drivers import FakeLineRequest
 

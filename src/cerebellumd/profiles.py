@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .policies.model import RESTING_STATES, AcceleratorModel, AccelState, Transition
+from .accel import RESTING_STATES, AcceleratorModel, AccelState, Transition
 
 
 class ProfileError(ValueError):

@@ -8,9 +8,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from ..accel import RESTING_STATES, AcceleratorModel, AccelState
 from ..config import AcceleratorConfig
 from ..drivers.base import AcceleratorDriver, EagerAccelerator
-from ..policies.model import RESTING_STATES, AcceleratorModel, AccelState
 from .clock import Clock
 from .metrics import Metrics
 

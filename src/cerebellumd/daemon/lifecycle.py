@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from ..accel import AccelState
 from ..drivers.base import RecoverableAccelerator
 from ..policies.escalation import Action, Ladder, LadderState, Phase, Rung
 from ..policies.flapping import TimelinePoint, flap_figures
-from ..policies.model import AccelState
 from ..policies.types import HoldMode
 from .metrics import LATENCY_BUCKETS
 

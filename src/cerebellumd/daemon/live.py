@@ -8,7 +8,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ..policies.model import AccelState
+from ..accel import AccelState
 from .runtime import Snapshot
 
 _STATE_STYLE = {

@@ -14,7 +14,8 @@ from os import PathLike
 
 import can
 
-from ..policies.nm import NmConfig, NmInputs, NmPdu
+from ..config.nm import NmConfig
+from ..policies.nm import NmInputs, NmPdu
 from ..policies.nm_replay import (
     NmEvent,
     NmFrameError,
@@ -98,7 +99,7 @@ def replay_nm_log(
     return replay_nm(
         read_log(path),
         config.params(),
-        NmFrameLayout.from_config(config),
+        config.layout(),
         ignition=ignition,
         local_request=local_request,
         until=until,

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import can
 from prometheus_client import Counter, Gauge
 
-from ..policies.model import AccelState
+from ..accel import AccelState
 from ..policies.nm import CanNm, NmDecision, NmMode, NmState
 from ..policies.types import HoldMode
 from .ingest import FrameTap
 from .lease_service import LeaseService
-from .nm_frames import NmFrameLayout, NmInputCollector, encode_nm_frame
+from .nm_frames import NmInputCollector, encode_nm_frame
 
 if TYPE_CHECKING:
     from .runtime import Daemon
@@ -49,7 +49,7 @@ class NmService:
         self.daemon = daemon
         cfg = self.config = daemon.config.nm
         self.nm = CanNm(cfg.params())
-        self.layout = NmFrameLayout.from_config(cfg)
+        self.layout = cfg.layout()
         self.collector = NmInputCollector(self.layout)
         self.bus = cfg.bus or daemon.config.can[0].name
         self.state: NmState | None = None

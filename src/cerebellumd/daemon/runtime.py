@@ -12,11 +12,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..accel import AcceleratorModel, AccelState
 from ..config import Config, load_config, policy_params
 from ..drivers import registry
 from ..drivers.base import AcceleratorDriver
 from ..policies.cerebellum import CerebellumFirst, PolicyState
-from ..policies.model import AcceleratorModel, AccelState
 from ..policies.types import DemandClass, Hold, Inputs, Sample
 from ..profiles import load_profile
 from .actuator import Actuator

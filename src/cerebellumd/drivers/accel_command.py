@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..policies.model import AccelState
+from ..accel import AccelState
 from .base import DriverError
 
 _LOG = logging.getLogger(__name__)

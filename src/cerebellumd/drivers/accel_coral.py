@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from ..policies.model import AccelState
+from ..accel import AccelState
 from .accel_gpio import RequestOpener, open_gpiod_request
 from .accel_hailo import PciBackend, PciBackendOptions
 from .base import DriverError

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Protocol
 from gpiod.line import Direction, Value
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..policies.model import AccelState
+from ..accel import AccelState
 from .base import DriverError
 
 LineId = int | str

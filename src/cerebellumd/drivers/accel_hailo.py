@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..policies.model import AccelState
+from ..accel import AccelState
 from .accel_gpio import GpioAccelerator, GpioOptions, RequestOpener, open_gpiod_request
 from .base import DriverError
 from .pci_sysfs import PciDevice, holders, wait_for

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..policies.model import AccelState
+from ..accel import AccelState
 from .base import DriverError
 
 _TAIL = 300

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..policies.model import AccelState
+from ..accel import AccelState
 from .base import DriverError, PowerReading
 from .mcu_link import McuLink, McuLinkOptions
 from .mcu_protocol import Message, Readings

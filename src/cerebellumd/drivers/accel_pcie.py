@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..policies.model import AccelState
+from ..accel import AccelState
 from .base import DriverError
 from .pci_sysfs import PciDevice, wait_for
 

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..policies.model import RESTING_STATES, AcceleratorModel, AccelState
+from ..accel import RESTING_STATES, AcceleratorModel, AccelState
 from .base import DriverError
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from ..policies.model import AccelState
+from ..accel import AccelState
 
 
 class DriverError(Exception):

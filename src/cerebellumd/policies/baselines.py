@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..accel import AcceleratorModel, AccelState
 from .cerebellum import CerebellumFirst, PolicyState
-from .model import AcceleratorModel, AccelState
 from .types import Decision, Inputs, PolicyParams
 
 

@@ -12,8 +12,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from ..accel import RESTING_STATES, AcceleratorModel, AccelState
 from .expr import Value
-from .model import RESTING_STATES, AcceleratorModel, AccelState
 from .types import (
     Decision,
     DemandClass,

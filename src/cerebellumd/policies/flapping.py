@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
-from .model import AccelState
+from ..accel import AccelState
 
 _HOUR_S = 3600.0
 AWAKE_STATES: frozenset[AccelState] = frozenset({AccelState.ACTIVE})

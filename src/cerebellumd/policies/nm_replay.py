@@ -8,7 +8,7 @@ followed.
 
 AUTOSAR CanNm PDU layout (defaults): byte 0 = source node id, byte 1 = control bit vector
 (bit 0 repeat-message request, bit 4 active wakeup, ...); user data follows. Both positions are
-configurable (`NmConfig.source_byte` / `control_byte`), and the node id may instead come from
+configurable (`[nm] source_byte` / `control_byte`), and the node id may instead come from
 the CAN ID bits outside `nm_id_mask` (OEMs that put it there).
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .nm import CanNm, NmConfig, NmDecision, NmInputs, NmMode, NmParams, NmPdu, NmState
+from .nm import CanNm, NmDecision, NmInputs, NmMode, NmParams, NmPdu, NmState
 
 _MAX_TIMER_STEPS = 100_000  # a bound on timer steps between two frames (never reached)
 
@@ -49,10 +49,6 @@ class NmFrameLayout:
     id_mask: int = 0x700
     source_byte: int | None = 0
     control_byte: int | None = 1
-
-    @classmethod
-    def from_config(cls, config: NmConfig) -> NmFrameLayout:
-        return cls(config.nm_id_base, config.nm_id_mask, config.source_byte, config.control_byte)
 
     def is_nm_id(self, arbitration_id: int) -> bool:
         return (arbitration_id & self.id_mask) == (self.id_base & self.id_mask)

@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .model import RESTING_STATES, AcceleratorModel, AccelState
+from ..accel import RESTING_STATES, AcceleratorModel, AccelState
 
 #: Resting choices in a gap, active first so that ties keep the accelerator awake (fewer cycles).
 _CHOICES: tuple[AccelState, ...] = (AccelState.ACTIVE, AccelState.IDLE, AccelState.SLEEP, AccelState.OFF)

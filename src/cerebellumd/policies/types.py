@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from ..accel import AccelState
 from .expr import Expression
-from .model import AccelState
 
 
 class DemandClass(StrEnum):

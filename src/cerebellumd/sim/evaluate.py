@@ -34,12 +34,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..accel import AcceleratorModel, AccelState, Transition
 from ..config import Config, policy_params
 from ..policies.baselines import AlwaysOn, Timeout
 from ..policies.cerebellum import CerebellumFirst, PolicyState
 from ..policies.escalation import DEFAULT_LADDERS, LadderSpec
 from ..policies.flapping import TimelinePoint, flap_figures
-from ..policies.model import AcceleratorModel, AccelState, Transition
 from ..policies.oracle import need_intervals, plan
 from ..policies.types import Decision, Inputs, PolicyParams, Sample
 from ..profiles import load_profile

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt
 
-from ..policies.model import AccelState
+from ..accel import AccelState
 from .evaluate import PolicyRun
 from .events import EventKind, Scenario
 

@@ -37,11 +37,11 @@ import can
 import cantools
 from cantools.database.can import Database, Message
 
+from ..accel import AccelState
 from ..config import Config, policy_params
 from ..policies.cerebellum import CerebellumFirst, PolicyState
-from ..policies.model import AccelState
 from ..policies.nm import NmMode
-from ..policies.nm_replay import NmFrameLayout, NmReplay, NmReplayer
+from ..policies.nm_replay import NmReplay, NmReplayer
 from ..policies.types import Inputs, Sample
 from ..profiles import load_profile
 from .evaluate import SimAccelerator
@@ -118,7 +118,7 @@ def _policy(config: Config, db: Database, t0: float) -> _Policy:
 def _nm_replayer(config: Config | None) -> NmReplayer | None:
     if config is None or not config.nm.enabled:
         return None
-    return NmReplayer(config.nm.params(), NmFrameLayout.from_config(config.nm))
+    return NmReplayer(config.nm.params(), config.nm.layout())
 
 
 def _ignition(config: Config, samples: Mapping[str, Sample], now: float) -> bool | None:

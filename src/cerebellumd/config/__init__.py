@@ -22,14 +22,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .drivers.mcu_link import McuLinkOptions
-from .drivers.someip import SomeIpOptions
-from .policies.escalation import EscalationConfig
-from .policies.expr import ExpressionError, compile_expression
-from .policies.model import AccelState
-from .policies.nm import NmConfig
-from .policies.rails import RailMapConfig
-from .policies.types import (
+from ..accel import AccelState
+from ..drivers.mcu_link import McuLinkOptions
+from ..drivers.someip import SomeIpOptions
+from ..policies.expr import ExpressionError, compile_expression
+from ..policies.types import (
     DemandClass,
     DemandSpec,
     Guards,
@@ -37,6 +34,9 @@ from .policies.types import (
     PolicyParams,
     SignalSpec,
 )
+from .escalation import EscalationConfig
+from .nm import NmConfig
+from .rails import RailMapConfig
 
 PositiveMs = Annotated[int, Field(gt=0)]
 
@@ -412,7 +412,7 @@ def builtin_example(name: str = "demo.toml") -> str:
 
 def semantic_issues(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
     """Checks across sections: expressions, signal and bus references, driver names."""
-    from .drivers.registry import known_names  # drivers sit below config; avoids a cycle at import
+    from ..drivers.registry import known_names  # drivers sit below config; avoids a cycle at import
 
     issues: list[tuple[tuple[str | int, ...], str]] = []
     names = frozenset(config.signals)
@@ -462,7 +462,7 @@ def semantic_issues(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
     for i, bus in enumerate(config.can):
         if bus.interface not in known_names("can"):
             issues.append((("can", i, "interface"), f"unknown python-can interface {bus.interface!r}"))
-    from .profiles import ProfileError, load_profile
+    from ..profiles import ProfileError, load_profile
 
     try:
         load_profile(config.accelerator.profile)
@@ -487,8 +487,8 @@ def semantic_issues(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
 
 def _sensor_issues(config: Config, i: int, d: DomainConfig) -> list[tuple[tuple[str | int, ...], str]]:
     """A measured domain's sensor options must build its driver (hwmon) or find the MCU."""
-    from .drivers.accel_mcu import McuPowerSensorOptions
-    from .drivers.hwmon import HwmonOptions
+    from ..drivers.accel_mcu import McuPowerSensorOptions
+    from ..drivers.hwmon import HwmonOptions
 
     where: tuple[str | int, ...] = ("power", "domains", i)
     try:
