@@ -422,7 +422,7 @@ async def test_mqtt_broker_absent_killed_restarted(tmp_path: Path) -> None:
     extra = (f"\n[mqtt]\nenabled = true\nport = {broker.port}\nreconnect_max_s = 0.3\n"
              "publish_interval_ms = 100\nkeepalive_s = 5\n")
     rig = await make_rig(extra=extra)
-    bridge = next(s for s in rig.daemon.services if type(s).__name__ == "MqttBridge")
+    bridge = next(s for s in rig.daemon.parts if type(s).__name__ == "MqttBridge")
     topics = bridge.topics  # type: ignore[attr-defined]
     try:
         d = rig.daemon

@@ -84,7 +84,7 @@ async def test_an_awake_lease_keeps_the_accelerator_active_and_shows_everywhere(
     assert snap.reason == "hold:app:lane_assist"
     assert [h.owner for h in snap.holds] == ["app:lane_assist"]
     await until(lambda: holds_gauge(daemon) == 1)
-    service = next(s for s in daemon.services if isinstance(s, LeaseService))
+    service = next(s for s in daemon.parts if isinstance(s, LeaseService))
     assert service.state_extra()["leases"]["leases"][0]["app"] == "lane_assist"
     # the app goes away without releasing: its lease goes with its connection
     await app.close()

@@ -36,7 +36,7 @@ async def make(failure_probability: float, escalation: str, scale: float = 10.0)
 
 
 def lifecycle(daemon: Daemon) -> Lifecycle:
-    return next(s for s in daemon.services if isinstance(s, Lifecycle))
+    return next(s for s in daemon.parts if isinstance(s, Lifecycle))
 
 
 def sample(daemon: Daemon, name: str, labels: dict[str, str] | None = None) -> float:

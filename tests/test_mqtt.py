@@ -263,7 +263,7 @@ async def daemons(password_file: Path) -> AsyncIterator[Daemons]:
 
 
 def bridge_of(daemon: Daemon) -> MqttBridge:
-    return next(s for s in daemon.services if isinstance(s, MqttBridge))
+    return next(s for s in daemon.parts if isinstance(s, MqttBridge))
 
 
 async def until(condition: Callable[[], bool], what: str, within_s: float = DEADLINE_S) -> None:

@@ -93,10 +93,10 @@ async def rig(extra: str = "", nm: str = NM_TOML) -> AsyncIterator[tuple[Daemon,
     model = await asyncio.to_thread(load_profile, "orin_nano")
     driver = SimulatedAccelerator(model, initial=AccelState.SLEEP, time_scale=50.0)
     daemon = await Daemon.async_create(config, clock=Clock(), driver=driver, model=model)
-    service = next(s for s in daemon.services if isinstance(s, NmService))
     vehicle = Vehicle(ch)
     vehicle.start()
     await daemon.async_start()
+    service = next(s for s in daemon.parts if isinstance(s, NmService))
     try:
         yield daemon, service, vehicle, ch
     finally:
@@ -230,5 +230,5 @@ async def test_active_node_transmits_only_while_the_bus_is_awake() -> None:
 async def test_without_nm_nothing_attaches() -> None:
     config = await asyncio.to_thread(parse_config, DEMO_TEXT)
     daemon = await Daemon.async_create(config)
-    assert not any(isinstance(s, NmService) for s in daemon.services)
-    assert daemon.frame_taps == {}
+    assert not any(isinstance(s, NmService) for s in daemon.parts)
+    assert daemon.assembly.nm is None

@@ -34,7 +34,7 @@ async def make_daemon(state_file: Path | None, **kwargs: object) -> Daemon:
 
 
 def persistence(daemon: Daemon) -> Persistence:
-    return next(s for s in daemon.services if isinstance(s, Persistence))
+    return next(s for s in daemon.parts if isinstance(s, Persistence))
 
 
 def sample(registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None) -> float | None:
@@ -166,7 +166,7 @@ async def test_write_failure_is_counted_not_fatal(tmp_path: Path) -> None:
 
 async def test_no_state_file_means_no_persistence_service(tmp_path: Path) -> None:
     daemon = await make_daemon(None)
-    assert not any(isinstance(s, Persistence) for s in daemon.services)
+    assert not any(isinstance(s, Persistence) for s in daemon.parts)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -13,7 +13,7 @@ import pytest
 from cerebellumd.accel import AccelState
 from cerebellumd.config import builtin_example, parse_config
 from cerebellumd.daemon.clock import Clock
-from cerebellumd.daemon.power import RailPower
+from cerebellumd.daemon.power import RailPower, build_rail_sensor
 from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.daemon.sources import PowerReaders
 from cerebellumd.drivers.accel_simulated import SimulatedAccelerator
@@ -62,7 +62,16 @@ async def make_daemon(tmp_path: Path) -> Daemon:
 
 
 def rail_service(daemon: Daemon) -> RailPower:
-    return next(s for s in daemon.services if isinstance(s, RailPower))
+    return next(s for s in daemon.parts if isinstance(s, RailPower))
+
+
+def rail_part(daemon: Daemon) -> RailPower:
+    """The part as the assembly builds it, not started: its readings are the test's own."""
+    power = daemon.config.power
+    assert power.rails is not None
+    rail_map = power.rails.rail_map()
+    sensors = {rail: build_rail_sensor(power.rail_sensors[rail], None) for rail in rail_map.rails()}
+    return RailPower(rail_map, sensors, power.rail_interval_ms / 1000, metrics=daemon.metrics, energy=daemon)
 
 
 def integral(history: list[tuple[float, dict[str, float]]], domain: str) -> float:
@@ -75,12 +84,12 @@ def integral(history: list[tuple[float, dict[str, float]]], domain: str) -> floa
 
 async def test_rail_map_counts_each_watt_once_and_integrates(tmp_path: Path) -> None:
     daemon = await make_daemon(tmp_path)
-    service = rail_service(daemon)
-    # The rail-fed domains get no sensor of their own (that would read them twice).
-    assert not any(isinstance(s, PowerReaders) for s in daemon.services)
-    assert {"accelerator", "soc", "module_other"} <= daemon.self_integrated
     await daemon.async_start()
     try:
+        service = rail_service(daemon)
+        # The rail-fed domains get no sensor of their own (that would read them twice).
+        assert not any(isinstance(s, PowerReaders) for s in daemon.parts)
+        assert {"accelerator", "soc", "module_other"} <= daemon.ledger.self_integrated
         await until(lambda: service.reads >= 5, 10, "rail readings")
         watts = service.watts
         assert watts == pytest.approx({"accelerator": 4.0, "soc": 3.0, "module_other": 3.0})
@@ -117,7 +126,7 @@ async def test_rail_map_counts_each_watt_once_and_integrates(tmp_path: Path) -> 
 
 async def test_overdrawn_group_is_flagged_and_counted(tmp_path: Path) -> None:
     daemon = await make_daemon(tmp_path)
-    service = rail_service(daemon)
+    service = rail_part(daemon)
     # Parts (4 W + 6 W) above the 5 W total: a sensor or map error, flagged; remainder clamped at 0.
     bad = dict(RAILS)
     bad[1], bad[3] = ("VDD_IN", 5000, 1000), ("VDD_SOC", 5000, 1200)
@@ -131,7 +140,7 @@ async def test_overdrawn_group_is_flagged_and_counted(tmp_path: Path) -> None:
 
 async def test_missing_rail_is_counted_and_not_integrated(tmp_path: Path) -> None:
     daemon = await make_daemon(tmp_path)
-    service = rail_service(daemon)
+    service = rail_part(daemon)
     await service.read_once()
     await asyncio.to_thread((tmp_path / "hwmon" / "hwmon3" / "curr3_input").unlink)
     power = await service.read_once()

@@ -229,7 +229,7 @@ async def test_daemon_warns_at_start_about_writable_config(tmp_path: Path, caplo
         assert sample(registry, "cerebellumd_insecure_files", {"kind": "config_file"}) == 1
         assert sample(registry, "cerebellumd_insecure_files", {"kind": "state_dir"}) == 0
         assert any("writable by group and others" in r.getMessage() for r in caplog.records)
-        assert next(s for s in daemon.services if isinstance(s, FileCheck)).findings
+        assert next(s for s in daemon.parts if isinstance(s, FileCheck)).findings
     finally:
         await daemon.async_stop()
 

@@ -68,7 +68,7 @@ async def test_someip_fields_become_signals_and_bad_datagrams_are_counted() -> N
     daemon = await Daemon.async_create(await asyncio.to_thread(parse_config, BASE + SOMEIP))
     await daemon.async_start()
     try:
-        source = next(s for s in daemon.services if isinstance(s, SomeIpSource))
+        source = next(s for s in daemon.parts if isinstance(s, SomeIpSource))
         address = source.receiver.local_address
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(build_notification(0x1234, 0x8001, (550).to_bytes(2, "big")), address)
@@ -121,7 +121,7 @@ async def test_mcu_readings_and_requests_feed_signals_and_silence_makes_them_sta
     daemon = await Daemon.async_create(await asyncio.to_thread(parse_config, text))
     await daemon.async_start()
     try:
-        source = next(s for s in daemon.services if isinstance(s, McuSource))
+        source = next(s for s in daemon.parts if isinstance(s, McuSource))
         if driver == "mcu":
             # One port, one link: the driver's link is the one the signals come from.
             assert isinstance(daemon.driver, McuAccelerator)
@@ -141,7 +141,7 @@ async def test_mcu_readings_and_requests_feed_signals_and_silence_makes_them_sta
         assert metric(daemon, "cerebellumd_mcu_connects_total") == 1
         if driver == "mcu":
             # The rail followed the policy through the same link, and its power was measured.
-            await until(lambda: daemon.power_sources["accelerator"]() == 0.0, what="rail off measured")
+            await until(lambda: daemon.ledger.reading("accelerator") == 0.0, what="rail off measured")
             assert metric(daemon, "cerebellumd_mcu_frames_total", direction="tx") >= 2
         assert metric(daemon, "cerebellumd_signal_stale", signal="battery_v") == 0
         emulator.misbehave.silent = True
@@ -173,7 +173,7 @@ options = {{ name = "ina219", root = "{fake_hwmon}" }}
     daemon = await Daemon.async_create(await asyncio.to_thread(parse_config, text))
     await daemon.async_start()
     try:
-        await until(lambda: daemon.power_sources["npu"]() == pytest.approx(2.5), what="a hwmon reading")
+        await until(lambda: daemon.ledger.reading("npu") == pytest.approx(2.5), what="a hwmon reading")
         await until(lambda: daemon.watts["npu"] == pytest.approx(2.5), what="the daemon's integration")
         assert metric(daemon, "cerebellumd_sensor_reads_total", domain="npu") >= 1
         await asyncio.to_thread((fake_hwmon / "hwmon3" / "power1_input").write_text, "garbage\n")

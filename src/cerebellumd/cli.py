@@ -95,7 +95,9 @@ async def _async_run(config: Config, config_path: str | None) -> int:
 
     _install_signal_handlers(loop, stop, reload)
     await daemon.async_run(stop)
-    return 0
+    # Steps that failed on the way out were logged and did not keep the safe state from being
+    # commanded; only a safe state that could not be commanded makes the stop a failure.
+    return 0 if daemon.assembly.safe_state_reached else 1
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -306,12 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="print one JSON object")
     replay.set_defaults(func=_cmd_replay)
 
-    try:
-        from .sim import commands as sim_commands
-    except ImportError:  # the evaluator is optional while it is being built
-        pass
-    else:
-        sim_commands.register(sub)
+    from .sim import commands as sim_commands
+
+    sim_commands.register(sub)
     return parser
 
 

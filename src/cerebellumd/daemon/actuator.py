@@ -8,10 +8,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from ..accel import RESTING_STATES, AcceleratorModel, AccelState
+from ..accel import COMMANDABLE_STATES, RESTING_STATES, AcceleratorModel, AccelState
 from ..config import AcceleratorConfig
 from ..drivers.base import AcceleratorDriver, EagerAccelerator
 from .clock import Clock
+from .host import Hooks, Undo
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -35,43 +36,83 @@ class Actuator:
         self.clock = clock
         self.metrics = metrics
         self.state = AccelState.UNKNOWN
-        self.goal: AccelState | None = None
+        self._goal: AccelState | None = None
         self._from = AccelState.UNKNOWN
         self._task: asyncio.Task[None] | None = None
         self._on_change = on_change
         self._poll_s = poll_s
         self._wake_started: float | None = None
         self.last_wake_latency_s: float | None = None
-        # Hooks for other concerns (lifecycle, NM): filters may replace a requested target (a
+        # Hooks for other parts (lifecycle, NM): filters may replace a requested target (a
         # watchdog's safe state, NM bus sleep); listeners hear each measured transition
         # (target, seconds from command to read-back) and each failure (target, kind).
-        self.target_filters: list[Callable[[AccelState], AccelState]] = []
-        self.transition_listeners: list[Callable[[AccelState, float], None]] = []
-        self.failure_listeners: list[Callable[[AccelState, str], None]] = []
+        self._filters: Hooks[Callable[[AccelState], AccelState]] = Hooks()
+        self._transition_listeners: Hooks[Callable[[AccelState, float], None]] = Hooks()
+        self._failure_listeners: Hooks[Callable[[AccelState, str], None]] = Hooks()
+        self._wanted: AccelState | None = None  # the last target asked for, before the filters
+
+    @property
+    def goal(self) -> AccelState | None:
+        """The target being driven (after the filters); None when no command is wanted."""
+        return self._goal
+
+    def add_target_filter(self, keep_out: Callable[[AccelState], AccelState]) -> Undo:
+        return self._filters.add(keep_out)
+
+    def on_transition(self, listener: Callable[[AccelState, float], None]) -> Undo:
+        return self._transition_listeners.add(listener)
+
+    def on_failure(self, listener: Callable[[AccelState, str], None]) -> Undo:
+        return self._failure_listeners.add(listener)
+
+    def reconfigure(self, config: AcceleratorConfig) -> None:
+        """Command timeout, retries and backoff from a reloaded config (the next command on)."""
+        self.config = config
+
+    def reapply(self, fallback: AccelState) -> None:
+        """Run the wanted target through the filters again (a filter's condition changed, e.g.
+        NM bus sleep began or ended) and command the result even if it equals the goal.
+        `fallback` stands in while nothing commandable was ever asked or read back."""
+        wanted = self._wanted if self._wanted is not None else self.state
+        if wanted not in COMMANDABLE_STATES:
+            wanted = self._goal if self._goal in COMMANDABLE_STATES else fallback
+        self._goal = None
+        self.request(wanted)
 
     async def async_start(self) -> None:
         await asyncio.wait_for(self.driver.async_open(), self.config.command_timeout_ms / 1000)
         self._observe(await self.driver.async_read_state())
 
-    async def async_stop(self, safe_state: AccelState | None) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        if safe_state is not None:
-            try:
-                await asyncio.wait_for(self.driver.async_set_state(safe_state), self.config.command_timeout_ms / 1000)
-            except Exception as exc:  # best effort on the way out, but say so
-                log.error("could not leave the accelerator in %s: %s", safe_state.value, exc)
-        await self.driver.async_close()
+    async def async_stop(self, safe_state: AccelState | None) -> bool:
+        """Command `safe_state` (filters bypassed: nothing may keep it from the accelerator) and
+        close the driver. Returns whether the safe state was commanded without error."""
+        reached = safe_state is None
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+                self._task = None
+            if safe_state is not None:
+                try:
+                    async with asyncio.timeout(self.config.command_timeout_ms / 1000):
+                        await self.driver.async_set_state(safe_state)
+                    reached = True
+                    self._observe(await asyncio.wait_for(self.driver.async_read_state(),
+                                                         self.config.command_timeout_ms / 1000))
+                except Exception as exc:  # best effort on the way out, but say so
+                    log.error("could not leave the accelerator in %s: %s", safe_state.value, exc)
+        finally:
+            await self.driver.async_close()
+        return reached
 
     def request(self, target: AccelState) -> None:
-        for keep_out in self.target_filters:
+        self._wanted = target
+        for keep_out in self._filters:
             target = keep_out(target)
-        if target is self.goal:
+        if target is self._goal:
             return
         self._from = self.state if self.state not in (AccelState.WAKING, AccelState.SUSPENDING) else self._from
-        self.goal = target
+        self._goal = target
         if target is AccelState.ACTIVE and self._wake_started is None:
             self._wake_started = self.clock.now()
         if target is not AccelState.ACTIVE:
@@ -95,7 +136,7 @@ class Actuator:
     async def async_recover(self, action: Callable[[], Awaitable[None]], timeout_s: float) -> None:
         """Run a recovery action (rebind, rescan, rail cycle) with the drive loop stopped, so
         no command races it; then drive toward the goal again. Errors are the caller's."""
-        goal = self.goal
+        goal = self._goal
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -104,7 +145,7 @@ class Actuator:
             async with asyncio.timeout(timeout_s):
                 await action()
         finally:
-            self.goal = None
+            self._goal = None
             if goal is not None:
                 self.request(goal)
 
@@ -117,8 +158,8 @@ class Actuator:
         s = self.state
         if s is AccelState.WAKING and self._from in RESTING_STATES:
             return self.model.exit[self._from].mean_power_w
-        if s is AccelState.SUSPENDING and self.goal in RESTING_STATES:
-            return self.model.enter[self.goal].mean_power_w
+        if s is AccelState.SUSPENDING and self._goal in RESTING_STATES:
+            return self.model.enter[self._goal].mean_power_w
         if s in self.model.power_w:
             return self.model.power_w[s]
         return self.model.power_w[AccelState.IDLE]  # unknown: assume awake-ish, not asleep
@@ -160,7 +201,7 @@ class Actuator:
                     async with asyncio.timeout(timeout_s):
                         await self.driver.async_set_state(target)
                 if await self._await_readback(target, self.clock.wall_seconds(expected) * 2 + timeout_s):
-                    for heard in self.transition_listeners:
+                    for heard in self._transition_listeners:
                         heard(target, loop.time() - started)
                     return
                 kind = "readback"
@@ -174,7 +215,7 @@ class Actuator:
                 kind = "error"
                 log.warning("accelerator command %s failed: %s", target.value, exc)
             self.metrics.actuation_failures.labels(kind).inc()
-            for heard_failure in self.failure_listeners:
+            for heard_failure in self._failure_listeners:
                 heard_failure(target, kind)
             try:
                 self._observe(await asyncio.wait_for(self.driver.async_read_state(), timeout_s))
@@ -184,9 +225,9 @@ class Actuator:
                 await asyncio.sleep(backoff_s * (2**attempt))
         log.error("accelerator: giving up on %s after %d attempts", target.value, cfg.retries + 1)
         self.metrics.actuation_failures.labels("gave_up").inc()
-        for heard_failure in self.failure_listeners:
+        for heard_failure in self._failure_listeners:
             heard_failure(target, "gave_up")
-        self.goal = None  # let the next decision command again
+        self._goal = None  # let the next decision command again
 
     async def _await_readback(self, target: AccelState, within_s: float) -> bool:
         loop = asyncio.get_running_loop()

@@ -115,6 +115,11 @@ class CommandProcessor:
         self._remember = remember
         self._times: collections.deque[float] = collections.deque()
 
+    def reconfigure(self, *, operators: frozenset[str], rate_per_minute: int) -> None:
+        """A reloaded `[mqtt]`: who may command and how often (ids already seen stay remembered)."""
+        self.operators = operators
+        self.rate_per_minute = rate_per_minute
+
     def handle_payload(self, payload: bytes | str, now: float) -> CommandResult:
         """Parse, check and apply one command; never raises on bad input."""
         if isinstance(payload, bytes):

@@ -94,6 +94,7 @@ class CanIngest:
         self._now = now
         self._from_monotonic = from_monotonic
         self._bus_factory = bus_factory or can.Bus
+        self._db = db
         self._routes = self._build_routes(db, wanted)
         self._tap = tap
         self._queue: collections.deque[can.Message] = collections.deque()
@@ -134,6 +135,32 @@ class CanIngest:
             routes[(dbc_message.frame_id, dbc_message.is_extended_frame)] = _Route(
                 dbc_message, tuple(per_message.get(dbc_message.name, ())))
         return routes
+
+    def add_tap(self, tap: FrameTap) -> Callable[[], None]:
+        """One per-frame hook per bus (NM). Add it before `async_start` for its kernel filter
+        to be installed with the bus; returns the undo."""
+        if self._tap is not None and self._tap is not tap:
+            raise ValueError(f"bus {self.name} already has a frame tap")
+        self._tap = tap
+
+        def undo() -> None:
+            if self._tap is tap:
+                self._tap = None
+
+        return undo
+
+    def set_wanted(self, wanted: Mapping[tuple[str, str], str]) -> bool:
+        """Route a reloaded config's signals (new ones decoded from the next frame on). Returns
+        whether the acceptance filters changed: where the kernel filters, `async_apply_filters`
+        must follow."""
+        before = self.can_filters
+        self._routes = self._build_routes(self._db, wanted)
+        return self.can_filters != before
+
+    async def async_apply_filters(self) -> None:
+        bus = self._bus
+        if bus is not None and self.config.filters and self.config.interface in _KERNEL_FILTER_INTERFACES:
+            await asyncio.to_thread(bus.set_filters, cast(Any, self.can_filters))
 
     @property
     def can_filters(self) -> list[dict[str, Any]]:

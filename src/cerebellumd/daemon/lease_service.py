@@ -19,54 +19,63 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from prometheus_client import Counter, Gauge
-
+from ..config import LeaseConfig
 from ..policies.types import Hold
+from .clock import Clock
 from .control import is_lease_priority
+from .host import Events, HoldsHost, Hooks, Undo
 from .leases import HOLD_PRIORITY, LeasePriority, LeaseServer
+from .metrics import Metrics
 from .tasks import cancel_and_wait
-
-if TYPE_CHECKING:
-    from .runtime import Daemon
 
 log = logging.getLogger(__name__)
 
 
+class LeaseHost(Events, HoldsHost, Protocol):
+    """What the lease part needs of the daemon: telemetry ticks and the hold sources."""
+
+
 class LeaseService:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.server = LeaseServer(daemon.config.leases, clock=daemon.clock.now)
-        self.listeners: list[Callable[[], None]] = []  # told on every lease-table change
+    def __init__(self, config: LeaseConfig, *, host: LeaseHost, clock: Clock, metrics: Metrics) -> None:
+        self.config = config
+        self._host = host
+        self._clock = clock
+        self.server = LeaseServer(config, clock=clock.now)
+        self._listeners: Hooks[Callable[[], None]] = Hooks()  # told on every lease-table change
         self._operator: dict[str, Hold] = {}
         self._watch: asyncio.Task[None] | None = None
-        r = daemon.metrics.registry
-        self.m_leases = Gauge("cerebellumd_leases_active", "Application leases in force, by priority.",
-                              ["priority"], registry=r)
-        self.m_errors = Counter("cerebellumd_lease_errors", "Rejected lease requests by kind.", ["kind"], registry=r)
-        self.m_overrides = Counter("cerebellumd_lease_overrides",
-                                   "Operator commands that started the lease override grace.", registry=r)
+        self._undo: list[Undo] = []
+        self.m_leases = metrics.gauge("cerebellumd_leases_active", "Application leases in force, by priority.",
+                                      ["priority"])
+        self.m_errors = metrics.counter("cerebellumd_lease_errors", "Rejected lease requests by kind.", ["kind"])
+        self.m_overrides = metrics.counter("cerebellumd_lease_overrides",
+                                           "Operator commands that started the lease override grace.")
         self._errors_seen: dict[str, int] = {}
         for p in LeasePriority:
             self.m_leases.labels(p.value).set(0)
-        daemon.hold_sources.append(self.holds)
-        daemon.telemetry_hooks.append(self._on_telemetry)
+
+    def on_change(self, listener: Callable[[], None]) -> Undo:
+        return self._listeners.add(listener)
 
     async def async_start(self) -> None:
+        self._undo += [self._host.add_hold_source(self.holds), self._host.on_telemetry(self._on_telemetry)]
         await self.server.start()
         self._watch = asyncio.create_task(self._watch_changes(), name="lease-changes")
-        log.info("lease socket on %s", self.daemon.config.leases.path)
+        log.info("lease socket on %s", self.config.path)
 
     async def async_stop(self) -> None:
         watch, self._watch = self._watch, None
         await cancel_and_wait(watch)
+        while self._undo:
+            self._undo.pop()()
         await self.server.close()
 
     async def _watch_changes(self) -> None:
         while True:
             await self.server.wait_changed()
-            for listener in self.listeners:
+            for listener in self._listeners:
                 listener()
 
     def holds(self, now: float) -> tuple[Hold, ...]:
@@ -76,7 +85,7 @@ class LeaseService:
 
     def _notice_operator(self, now: float) -> None:
         # Lease-ranked holds from remote tools are apps, not manual overrides: no grace.
-        current = {h.id: h for h in self.daemon.holds.active(now) if not is_lease_priority(h.priority)}
+        current = {h.id: h for h in self._host.operator_holds(now) if not is_lease_priority(h.priority)}
         added = [h for hid, h in current.items() if hid not in self._operator]
         removed = [h for hid, h in self._operator.items() if hid not in current and h.expires_at > now]
         self._operator = current
@@ -87,7 +96,7 @@ class LeaseService:
                      hold.owner, until - now)
 
     def state_extra(self) -> dict[str, Any]:
-        return {"leases": self.server.snapshot(self.daemon.clock.now())}
+        return {"leases": self.server.snapshot(self._clock.now())}
 
     def _on_telemetry(self, now: float) -> None:
         counts = dict.fromkeys(LeasePriority, 0)
@@ -102,13 +111,4 @@ class LeaseService:
                 self._errors_seen[kind] = n
 
 
-def attach_leases(daemon: Daemon) -> LeaseService | None:
-    """Called from Daemon._attach_services: only with `[leases] enabled = true`."""
-    if not daemon.config.leases.enabled:
-        return None
-    service = LeaseService(daemon)
-    daemon.services.append(service)
-    return service
-
-
-__all__ = ["HOLD_PRIORITY", "LeaseService", "attach_leases"]
+__all__ = ["HOLD_PRIORITY", "LeaseService"]

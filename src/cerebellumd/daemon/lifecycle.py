@@ -21,19 +21,19 @@ import asyncio
 import collections
 import logging
 import math
-from typing import TYPE_CHECKING, Any
-
-from prometheus_client import Counter, Gauge, Histogram
+from typing import Any, Protocol
 
 from ..accel import AccelState
-from ..drivers.base import RecoverableAccelerator
+from ..config.escalation import EscalationConfig
+from ..drivers.base import AcceleratorDriver, RecoverableAccelerator
 from ..policies.escalation import Action, Ladder, LadderState, Phase, Rung
 from ..policies.flapping import TimelinePoint, flap_figures
 from ..policies.types import HoldMode
-from .metrics import LATENCY_BUCKETS
-
-if TYPE_CHECKING:
-    from .runtime import Daemon, Snapshot
+from .actuator import Actuator
+from .clock import Clock
+from .host import Events, HoldsHost, Snapshot, Undo
+from .metrics import Metrics
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,20 @@ STEPS: tuple[str, ...] = (*(r.value for r in Rung),)
 RESULTS = ("succeeded", "recovered", "cancelled", "unsupported", "action_failed")
 
 
-class Lifecycle:
-    """A daemon service: registers its hooks at construction, runs rung actions as tasks."""
+class LifecycleHost(Events, HoldsHost, Protocol):
+    """What the watchdog needs of the daemon: its events and the holds in force."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        cfg = daemon.config.accelerator.escalation
+
+class Lifecycle:
+    """A part: registers its hooks at start (undone at stop), runs rung actions as tasks."""
+
+    def __init__(self, cfg: EscalationConfig, *, actuator: Actuator, driver: AcceleratorDriver,
+                 host: LifecycleHost, clock: Clock, metrics: Metrics) -> None:
+        self._actuator = actuator
+        self._driver = driver
+        self._host = host
+        self._clock = clock
+        self._undo: list[Undo] = []
         self.enabled = cfg.enabled
         self.ladder = Ladder(cfg.spec())
         self.backend = cfg.backend
@@ -63,50 +71,47 @@ class Lifecycle:
         self._flap_changes = 0
         self._unserved = 0
         self._cycle_served: bool | None = None  # None: not awake
-        r = daemon.metrics.registry
-        self.m_steps = Counter("cerebellumd_escalations", "Wake watchdog rungs taken, by step.",
-                               ["step"], registry=r)
-        self.m_results = Counter("cerebellumd_escalation_results",
-                                 "Wake watchdog outcomes (succeeded, recovered, cancelled, ...).",
-                                 ["result"], registry=r)
-        self.m_alarm = Gauge("cerebellumd_accelerator_alarm",
-                             "1 after the watchdog gave up (accelerator held in its safe state).", registry=r)
-        self.m_wake = Histogram("cerebellumd_backend_wake_latency_seconds",
-                                "Wake command to read-back active, per backend.", ["backend"],
-                                buckets=LATENCY_BUCKETS, registry=r)
-        self.m_transition = Histogram("cerebellumd_transition_seconds",
-                                      "One driver command to its read-back, per backend and target.",
-                                      ["backend", "target"], buckets=LATENCY_BUCKETS, registry=r)
-        self.m_failures = Counter("cerebellumd_backend_failures", "Failed driver commands per backend and kind.",
-                                  ["backend", "kind"], registry=r)
-        self.m_flaps = Counter("cerebellumd_flaps", "Changes of the accelerator's target state.", registry=r)
-        self.m_unserved = Counter("cerebellumd_unserved_wakes",
-                                  "Wake cycles that ended with no demand or awake hold served.", registry=r)
-        self.m_flap_rate = Gauge("cerebellumd_flap_rate_per_hour",
-                                 "Target changes per hour over the last hour.", registry=r)
+        self.m_steps = metrics.counter("cerebellumd_escalations", "Wake watchdog rungs taken, by step.", ["step"])
+        self.m_results = metrics.counter("cerebellumd_escalation_results",
+                                         "Wake watchdog outcomes (succeeded, recovered, cancelled, ...).", ["result"])
+        self.m_alarm = metrics.gauge("cerebellumd_accelerator_alarm",
+                                     "1 after the watchdog gave up (accelerator held in its safe state).")
+        self.m_wake = metrics.histogram("cerebellumd_backend_wake_latency_seconds",
+                                        "Wake command to read-back active, per backend.", ["backend"])
+        self.m_transition = metrics.histogram("cerebellumd_transition_seconds",
+                                              "One driver command to its read-back, per backend and target.",
+                                              ["backend", "target"])
+        self.m_failures = metrics.counter("cerebellumd_backend_failures",
+                                          "Failed driver commands per backend and kind.", ["backend", "kind"])
+        self.m_flaps = metrics.counter("cerebellumd_flaps", "Changes of the accelerator's target state.")
+        self.m_unserved = metrics.counter("cerebellumd_unserved_wakes",
+                                          "Wake cycles that ended with no demand or awake hold served.")
+        self.m_flap_rate = metrics.gauge("cerebellumd_flap_rate_per_hour",
+                                         "Target changes per hour over the last hour.")
         for step in STEPS:
             self.m_steps.labels(step)
         for result in RESULTS:
             self.m_results.labels(result)
         self.m_wake.labels(self.backend)
-        act = daemon.actuator
-        act.target_filters.append(self._filter)
-        act.transition_listeners.append(self._on_transition)
-        act.failure_listeners.append(self._on_failure)
-        daemon.tick_hooks.append(self._on_tick)
-        daemon.telemetry_hooks.append(self._on_telemetry)
-        daemon.add_decision_listener(self._on_decision)
 
-    # -- service ----------------------------------------------------------------------------
+    # -- part ---------------------------------------------------------------------------------
 
     async def async_start(self) -> None:
-        return None
+        act, host = self._actuator, self._host
+        self._undo += [
+            act.add_target_filter(self._filter),
+            act.on_transition(self._on_transition),
+            act.on_failure(self._on_failure),
+            host.on_tick(self._on_tick),
+            host.on_telemetry(self._on_telemetry),
+            host.on_decision(self._on_decision),
+        ]
 
     async def async_stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+        while self._undo:
+            self._undo.pop()()
 
     def state_extra(self) -> dict[str, Any]:
         """For MQTT `state`: the watchdog's phase, last rung, counts and the alarm."""
@@ -137,7 +142,7 @@ class Lifecycle:
             self._maybe_clear(now)
         if not self.enabled:
             return
-        act = self.daemon.actuator
+        act = self._actuator
         # The actuator drops its goal after its own retries; the policy still wants it.
         goal = act.goal if act.goal is not None else self._want
         before, self._want = self._want, goal
@@ -163,19 +168,19 @@ class Lifecycle:
         if action.rung is Rung.GIVE_UP:
             self.alarm = action.reason
             self.m_alarm.set(1)
-            self._holds_at_alarm = frozenset(h.id for h in self.daemon.holds.active(now))
+            self._holds_at_alarm = frozenset(h.id for h in self._host.operator_holds(now))
             log.error("accelerator watchdog gave up (%s); holding it %s until an operator asks again",
                       action.reason, self.ladder.spec.safe_state.value)
-            self.daemon.actuator.request(self.ladder.spec.safe_state)  # the filter maps it anyway
+            self._actuator.request(self.ladder.spec.safe_state)  # the filter maps it anyway
             return
         log.warning("accelerator watchdog: %s (step %d: %s)", action.reason, action.attempt, action.rung.value)
         self._task = asyncio.create_task(self._perform(action.rung), name=f"watchdog-{action.rung.value}")
 
     async def _perform(self, rung: Rung) -> None:
-        act = self.daemon.actuator
-        driver = self.daemon.driver
-        timeout = self.daemon.clock.wall_seconds(self._rung_timeout(rung))
-        command_s = self.daemon.config.accelerator.command_timeout_ms / 1000
+        act = self._actuator
+        driver = self._driver
+        timeout = self._clock.wall_seconds(self._rung_timeout(rung))
+        command_s = act.config.command_timeout_ms / 1000
         try:
             if rung is Rung.RETRY:
                 await act.async_recover(lambda: driver.async_set_state(AccelState.ACTIVE), command_s)
@@ -200,7 +205,7 @@ class Lifecycle:
         return next((r.timeout_s for r in self.ladder.spec.rungs if r.rung is rung), self.ladder.spec.wake_timeout_s)
 
     def _maybe_clear(self, now: float) -> None:
-        fresh = [h for h in self.daemon.holds.active(now)
+        fresh = [h for h in self._host.operator_holds(now)
                  if h.id not in self._holds_at_alarm and h.mode is HoldMode.AWAKE]
         if fresh:
             log.warning("operator %s asks for the accelerator: clearing the alarm", fresh[0].owner)
@@ -208,7 +213,7 @@ class Lifecycle:
 
     def _on_transition(self, target: AccelState, seconds: float) -> None:
         self.m_transition.labels(self.backend, target.value).observe(seconds)
-        latency = self.daemon.actuator.last_wake_latency_s
+        latency = self._actuator.last_wake_latency_s
         if target is AccelState.ACTIVE and latency is not None and latency != self._last_latency:
             self._last_latency = latency
             self.m_wake.labels(self.backend).observe(latency)
@@ -248,12 +253,3 @@ class Lifecycle:
         figures = flap_figures(points, start=start, end=max(now, points[-1].time))
         span = figures.duration_s
         return figures.state_changes * 3600.0 / max(span, 60.0) if math.isfinite(span) else 0.0
-
-
-
-
-def attach_lifecycle(daemon: Daemon) -> Lifecycle:
-    """Called from Daemon._attach_services."""
-    lifecycle = Lifecycle(daemon)
-    daemon.services.append(lifecycle)
-    return lifecycle

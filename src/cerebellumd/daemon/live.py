@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..accel import AccelState
-from .runtime import Snapshot
+from .host import Snapshot
 
 _STATE_STYLE = {
     AccelState.ACTIVE: "bold red", AccelState.IDLE: "yellow", AccelState.SLEEP: "green",

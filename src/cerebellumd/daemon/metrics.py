@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -16,9 +17,11 @@ from prometheus_client.registry import Collector
 
 from ..accel import ALL_STATES, AccelState
 
+M = TypeVar("M")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 TICK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 DECISION_BUCKETS = (0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01)
+RELOAD_RESULTS = ("ok", "error", "restart_required")
 CAN_ERROR_KINDS = ("decode", "unknown_id", "error_frame", "bus_error", "silent", "reconnect")
 
 
@@ -90,16 +93,16 @@ class Metrics:
         self.commands = Counter(
             "cerebellumd_commands", "Operator commands by source and result.", ["source", "result"], registry=r)
 
+        self._owned: dict[str, object] = {}
+        self._demand_labels: set[tuple[str]] = set()
+        self._signal_labels: set[tuple[str]] = set()
         measured = set(measured_domains)
         for state in ALL_STATES:
             self.accelerator_state.labels(state.value).set(0)
         for domain in domains:
             self.domain_power.labels(domain, "sensor" if domain in measured else "model").set(0)
             self.domain_energy.labels(domain)
-        for demand in demands:
-            self.demand_active.labels(demand).set(0)
-        for signal in signals:
-            self.signal_stale.labels(signal).set(0)
+        self.prepare(demands=demands, signals=signals)
         for bus in buses:
             self.can_frames.labels(bus)
             self.ingest_dropped.labels(bus)
@@ -110,13 +113,47 @@ class Metrics:
             self.tick_overruns.labels(loop)
         for result in ("validated", "expired"):
             self.wake_validations.labels(result)
-        for result in ("ok", "error"):
+        for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
         self.mqtt_connected.set(0)
         self.holds_active.set(0)
         self._state = AccelState.UNKNOWN
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def prepare(self, *, demands: Iterable[str] = (), signals: Iterable[str] = ()) -> None:
+        """Series for the config's demands and signals exist at 0 from the first scrape (also for
+        those a reload adds; existing ones keep their value)."""
+        for demand in demands:
+            if (demand,) not in self._demand_labels:
+                self._demand_labels.add((demand,))
+                self.demand_active.labels(demand).set(0)
+        for signal in signals:
+            if (signal,) not in self._signal_labels:
+                self._signal_labels.add((signal,))
+                self.signal_stale.labels(signal).set(0)
+
+    # Parts beyond the contract get their metrics here. Get-or-create by name: a part rebuilt on
+    # reload keeps its series (counters do not restart at 0) instead of registering twice.
+
+    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        return self._own(name, Counter, lambda: Counter(name, doc, labels, registry=self.registry))
+
+    def gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+        return self._own(name, Gauge, lambda: Gauge(name, doc, labels, registry=self.registry))
+
+    def histogram(self, name: str, doc: str, labels: Sequence[str] = (),
+                  buckets: Sequence[float] = LATENCY_BUCKETS) -> Histogram:
+        return self._own(name, Histogram,
+                         lambda: Histogram(name, doc, labels, buckets=buckets, registry=self.registry))
+
+    def _own(self, name: str, kind: type[M], create: Callable[[], M]) -> M:
+        existing = self._owned.get(name)
+        if existing is None:
+            existing = self._owned[name] = create()
+        if not isinstance(existing, kind):
+            raise TypeError(f"metric {name} exists as a {type(existing).__name__}")
+        return existing
 
     def set_state(self, state: AccelState) -> None:
         if state is self._state:
@@ -125,12 +162,21 @@ class Metrics:
         self.accelerator_state.labels(state.value).set(1)
         self._state = state
 
-    def register(self, collector: Collector) -> None:
+    def register(self, collector: Collector) -> Callable[[], None]:
+        """Register a part's collector; returns the undo (unregister)."""
         self.registry.register(collector)
+        registered = [True]
 
-    async def async_serve(self, address: str, port: int) -> int:
-        """Serve /metrics from prometheus-client's thread; returns the bound port."""
-        server, thread = await asyncio.to_thread(start_http_server, port, address, self.registry)
+        def undo() -> None:
+            if registered.pop() if registered else False:
+                self.registry.unregister(collector)
+
+        return undo
+
+    async def async_serve(self, address: str, port: int, exposed: Collector | None = None) -> int:
+        """Serve /metrics from prometheus-client's thread (`exposed`: the collector it renders,
+        the registry by default); returns the bound port."""
+        server, thread = await asyncio.to_thread(start_http_server, port, address, exposed or self.registry)
         self._server, self._thread = server, thread
         return int(server.server_port)
 

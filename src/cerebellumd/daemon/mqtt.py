@@ -1,6 +1,6 @@
 """MQTT telemetry and control (ARCHITECTURE.md §6): `<prefix>/<node>/status|state|set|response`.
 
-The bridge is a daemon Service. It never publishes from the decision path: decision listeners
+The bridge is a daemon part. It never publishes from the decision path: decision listeners
 and telemetry hooks only drop a snapshot into a one-slot, latest-wins buffer; a task of the
 connection publishes from there at most every `publish_interval_ms`. Without a broker the
 buffer just keeps being overwritten (counted), and the decision loop never notices.
@@ -17,19 +17,24 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiomqtt
-from prometheus_client import Counter
 
 from ..config import MqttConfig
-from .control import CommandResult
+from .clock import Clock
+from .control import CommandProcessor, CommandResult
+from .host import Events, Snapshot, StateExtra, Undo
+from .metrics import Metrics
 from .tasks import cancel_and_wait
 
-if TYPE_CHECKING:
-    from .runtime import Daemon, Snapshot
+
+class MqttHost(Events, Protocol):
+    """What the bridge needs of the daemon: its events and a consistent snapshot."""
+
+    def snapshot(self) -> Snapshot: ...
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +114,13 @@ def state_payload(snap: Snapshot, extra: Mapping[str, Any] | None = None) -> byt
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def service_extras(services: Iterable[object]) -> dict[str, Any]:
-    """Merged `state_extra()` of the daemon's services (lifecycle, leases, NM, ...). A failing
-    one is left out: telemetry must not stop over one service's bug."""
+def service_extras(parts: Iterable[StateExtra]) -> dict[str, Any]:
+    """Merged `state_extra()` of the parts the assembly passed (lifecycle, leases, NM, ...). A
+    failing one is left out: telemetry must not stop over one part's bug."""
     extra: dict[str, Any] = {}
-    for service in services:
-        state_extra = getattr(service, "state_extra", None)
-        if not callable(state_extra):
-            continue
+    for service in parts:
         try:
-            extra.update(state_extra())
+            extra.update(service.state_extra())
         except Exception as exc:  # any bug in one service's extras: drop them, keep the state
             log.error("state_extra of %s failed: %s", type(service).__name__, exc)
     return extra
@@ -184,10 +186,18 @@ def read_password(path: Path) -> str:
 
 
 class MqttBridge:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.cfg = daemon.config.mqtt
-        self.node = daemon.config.daemon.node
+    def __init__(self, cfg: MqttConfig, *, node: str, domains: Sequence[str], host: MqttHost,
+                 commands: CommandProcessor, clock: Clock, metrics: Metrics,
+                 extras: Sequence[StateExtra] = ()) -> None:
+        self._host = host
+        self._commands_processor = commands
+        self._clock = clock
+        self._metrics = metrics
+        self._extras = tuple(extras)
+        self._domains = tuple(domains)
+        self._undo: list[Undo] = []
+        self.cfg = cfg
+        self.node = node
         self.topics = Topics(self.cfg.prefix, self.node)
         self.buffer = LatestOnly()
         self.connected = asyncio.Event()
@@ -199,21 +209,16 @@ class MqttBridge:
         self._stop = asyncio.Event()
         self._last_key: tuple[Any, ...] | None = None
         self._last_ack = 0.0
-        metrics = daemon.metrics
         self._commands = metrics.commands
         for result in ("ok", "error"):
             metrics.commands.labels("mqtt", result)
-        self._dropped = Counter(
+        self._dropped = metrics.counter(
             "cerebellumd_mqtt_state_dropped", "State snapshots replaced by a newer one before they "
-            "were published (coalesced or no broker).", registry=metrics.registry)
-        self._published = Counter(
-            "cerebellumd_mqtt_published", "Messages published to the broker by topic kind.",
-            ["kind"], registry=metrics.registry)
-        self._reconnects = Counter(
-            "cerebellumd_mqtt_connection_failures", "Failed or lost broker connections.",
-            registry=metrics.registry)
-        daemon.add_decision_listener(self._offer)
-        daemon.telemetry_hooks.append(self._on_telemetry)
+            "were published (coalesced or no broker).")
+        self._published = metrics.counter(
+            "cerebellumd_mqtt_published", "Messages published to the broker by topic kind.", ["kind"])
+        self._reconnects = metrics.counter(
+            "cerebellumd_mqtt_connection_failures", "Failed or lost broker connections.")
 
     # -- the decision side: never blocks, never publishes ------------------------------------
 
@@ -224,7 +229,7 @@ class MqttBridge:
         self._last_key = change_key(snap)
 
     def _on_telemetry(self, _now: float) -> None:
-        snap = self.daemon.snapshot()
+        snap = self._host.snapshot()
         if change_key(snap) != self._last_key:
             self._offer(snap)
 
@@ -239,10 +244,13 @@ class MqttBridge:
         self._tls_context = await asyncio.to_thread(build_tls_context, cfg)
         self._client = self._new_client()
         self._stop.clear()
+        self._undo += [self._host.on_decision(self._offer), self._host.on_telemetry(self._on_telemetry)]
         # Not awaited: an absent broker must not hold up the daemon's start.
         self._task = asyncio.create_task(self._run(), name="mqtt")
 
     async def async_stop(self) -> None:
+        while self._undo:
+            self._undo.pop()()
         task, self._task = self._task, None
         if task is None:
             return
@@ -298,11 +306,11 @@ class MqttBridge:
             await client.subscribe(self.topics.set, qos=1)
             await self._publish(client, self.topics.status, ONLINE, retain=True, kind="status")
             if self.cfg.homeassistant_discovery:
-                domains = [d.name for d in self.daemon.config.power.domains]
+                domains = list(self._domains)
                 for topic, body in discovery_configs(self.cfg, self.node, self.topics, domains).items():
                     await self._publish(client, topic, body, retain=True, kind="discovery")
             await self._publish(client, self.topics.state,
-                                state_payload(self.daemon.snapshot(), service_extras(self.daemon.services)),
+                                state_payload(self._host.snapshot(), service_extras(self._extras)),
                                 retain=True, kind="state")
             self.buffer.take()  # just published: what was waiting is older
             self.connections += 1
@@ -321,7 +329,7 @@ class MqttBridge:
                                 ack_within_s=STOP_TIMEOUT_S / 2)
 
     def _set_connected(self, value: bool) -> None:
-        self.daemon.metrics.mqtt_connected.set(1 if value else 0)
+        self._metrics.mqtt_connected.set(1 if value else 0)
         if value:
             self.connected.set()
         else:
@@ -347,11 +355,11 @@ class MqttBridge:
             # A retained command would be replayed on every reconnect, long after it was meant.
             result = CommandResult(command_id(payload), False, "retained commands are ignored; publish without retain")
         else:
-            result = self.daemon.commands.handle_payload(payload, self.daemon.clock.now())
+            result = self._commands_processor.handle_payload(payload, self._clock.now())
         self._commands.labels("mqtt", "ok" if result.ok else "error").inc()
         log.info("mqtt command %s: %s", result.id, "ok" if result.ok else result.error)
         if result.ok and not result.duplicate:
-            self._offer(self.daemon.snapshot())
+            self._offer(self._host.snapshot())
         return result
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
@@ -370,7 +378,7 @@ class MqttBridge:
                     return
             snap = self.buffer.take() if changed else None
             await self._publish(client, self.topics.state,
-                                state_payload(snap or self.daemon.snapshot(), service_extras(self.daemon.services)),
+                                state_payload(snap or self._host.snapshot(), service_extras(self._extras)),
                                 retain=True, kind="state")
             last = time.monotonic()
 
@@ -405,13 +413,4 @@ async def _first_to_finish(*awaitables: Awaitable[Any]) -> None:
             raise task.exception()  # type: ignore[misc]
 
 
-def attach_mqtt(daemon: Daemon) -> MqttBridge | None:
-    """Register the bridge as a daemon Service when `[mqtt] enabled = true`."""
-    if not daemon.config.mqtt.enabled:
-        return None
-    bridge = MqttBridge(daemon)
-    daemon.services.append(bridge)
-    return bridge
-
-
-__all__ = ["MqttBridge", "Topics", "attach_mqtt", "discovery_configs", "state_payload"]
+__all__ = ["MqttBridge", "Topics", "discovery_configs", "state_payload"]

@@ -3,8 +3,8 @@ long a Prometheus scrape takes. A power manager that burns a core to save a watt
 
 Collected at scrape time on prometheus-client's server thread (never on the event loop):
 `getrusage` is a syscall, RSS is one small read of /proc/self/statm. The scrape duration is the
-time the previous scrape took to collect and render every metric (the registry's `collect`
-generator timed from its first item to its exhaustion): a scrape cannot time itself.
+time the previous scrape took to collect every metric (`ScrapeTimer`, the collector the HTTP
+server exposes, times the registry's collection): a scrape cannot time itself.
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
-
-if TYPE_CHECKING:
-    from .runtime import Daemon
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -40,52 +37,46 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class OverheadCollector:
-    """A prometheus-client collector; `timed(registry)` wraps the registry's collect."""
+class ScrapeTimer:
+    """What the HTTP server exposes: the registry, timed, followed by the daemon's own cost.
+    prometheus-client's server accepts any Collector; this one yields the registry's metrics,
+    records how long their collection took (from the first metric to the last) for the next
+    scrape to report, then the overhead metrics. Those are read only here, on the server's
+    thread: a syscall and a /proc read have no place on the event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
         self._lock = threading.Lock()
         self.last_scrape_s: float | None = None
         self.scrapes = 0
 
-    def describe(self) -> Iterator[Metric]:
-        # Without it the registry would call collect() on the event loop at register time.
-        yield CounterMetricFamily("cerebellumd_process_cpu_seconds", "CPU time used by the daemon process.",
-                                  labels=["mode"])
-        yield GaugeMetricFamily("cerebellumd_rss_bytes", "Resident memory of the daemon process.")
-        yield GaugeMetricFamily("cerebellumd_scrape_duration_seconds",
-                                "Time the previous scrape took to collect and render the metrics.")
-
     def collect(self) -> Iterator[Metric]:
-        user, system = cpu_seconds()
-        cpu = CounterMetricFamily("cerebellumd_process_cpu_seconds", "CPU time used by the daemon process.",
-                                  labels=["mode"])
-        cpu.add_metric(["user"], user)
-        cpu.add_metric(["system"], system)
-        yield cpu
-        yield GaugeMetricFamily("cerebellumd_rss_bytes", "Resident memory of the daemon process.", value=rss_bytes())
+        previous = self.last()
+        started = time.perf_counter()
+        yield from self._registry.collect()
         with self._lock:
-            last = self.last_scrape_s
-        yield GaugeMetricFamily("cerebellumd_scrape_duration_seconds",
-                                "Time the previous scrape took to collect and render the metrics.",
-                                value=last if last is not None else 0.0)
+            self.last_scrape_s = time.perf_counter() - started
+            self.scrapes += 1
+        yield from overhead_metrics(previous)
 
-    def timed(self, registry: CollectorRegistry) -> None:
-        inner: Callable[[], Iterable[Metric]] = registry.collect
+    def restricted_registry(self, names: Iterable[str]) -> Any:
+        """`?name[]=` scrapes: the registry's own restriction (not timed)."""
+        return self._registry.restricted_registry(names)
 
-        def collect() -> Iterator[Metric]:
-            started = time.perf_counter()
-            yield from inner()
-            with self._lock:
-                self.last_scrape_s = time.perf_counter() - started
-                self.scrapes += 1
-
-        registry.collect = collect  # type: ignore[method-assign]
+    def last(self) -> float | None:
+        with self._lock:
+            return self.last_scrape_s
 
 
-def attach_overhead(daemon: Daemon) -> OverheadCollector:
-    """Called from Daemon._attach_services."""
-    collector = OverheadCollector()
-    daemon.metrics.register(collector)
-    collector.timed(daemon.metrics.registry)
-    return collector
+def overhead_metrics(previous_scrape_s: float | None) -> Iterator[Metric]:
+    """The daemon's own cost: CPU seconds, resident memory, and the previous scrape's duration."""
+    user, system = cpu_seconds()
+    cpu = CounterMetricFamily("cerebellumd_process_cpu_seconds", "CPU time used by the daemon process.",
+                              labels=["mode"])
+    cpu.add_metric(["user"], user)
+    cpu.add_metric(["system"], system)
+    yield cpu
+    yield GaugeMetricFamily("cerebellumd_rss_bytes", "Resident memory of the daemon process.", value=rss_bytes())
+    yield GaugeMetricFamily("cerebellumd_scrape_duration_seconds",
+                            "Time the previous scrape took to collect and render the metrics.",
+                            value=previous_scrape_s if previous_scrape_s is not None else 0.0)

@@ -28,14 +28,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import Counter
 
-from .security import attach_security
-
-if TYPE_CHECKING:
-    from .runtime import Daemon
+from .host import CoreTotals, TotalsHost
+from .metrics import Metrics
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -168,19 +167,20 @@ def move_aside(path: Path) -> Path | None:
 
 
 class Persistence:
-    """Service: restore at start, save every interval and at stop."""
+    """Part: restore at start, save every interval and at stop."""
 
-    def __init__(self, daemon: Daemon, path: Path, interval_s: float) -> None:
-        self.daemon = daemon
+    def __init__(self, path: Path, interval_s: float, node: str, host: TotalsHost, metrics: Metrics) -> None:
         self.path = path
         self.interval_s = interval_s
-        registry = daemon.metrics.registry
-        self.errors = Counter(
+        self.node = node
+        self._host = host
+        self._metrics = metrics
+        self.errors = metrics.counter(
             "cerebellumd_state_file_errors", "State file problems by kind (corrupt, schema, unreadable, write).",
-            ["kind"], registry=registry)
+            ["kind"])
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
-        self.writes = Counter("cerebellumd_state_file_writes", "Successful state file writes.", registry=registry)
+        self.writes = metrics.counter("cerebellumd_state_file_writes", "Successful state file writes.")
         self.restored: Totals | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -203,14 +203,9 @@ class Persistence:
         self._task = asyncio.create_task(self._run(), name="persist")
 
     async def async_stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        # Services stop before the daemon's own final integration: integrate now so the file
-        # holds the energy up to this moment (the daemon's later call adds only microseconds).
-        self.daemon._integrate(self.daemon.clock.now())
-        await self.async_save()
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+        await self.async_save()  # `snapshot` integrates: the file holds the energy up to now
 
     async def _run(self) -> None:
         while True:
@@ -218,15 +213,8 @@ class Persistence:
             await self.async_save()
 
     def _restore(self, totals: Totals) -> None:
-        d, m = self.daemon, self.daemon.metrics
-        for domain, joules in totals.joules.items():
-            if domain not in d.joules:
-                log.warning("state file: domain %r is no longer configured; its %.1f J are dropped", domain, joules)
-                continue
-            d.joules[domain] += joules
-            m.domain_energy.labels(domain).inc(joules)
-        d.wakes += totals.wakes
-        d.sleeps += totals.sleeps
+        m = self._metrics
+        self._host.restore_totals(CoreTotals(totals.joules, totals.wakes, totals.sleeps))
         for reason, n in totals.wakes_by_reason.items():
             m.wakes.labels(reason).inc(n)
         for (state, reason), n in totals.sleeps_by_state_reason.items():
@@ -234,17 +222,17 @@ class Persistence:
 
     def snapshot(self) -> Totals:
         """Taken on the loop (consistent with the daemon's own state), written off it."""
-        d, m = self.daemon, self.daemon.metrics
+        core, m = self._host.totals(), self._metrics
         return Totals(
-            joules=dict(d.joules),
-            wakes=d.wakes,
-            sleeps=d.sleeps,
+            joules=dict(core.joules),
+            wakes=core.wakes,
+            sleeps=core.sleeps,
             wakes_by_reason=_counter_values(m.wakes, ("reason",), lambda labels: labels[0]),
             sleeps_by_state_reason=_counter_values(m.sleeps, ("state", "reason"), tuple),
         )
 
     async def async_save(self) -> bool:
-        text = self.snapshot().to_json(self.daemon.config.daemon.node)
+        text = self.snapshot().to_json(self.node)
         async with self._lock:  # an interval save and the stop save never interleave
             try:
                 await asyncio.to_thread(write_atomic, self.path, text)
@@ -263,15 +251,3 @@ def _counter_values(counter: Counter, names: tuple[str, ...], key: Any) -> dict[
             if sample.name.endswith("_total") and sample.value > 0:
                 out[key(tuple(sample.labels[n] for n in names))] = sample.value
     return out
-
-
-def attach_persistence(daemon: Daemon) -> Persistence | None:
-    """Called from Daemon._attach_services. Also attaches the start-up file permission checks
-    (security.py): they concern the same files and the daemon has one attach line for both."""
-    attach_security(daemon)
-    cfg = daemon.config.daemon
-    if cfg.state_file is None:
-        return None
-    service = Persistence(daemon, Path(cfg.state_file), cfg.persist_interval_s)
-    daemon.services.append(service)
-    return service

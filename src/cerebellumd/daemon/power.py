@@ -3,8 +3,8 @@ into per-domain watts by the rail map (`[power.rails]`, `policies.rails.domain_p
 and the parts inside it are never summed), and energy integrated per domain by trapezoid on the
 monotonic clock (`policies.rails.integrate_trapezoid`).
 
-The daemon's own integration (rectangles on its tick) skips these domains
-(`Daemon.self_integrated`): energy is added here, once, between two readings. This service runs
+The ledger's own integration (rectangles on its tick) skips these domains (registered with
+`integrates_itself`): energy is added here, once, between two readings. This service runs
 on its own timer, so energy keeps being counted while the daemon is paused in NM bus sleep.
 
 Exports, besides the contract's `cerebellumd_domain_power_watts{source="sensor"}` (set by the
@@ -21,20 +21,18 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
 
-from ..config import SensorConfig, rail_fed_domains
+from ..config import SensorConfig
 from ..drivers.accel_mcu import McuPowerSensor
 from ..drivers.base import PowerSensor
 from ..drivers.hwmon import HwmonSensor
 from ..drivers.mcu_link import McuLink
 from ..policies.rails import DomainPower, RailMap, domain_power, integrate_trapezoid
+from .host import EnergyHost, Undo
+from .metrics import Metrics
 from .tasks import cancel_and_wait
-
-if TYPE_CHECKING:
-    from .runtime import Daemon
 
 log = logging.getLogger(__name__)
 _HISTORY = 256  # readings kept for `status`/tests; bounded
@@ -54,12 +52,14 @@ class RailPower:
     """A daemon service reading every mapped rail each `interval_s`."""
 
     def __init__(self, rail_map: RailMap, sensors: Mapping[str, PowerSensor], interval_s: float,
-                 *, daemon: Daemon | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, metrics: Metrics | None = None, energy: EnergyHost | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.rail_map = rail_map
         self.sensors = dict(sensors)
         self.interval_s = interval_s
-        self.daemon = daemon
+        self._energy = energy
         self._clock = clock
+        self._undo: list[Undo] = []
         self.domains = sorted({g.other_domain for g in rail_map.groups}
                               | {d for g in rail_map.groups for d in g.parts.values()}
                               | set(rail_map.independent.values()))
@@ -73,33 +73,37 @@ class RailPower:
         self.history: collections.deque[tuple[float, dict[str, float]]] = collections.deque(maxlen=_HISTORY)
         self._prev: dict[str, tuple[float, float]] = {}  # domain -> (t, watts) of the last reading
         self._task: asyncio.Task[None] | None = None
-        self.m_rail = self.m_overdrawn = self.m_missing = None
-        if daemon is not None:
-            r = daemon.metrics.registry
-            self.m_rail = Gauge("cerebellumd_rail_power_watts", "Power of one measured rail (W).", ["rail"],
-                                registry=r)
-            self.m_overdrawn = Counter("cerebellumd_rail_overdrawn",
-                                       "Readings where a group's parts exceeded its total rail.", ["rail"],
-                                       registry=r)
-            self.m_missing = Counter("cerebellumd_rail_missing", "Readings without a usable value, by rail.",
-                                     ["rail"], registry=r)
+        self.m_rail: Gauge | None = None
+        self.m_overdrawn: Counter | None = None
+        self.m_missing: Counter | None = None
+        if metrics is not None:
+            self.m_rail = metrics.gauge("cerebellumd_rail_power_watts", "Power of one measured rail (W).", ["rail"])
+            self.m_overdrawn = metrics.counter("cerebellumd_rail_overdrawn",
+                                               "Readings where a group's parts exceeded its total rail.", ["rail"])
+            self.m_missing = metrics.counter("cerebellumd_rail_missing",
+                                             "Readings without a usable value, by rail.", ["rail"])
             for rail in rail_map.rails():
                 self.m_rail.labels(rail).set(0)
                 self.m_missing.labels(rail)
             for group in rail_map.groups:
                 self.m_overdrawn.labels(group.total)
             for domain in self.domains:
-                daemon.metrics.domain_energy.labels(domain)
+                metrics.domain_energy.labels(domain)
 
     def source(self, domain: str) -> Callable[[], float | None]:
         return lambda: self.watts.get(domain)
 
     async def async_start(self) -> None:
+        if self._energy is not None:
+            for domain in self.domains:
+                self._undo.append(self._energy.add_power_source(domain, self.source(domain)))
         self._task = asyncio.create_task(self._run(), name="rail-power")
 
     async def async_stop(self) -> None:
         task, self._task = self._task, None
         await cancel_and_wait(task)
+        while self._undo:
+            self._undo.pop()()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -150,12 +154,8 @@ class RailPower:
         self._export(readings, power)
 
     def _export_energy(self, domain: str, joules: float) -> None:
-        d = self.daemon
-        if d is None or joules <= 0:
-            return
-        d.metrics.domain_energy.labels(domain).inc(joules)
-        if domain in d.joules:
-            d.joules[domain] += joules
+        if self._energy is not None:
+            self._energy.add_energy(domain, joules)
 
     def _export(self, readings: Mapping[str, float], power: DomainPower) -> None:
         if self.m_rail is None or self.m_overdrawn is None or self.m_missing is None:
@@ -169,23 +169,4 @@ class RailPower:
             self.m_missing.labels(rail).inc()
 
 
-def attach_rail_power(daemon: Daemon) -> RailPower | None:
-    """Called from Daemon._attach_services: only with a `[power.rails]` map."""
-    power = daemon.config.power
-    if power.rails is None:
-        return None
-    rail_map = power.rails.rail_map()
-    link = getattr(daemon.driver, "link", None) or next(
-        (getattr(s, "link", None) for s in daemon.services if isinstance(getattr(s, "link", None), McuLink)), None)
-    sensors = {rail: build_rail_sensor(power.rail_sensors[rail], link if isinstance(link, McuLink) else None)
-               for rail in rail_map.rails()}
-    service = RailPower(rail_map, sensors, power.rail_interval_ms / 1000, daemon=daemon)
-    fed = rail_fed_domains(daemon.config)
-    for domain in fed:
-        daemon.power_sources[domain] = service.source(domain)
-    daemon.self_integrated |= fed
-    daemon.services.append(service)
-    return service
-
-
-__all__ = ["RailPower", "attach_rail_power", "build_rail_sensor"]
+__all__ = ["RailPower", "build_rail_sensor"]

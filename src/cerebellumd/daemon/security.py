@@ -14,12 +14,8 @@ import logging
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from prometheus_client import Gauge
-
-if TYPE_CHECKING:
-    from .runtime import Daemon
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +60,23 @@ def check_files(config_path: str | Path | None, state_file: str | Path | None) -
 
 
 class FileCheck:
-    """Service: checks once at start; nothing to stop."""
+    """Part: checks once at start; nothing to stop."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.gauge = Gauge(
+    def __init__(self, config_path: str | Path | None, state_file: str | Path | None, metrics: Metrics) -> None:
+        self.config_path = config_path
+        self.state_file = state_file
+        self.gauge = metrics.gauge(
             "cerebellumd_insecure_files", "1 when a trusted file or directory is writable by group/others.",
-            ["kind"], registry=daemon.metrics.registry)
+            ["kind"])
         for kind in KINDS:
             self.gauge.labels(kind).set(0)
         self.findings: list[Finding] = []
 
     async def async_start(self) -> None:
-        cfg = self.daemon.config.daemon
-        self.findings = await asyncio.to_thread(check_files, self.daemon.config_path, cfg.state_file)
+        self.findings = await asyncio.to_thread(check_files, self.config_path, self.state_file)
         for finding in self.findings:
             self.gauge.labels(finding.kind).set(1)
             log.warning("security: %s; another local user could change what the daemon does", finding)
 
     async def async_stop(self) -> None:
         return None
-
-
-def attach_security(daemon: Daemon) -> FileCheck:
-    check = FileCheck(daemon)
-    daemon.services.append(check)
-    return check

@@ -1,6 +1,6 @@
 """The daemon's inputs besides CAN: SOME/IP notifications, the companion MCU and measured power.
 
-`attach_sources(daemon)` registers, from the config:
+The assembly (`daemon/assembly.py`) builds, from the config:
 
 - one `SomeIpSource` service per `[[someip]]` endpoint: each datagram's fields become samples
   of the signals whose `someip = "notification.field"` names them;
@@ -11,7 +11,7 @@
   fast path. Nothing is fed while the link is silent, so its signals go stale by their own
   `max_age_ms`: no second staleness rule to keep in step with the policy's;
 - one `PowerReaders` service reading each `hwmon`/`mcu` power domain's sensor every
-  `interval_ms` into `daemon.power_sources[domain]`;
+  `interval_ms`, registered as the ledger's power source of that domain;
 - a collector exporting their counters (`cerebellumd_someip_*`, `cerebellumd_mcu_*`,
   `cerebellumd_sensor_*`).
 
@@ -28,12 +28,11 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..config import Config, DomainConfig, McuConfig, SomeIpEndpointConfig, hwmon_options, rail_fed_domains
-from ..drivers.accel_mcu import McuAccelerator, McuPowerSensor
+from ..config import Config, DomainConfig, McuConfig, SomeIpEndpointConfig, hwmon_options
+from ..drivers.accel_mcu import McuPowerSensor
 from ..drivers.base import PowerSensor
 from ..drivers.hwmon import HwmonSensor
 from ..drivers.mcu_link import McuLink
@@ -41,16 +40,12 @@ from ..drivers.mcu_protocol import ERROR_KINDS as MCU_PARSER_ERRORS
 from ..drivers.mcu_protocol import Heartbeat, Message, Readings, SleepRequest, StatusFlags, WakeRequest
 from ..drivers.someip import ERROR_KINDS as SOMEIP_DECODE_ERRORS
 from ..drivers.someip import SomeIpReceiver
+from .clock import Clock
+from .host import EnergyHost, SampleSink, Undo
+from .metrics import Metrics
 from .tasks import cancel_and_wait
 
-if TYPE_CHECKING:
-    from .clock import Clock
-    from .runtime import Daemon
-
 log = logging.getLogger(__name__)
-
-#: What the sources hand to the daemon: (signal, value) pairs and their policy time.
-SampleSink = Callable[[Sequence[tuple[str, float]], float], None]
 
 SOMEIP_ERROR_KINDS = (*SOMEIP_DECODE_ERRORS, "socket_errors", "callback_errors")
 MCU_LINK_ERROR_KINDS = ("open_failures", "connections_lost", "stale", "ack_timeouts", "nacks", "listener_errors")
@@ -85,6 +80,10 @@ class SomeIpSource:
         self._clock = clock
         self.receiver = SomeIpReceiver(config, self._on_samples)
 
+    def set_routes(self, routes: Mapping[str, tuple[str, ...]]) -> None:
+        """A reloaded `[signals]`: which fields feed which signals, from the next datagram on."""
+        self._routes = routes
+
     def _on_samples(self, values: dict[str, float], mono: float) -> None:
         samples = _route(values, self._routes)
         if samples:
@@ -117,7 +116,11 @@ class McuSource:
         self._wake_requested_at = 0.0
         self._request_reason = 0
         self.requests: dict[str, int] = {"wake": 0, "sleep": 0}
-        self._remove_listener = self.link.add_listener(self._on_message)
+        self._remove_listener: Callable[[], None] = lambda: None
+
+    def set_routes(self, routes: Mapping[str, tuple[str, ...]]) -> None:
+        """A reloaded `[signals]`: which readings feed which signals, from the next message on."""
+        self._routes = routes
 
     def _request_state(self, mono: float) -> dict[str, float]:
         if self._wake_requested and self._hold_s is not None and mono - self._wake_requested_at > self._hold_s:
@@ -148,6 +151,7 @@ class McuSource:
             self._sink(samples, self._clock.from_monotonic(mono))
 
     async def async_start(self) -> None:
+        self._remove_listener = self.link.add_listener(self._on_message)
         if self._owns_link:
             await self.link.async_start()
 
@@ -171,23 +175,34 @@ class _Reader:
 
 class PowerReaders:
     """Reads each measured domain's sensor on its own period; the latest watts are what the
-    daemon's power source returns (None until the first good read; a failed read keeps the
-    previous value out: the daemon then holds its last watts)."""
+    ledger's power source returns (None until the first good read; a failed read keeps the
+    previous value out: the ledger then holds its last watts). Exports the sensors' counters."""
 
-    def __init__(self, sensors: Iterable[tuple[DomainConfig, PowerSensor]]) -> None:
+    def __init__(self, sensors: Iterable[tuple[DomainConfig, PowerSensor]], *,
+                 energy: EnergyHost | None = None, metrics: Metrics | None = None) -> None:
         self.readers = [_Reader(d.name, s, d.interval_ms / 1000) for d, s in sensors]
+        self._energy = energy
+        self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
+        self._undo: list[Undo] = []
 
     def sources(self) -> dict[str, Callable[[], float | None]]:
         return {r.domain: (lambda r=r: r.watts) for r in self.readers}  # type: ignore[misc]
 
     async def async_start(self) -> None:
+        if self._energy is not None:
+            self._undo += [self._energy.add_power_source(d, s) for d, s in self.sources().items()]
+        if self._metrics is not None and self.readers:
+            self._undo.append(self._metrics.register(
+                SensorsCollector({r.domain: r.sensor for r in self.readers})))
         if self.readers:
             self._task = asyncio.create_task(self._run(), name="power-readers")
 
     async def async_stop(self) -> None:
         task, self._task = self._task, None
         await cancel_and_wait(task)
+        while self._undo:
+            self._undo.pop()()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -223,16 +238,17 @@ class SourcesCollector:
     """Counters of the sources, read at scrape time. prometheus-client calls `collect` from its
     HTTP thread: it only copies fixed-key dicts of ints, which is safe without a lock."""
 
-    def __init__(self, someip: Sequence[SomeIpSource], mcu: McuSource | None,
-                 sensors: Mapping[str, PowerSensor]) -> None:
-        self._someip = someip
+    def __init__(self, someip: Sequence[SomeIpSource], mcu: McuSource | None) -> None:
+        self._someip = tuple(someip)
         self._mcu = mcu
-        self._sensors = sensors
+
+    def set_someip(self, someip: Sequence[SomeIpSource]) -> None:
+        """The endpoints a reload rebuilt (one tuple swap: safe against a scrape under way)."""
+        self._someip = tuple(someip)
 
     def collect(self) -> Iterable[Metric]:
         yield from self._collect_someip()
         yield from self._collect_mcu()
-        yield from self._collect_sensors()
 
     def _collect_someip(self) -> Iterable[Metric]:
         if not self._someip:
@@ -274,9 +290,15 @@ class SourcesCollector:
         up.add_metric([], 0.0 if link.stale else 1.0)
         yield from (frames, errors, connects, requests, up)
 
-    def _collect_sensors(self) -> Iterable[Metric]:
-        if not self._sensors:
-            return
+
+
+class SensorsCollector:
+    """The power sensors' counters, read at scrape time (fixed-key dicts of ints)."""
+
+    def __init__(self, sensors: Mapping[str, PowerSensor]) -> None:
+        self._sensors = sensors
+
+    def collect(self) -> Iterable[Metric]:
         reads = CounterMetricFamily("cerebellumd_sensor_reads", "Good power-sensor reads.", labels=["domain"])
         errors = CounterMetricFamily("cerebellumd_sensor_errors", "Failed power-sensor reads by kind.",
                                      labels=["domain", "kind"])
@@ -286,30 +308,3 @@ class SourcesCollector:
             for kind, n in counters.items():
                 errors.add_metric([domain, kind], n)
         yield from (reads, errors)
-
-
-# -- wiring --------------------------------------------------------------------------------------
-
-
-def attach_sources(daemon: Daemon) -> None:
-    """Register SOME/IP, MCU and power-sensor services on `daemon` (nothing runs before its
-    `async_start`)."""
-    config = daemon.config
-    someip = [SomeIpSource(e, signal_routes(config, "someip"), daemon._on_samples, daemon.clock)
-              for e in config.someip]
-    mcu: McuSource | None = None
-    if config.mcu is not None:
-        shared = daemon.driver.link if isinstance(daemon.driver, McuAccelerator) else None
-        mcu = McuSource(config.mcu, signal_routes(config, "mcu"), daemon._on_samples, daemon.clock, link=shared)
-    fed = rail_fed_domains(config)  # the rail map's service reads those (daemon/power.py)
-    measured = [d for d in config.power.domains if d.source in ("hwmon", "mcu") and d.name not in fed]
-    sensors = {d.name: build_sensor(d, mcu.link if mcu else None) for d in measured}
-    readers = PowerReaders((d, sensors[d.name]) for d in measured)
-    daemon.services.extend(someip)
-    if mcu is not None:
-        daemon.services.append(mcu)
-    if readers.readers:
-        daemon.services.append(readers)
-        daemon.power_sources.update(readers.sources())
-    if someip or mcu or sensors:
-        daemon.metrics.register(SourcesCollector(someip, mcu, sensors))

@@ -1,0 +1,421 @@
+"""The composition root: builds the daemon's parts from a `Config` in an order written here,
+starts them, stops them in the exact reverse, and swaps them on reload.
+
+Start order (stop is its reverse):
+
+ 1. the actuator (its stop, which commands `daemon.safe_state`, therefore runs last and always);
+ 2. the policy begins; the metrics endpoint;
+ 3. file checks, persistence (restores the totals), leases, NM (taps its bus before it opens);
+ 4. one CAN ingest per bus; SOME/IP endpoints; the MCU link; power readers; the rail map;
+ 5. the wake watchdog (lifecycle); MQTT (told the parts that add to its state);
+ 6. the tickers.
+
+Each part gets its config section, the peers it needs as arguments, and the daemon only through
+the narrow Protocols of `daemon/host.py`; whatever it registers it undoes at stop. A stop step
+that fails is logged and counted in the result, and never keeps the later steps (the safe state
+above all) from running.
+
+Reload is a transaction under one lock: validate the file, classify the changes
+(`config/reload.py`), refuse the whole file if any key needs a restart, build the policy core
+and the replacement parts, stop the parts being replaced, start their replacements, then swap the
+config and the core synchronously (between two ticks). If anything fails on the way, the parts
+started for the new config are stopped and the old ones rebuilt from the old config: never a mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..accel import AccelState
+from ..config import Config, ConfigError, load_config, rail_fed_domains
+from ..config.reload import ReloadPlan, plan_reload
+from ..drivers.accel_mcu import McuAccelerator
+from ..drivers.mcu_link import McuLink
+from .core import DaemonCore, PolicyCore
+from .host import Part, StateExtra
+from .ingest import CanIngest, load_dbc
+from .lease_service import LeaseService
+from .lifecycle import Lifecycle
+from .mqtt import MqttBridge
+from .nm_service import NmService
+from .overhead import ScrapeTimer
+from .persist import Persistence
+from .power import RailPower, build_rail_sensor
+from .security import FileCheck
+from .sources import McuSource, PowerReaders, SomeIpSource, SourcesCollector, build_sensor, signal_routes
+
+log = logging.getLogger(__name__)
+
+#: A stop step that takes longer is abandoned (and counted as failed) so the rest still run.
+STOP_STEP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    result: str  # ok | error | restart_required (the metric's label)
+    message: str
+    plan: ReloadPlan | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.result == "ok"
+
+
+def wanted_signals(config: Config, bus: str) -> dict[tuple[str, str], str]:
+    """{(DBC message, DBC signal): our signal} of the signals read from CAN bus `bus`."""
+    default = config.can[0].name if config.can else None
+    wanted: dict[tuple[str, str], str] = {}
+    for name, s in config.signals.items():
+        if s.can and (s.bus or default) == bus:
+            message, signal = s.can.split(".", 1)
+            wanted[(message, signal)] = name
+    return wanted
+
+
+class _Stack:
+    """Started steps with their undo, run in reverse; every error is collected."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+
+    def push(self, name: str, undo: Callable[[], Awaitable[None]]) -> None:
+        self._steps.append((name, undo))
+
+    async def async_unwind(self) -> list[tuple[str, BaseException]]:
+        errors: list[tuple[str, BaseException]] = []
+        while self._steps:
+            name, undo = self._steps.pop()
+            try:
+                async with asyncio.timeout(STOP_STEP_TIMEOUT_S):
+                    await undo()
+            except Exception as exc:  # collected: one failing step must not skip the rest
+                log.error("stopping %s failed: %r", name, exc)
+                errors.append((name, exc))
+        return errors
+
+
+class Assembly:
+    def __init__(self, daemon: DaemonCore) -> None:
+        self.daemon = daemon
+        self.stop_errors: list[tuple[str, BaseException]] = []
+        self.safe_state_reached: bool | None = None
+        self._stack = _Stack()
+        self._lock = asyncio.Lock()
+        self._started = False
+        # The parts, by role; each None when its section is off.
+        self.file_check: FileCheck | None = None
+        self.persistence: Persistence | None = None
+        self.leases: LeaseService | None = None
+        self.nm: NmService | None = None
+        self.ingests: dict[str, CanIngest] = {}
+        self.someip: list[SomeIpSource] = []
+        self.mcu: McuSource | None = None
+        self.sources_collector: SourcesCollector | None = None
+        self.power_readers: PowerReaders | None = None
+        self.rails: RailPower | None = None
+        self.lifecycle: Lifecycle | None = None
+        self.mqtt: MqttBridge | None = None
+        self.scrape_timer = ScrapeTimer(daemon.metrics.registry)
+
+    @property
+    def parts(self) -> tuple[object, ...]:
+        ordered: list[object | None] = [
+            self.file_check, self.persistence, self.leases, self.nm, *self.ingests.values(), *self.someip,
+            self.mcu, self.power_readers, self.rails, self.lifecycle, self.mqtt]
+        return tuple(p for p in ordered if p is not None)
+
+    # -- building (nothing runs or registers until started) ------------------------------------
+
+    def _mcu_link(self) -> McuLink | None:
+        """One serial port has one link: the `mcu` accelerator driver's, else the MCU source's."""
+        driver = self.daemon.driver
+        if isinstance(driver, McuAccelerator):
+            return driver.link
+        return self.mcu.link if self.mcu is not None else None
+
+    def _build_someip(self, config: Config) -> list[SomeIpSource]:
+        d = self.daemon
+        routes = signal_routes(config, "someip")
+        return [SomeIpSource(e, routes, d.publish_samples, d.clock) for e in config.someip]
+
+    def _build_power_readers(self, config: Config) -> PowerReaders | None:
+        fed = rail_fed_domains(config)  # the rail map reads those
+        measured = [dm for dm in config.power.domains if dm.source in ("hwmon", "mcu") and dm.name not in fed]
+        if not measured:
+            return None
+        link = self._mcu_link()
+        return PowerReaders(((dm, build_sensor(dm, link)) for dm in measured),
+                            energy=self.daemon, metrics=self.daemon.metrics)
+
+    def _build_rails(self, config: Config) -> RailPower | None:
+        power = config.power
+        if power.rails is None:
+            return None
+        rail_map = power.rails.rail_map()
+        link = self._mcu_link()
+        sensors = {rail: build_rail_sensor(power.rail_sensors[rail], link) for rail in rail_map.rails()}
+        return RailPower(rail_map, sensors, power.rail_interval_ms / 1000, metrics=self.daemon.metrics,
+                         energy=self.daemon)
+
+    def _build_mqtt(self, config: Config) -> MqttBridge | None:
+        if not config.mqtt.enabled:
+            return None
+        d = self.daemon
+        extras: list[StateExtra] = [p for p in (self.lifecycle, self.leases, self.nm) if p is not None]
+        return MqttBridge(config.mqtt, node=config.daemon.node, domains=[dm.name for dm in config.power.domains],
+                          host=d, commands=d.commands, clock=d.clock, metrics=d.metrics, extras=extras)
+
+    async def _async_build_ingests(self, config: Config) -> dict[str, CanIngest]:
+        d = self.daemon
+        ingests = {}
+        for bus in config.can:
+            db = await asyncio.to_thread(load_dbc, bus.dbc, bus.dbc_strict)
+            ingests[bus.name] = CanIngest(bus, db, wanted_signals(config, bus.name), d.publish_samples,
+                                          d.metrics, now=d.clock.now, from_monotonic=d.clock.from_monotonic)
+        return ingests
+
+    # -- start / stop ----------------------------------------------------------------------------
+
+    async def _start(self, name: str, part: Part) -> None:
+        await part.async_start()
+        self._stack.push(name, part.async_stop)
+
+    async def _start_role(self, name: str, holders: Callable[[], Sequence[Part | None]]) -> None:
+        """A role a reload may hand to a new part: its stop step stops whoever holds it then."""
+        started: list[Part] = []
+        try:
+            for part in holders():
+                if part is not None:
+                    await part.async_start()
+                    started.append(part)
+        except BaseException:
+            for part in reversed(started):
+                await _stop_quietly(part)
+            raise
+
+        async def stop_holders() -> None:
+            for part in reversed(holders()):
+                if part is not None:
+                    await part.async_stop()
+
+        self._stack.push(name, stop_holders)
+
+    async def async_start(self) -> None:
+        d = self.daemon
+        cfg = d.config
+        try:
+            await d.actuator.async_start()
+            self._stack.push("actuator (safe state)", self._async_safe_stop)
+            d.begin()
+            if cfg.prometheus.enabled:
+                d.port = await d.metrics.async_serve(cfg.prometheus.address, cfg.prometheus.port, self.scrape_timer)
+                self._stack.push("metrics endpoint", d.metrics.async_stop)
+                log.info("metrics on http://%s:%d/metrics", cfg.prometheus.address, d.port)
+            self.file_check = FileCheck(d.config_path, cfg.daemon.state_file, d.metrics)
+            await self._start("file checks", self.file_check)
+            if cfg.daemon.state_file is not None:
+                self.persistence = Persistence(Path(cfg.daemon.state_file), cfg.daemon.persist_interval_s,
+                                               cfg.daemon.node, d, d.metrics)
+                await self._start("persistence", self.persistence)
+            if cfg.leases.enabled:
+                self.leases = LeaseService(cfg.leases, host=d, clock=d.clock, metrics=d.metrics)
+                await self._start("leases", self.leases)
+            self.ingests = await self._async_build_ingests(cfg)
+            if cfg.nm.enabled and cfg.can:
+                bus = cfg.nm.bus or cfg.can[0].name
+                self.nm = NmService(cfg.nm, ingest=self.ingests[bus], host=d, actuator=d.actuator, clock=d.clock,
+                                    metrics=d.metrics, leases=self.leases)
+                await self._start("network management", self.nm)
+            for name, ingest in self.ingests.items():
+                await self._start(f"CAN bus {name}", ingest)
+                undo_ingest = d.add_ingest(ingest)
+                self._stack.push(f"CAN bus {name} (loop)", _as_async(undo_ingest))
+            self.someip = self._build_someip(cfg)
+            await self._start_role("SOME/IP endpoints", lambda: self.someip)
+            if cfg.mcu is not None:
+                shared = d.driver.link if isinstance(d.driver, McuAccelerator) else None
+                self.mcu = McuSource(cfg.mcu, signal_routes(cfg, "mcu"), d.publish_samples, d.clock, link=shared)
+                await self._start("MCU link", self.mcu)
+            self._register_sources_collector()
+            self.power_readers = self._build_power_readers(cfg)
+            await self._start_role("power readers", lambda: [self.power_readers])
+            self.rails = self._build_rails(cfg)
+            await self._start_role("rail map", lambda: [self.rails])
+            self.lifecycle = Lifecycle(cfg.accelerator.escalation, actuator=d.actuator, driver=d.driver, host=d,
+                                       clock=d.clock, metrics=d.metrics)
+            await self._start("wake watchdog", self.lifecycle)
+            self.mqtt = self._build_mqtt(cfg)
+            await self._start_role("MQTT", lambda: [self.mqtt])
+            undo_tickers = d.start_tickers()
+            self._stack.push("tickers", _as_async(undo_tickers))
+            self._started = True
+        except BaseException:
+            await self.async_stop()
+            raise
+
+    def _register_sources_collector(self) -> None:
+        if self.someip or self.mcu is not None:
+            self.sources_collector = SourcesCollector(self.someip, self.mcu)
+            undo = self.daemon.metrics.register(self.sources_collector)
+            self._stack.push("source counters", _as_async(undo))
+
+    async def _async_safe_stop(self) -> None:
+        d = self.daemon
+        try:
+            d.finish()  # energy up to now; STOPPING=1
+        finally:
+            safe = AccelState(d.config.daemon.safe_state)
+            self.safe_state_reached = await d.actuator.async_stop(safe)
+
+    async def async_stop(self) -> None:
+        async with self._lock:  # a reload under way finishes first
+            self.stop_errors = await self._stack.async_unwind()
+            self._started = False
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def async_reload(self, path: str | None = None) -> ReloadResult:
+        d = self.daemon
+        path = path or d.config_path
+        if path is None:
+            return ReloadResult("error", "no config file to reload")
+        async with self._lock:
+            if not self._started:
+                return ReloadResult("error", "the daemon is not running")
+            try:
+                new = await asyncio.to_thread(load_config, path)
+            except ConfigError as exc:
+                issues = "; ".join(str(i) for i in exc.issues)
+                return self._count(ReloadResult("error", f"reload failed, keeping the running configuration: {issues}"))
+            except Exception as exc:  # unreadable file and the like: the running config stays
+                return self._count(ReloadResult("error", f"reload failed, keeping the running configuration: {exc}"))
+            plan = plan_reload(d.config, new)
+            if plan.refused:
+                return self._count(ReloadResult("restart_required", plan.message(), plan))
+            if not plan.changed:
+                return self._count(ReloadResult("ok", plan.message(), plan))
+            try:
+                await self._async_swap(d.config, new, plan)
+            except Exception as exc:
+                log.exception("reload failed while swapping; the old parts were restored")
+                return self._count(ReloadResult("error", f"reload failed, old configuration restored: {exc}", plan))
+            log.info("configuration reloaded from %s", path)
+            return self._count(ReloadResult("ok", plan.message(), plan))
+
+    def _count(self, result: ReloadResult) -> ReloadResult:
+        self.daemon.metrics.config_reloads.labels(result.result).inc()
+        if result.result == "ok":
+            log.info("%s", result.message)
+        else:
+            log.error("%s", result.message)
+        return result
+
+    async def _async_swap(self, old: Config, new: Config, plan: ReloadPlan) -> None:
+        d = self.daemon
+        core = PolicyCore.build(new, d.model)  # built before anything is stopped: a bad core changes nothing
+        sections = plan.sections
+        rebuild_someip = "someip" in sections
+        rebuild_power = "power" in sections
+        rebuild_mqtt = bool({"mqtt", "power"} & sections)
+        replaced = _Replacement(
+            someip=self._build_someip(new) if rebuild_someip else None,
+            power_readers=self._build_power_readers(new) if rebuild_power else None,
+            rails=self._build_rails(new) if rebuild_power else None,
+            mqtt=self._build_mqtt(new) if rebuild_mqtt else None,
+        )
+        old_parts = _Replacement(
+            someip=self.someip if rebuild_someip else None,
+            power_readers=self.power_readers if rebuild_power else None,
+            rails=self.rails if rebuild_power else None,
+            mqtt=self.mqtt if rebuild_mqtt else None,
+        )
+        await old_parts.async_stop_quietly()
+        try:
+            await replaced.async_start()
+        except Exception:
+            await replaced.async_stop_quietly()
+            restored = _Replacement(
+                someip=self._build_someip(old) if rebuild_someip else None,
+                power_readers=self._build_power_readers(old) if rebuild_power else None,
+                rails=self._build_rails(old) if rebuild_power else None,
+                mqtt=self._build_mqtt(old) if rebuild_mqtt else None,
+            )
+            await restored.async_start()
+            self._adopt(restored, rebuild_someip, rebuild_power, rebuild_mqtt)
+            raise
+        # The swap itself: synchronous, so no tick sees a mix of old and new.
+        self._adopt(replaced, rebuild_someip, rebuild_power, rebuild_mqtt)
+        d.apply_config(new, core)
+        refilter = [ingest for name, ingest in self.ingests.items()
+                    if ingest.set_wanted(wanted_signals(new, name))]
+        routes = signal_routes(new, "someip")
+        for source in self.someip:
+            source.set_routes(routes)
+        if self.mcu is not None:
+            self.mcu.set_routes(signal_routes(new, "mcu"))
+        if self.persistence is not None:
+            self.persistence.interval_s = new.daemon.persist_interval_s
+        for ingest in refilter:  # where the kernel filters, new IDs must get through
+            try:
+                await ingest.async_apply_filters()
+            except Exception as exc:  # the routes are in place; only the kernel filter is stale
+                log.error("CAN bus %s: acceptance filters not updated: %s", ingest.name, exc)
+
+    def _adopt(self, parts: _Replacement, someip: bool, power: bool, mqtt: bool) -> None:
+        """The stack keeps stopping whatever part currently holds each role."""
+        if someip:
+            self.someip = parts.someip or []
+            if self.sources_collector is not None:
+                self.sources_collector.set_someip(self.someip)
+        if power:
+            self.power_readers, self.rails = parts.power_readers, parts.rails
+        if mqtt:
+            self.mqtt = parts.mqtt
+
+
+@dataclass
+class _Replacement:
+    someip: list[SomeIpSource] | None = None
+    power_readers: PowerReaders | None = None
+    rails: RailPower | None = None
+    mqtt: MqttBridge | None = None
+
+    def _parts(self) -> list[Part]:
+        return [p for p in (*(self.someip or ()), self.power_readers, self.rails, self.mqtt) if p is not None]
+
+    async def async_start(self) -> None:
+        started: list[Part] = []
+        try:
+            for part in self._parts():
+                await part.async_start()
+                started.append(part)
+        except BaseException:
+            for part in reversed(started):
+                await _stop_quietly(part)
+            raise
+
+    async def async_stop_quietly(self) -> None:
+        for part in reversed(self._parts()):
+            await _stop_quietly(part)
+
+
+async def _stop_quietly(part: Part) -> None:
+    try:
+        async with asyncio.timeout(STOP_STEP_TIMEOUT_S):
+            await part.async_stop()
+    except Exception as exc:  # already on an error path: log, keep going
+        log.error("stopping %s failed: %r", type(part).__name__, exc)
+
+
+def _as_async(undo: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        undo()
+
+    return run
+
+
+__all__ = ["Assembly", "ReloadResult", "wanted_signals"]
