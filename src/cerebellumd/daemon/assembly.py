@@ -182,7 +182,7 @@ class Assembly:
 
     async def _start(self, name: str, part: Part) -> None:
         await part.async_start()
-        self._stack.push(name, part.async_stop)
+        self._stack.push(name, lambda: part.async_stop())
 
     async def _start_role(self, name: str, holders: Callable[[], Sequence[Part | None]]) -> None:
         """A role a reload may hand to a new part: its stop step stops whoever holds it then."""

@@ -144,6 +144,11 @@ class DaemonCore:
         return tuple(self._ingests)
 
     @property
+    def tick_period_s(self) -> float | None:
+        """The running decision ticker's period in wall seconds (None while stopped or paused)."""
+        return self._tickers[0].period_s if self._tickers else None
+
+    @property
     def deepest_state(self) -> AccelState:
         return self.core.params.deepest_state
 
