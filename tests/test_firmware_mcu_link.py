@@ -74,7 +74,8 @@ def _compiler() -> str | None:
 
 
 CC = _compiler()
-pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler (cc, gcc or clang) on PATH to build firmware/mcu-link")
+pytestmark = pytest.mark.skipif(
+    CC is None, reason="no C compiler (cc, gcc or clang) on PATH to build firmware/mcu-link")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -607,6 +608,10 @@ def test_c_firmware_against_cerebellumd_run(build: Build, tmp_path: Path) -> Non
             return poll(lambda: (m := _scrape(metrics_port)) is not None and check(m) and m, timeout, what,
                         daemon, log)
 
+        def unpowered(m: dict[Any, float]) -> bool:
+            # The rail is off; the driver labels it with the policy's resting state (sleep or off).
+            return sum(total(m, "cerebellumd_accelerator_state", state=s) for s in ("off", "sleep")) == 1
+
         def errors(m: dict[Any, float], kind: str) -> float:
             return total(m, "cerebellumd_mcu_errors_total", kind=kind)
 
@@ -616,7 +621,7 @@ def test_c_firmware_against_cerebellumd_run(build: Build, tmp_path: Path) -> Non
                  and all(total(m, "cerebellumd_signal_stale", signal=s) == 0
                          for s in ("battery_v", "accel_temp_c", "ignition", "mcu_wake_request")))
         rx = total(m, "cerebellumd_mcu_frames_total", direction="rx")
-        assert total(m, "cerebellumd_accelerator_state", state="off") == 1
+        assert unpowered(m)
         assert total(m, "cerebellumd_domain_power_watts", domain="accelerator", source="sensor") == 0
         assert all(errors(m, k) == 0 for k in ("crc", "length", "version", "unknown_type", "bad_value"))
         wait("more frames", lambda m: total(m, "cerebellumd_mcu_frames_total", direction="rx") >= rx + 10)
@@ -642,7 +647,8 @@ def test_c_firmware_against_cerebellumd_run(build: Build, tmp_path: Path) -> Non
         assert acked["kind"] == "wake" and acked["reason"] == 2  # CAN activity, the wake line's default
         rail = fw.expect(lambda e: e["event"] == "rail", 10, "RAIL_COMMAND from the daemon")
         assert (rail["action"], rail["result"], rail["rail_on"]) == ("on", "ack", True)
-        m = wait("the accelerator active on 6 W", lambda m: total(m, "cerebellumd_accelerator_state", state="active") == 1
+        m = wait("the accelerator active on 6 W", lambda m:
+                 total(m, "cerebellumd_accelerator_state", state="active") == 1
                  and total(m, "cerebellumd_domain_power_watts", domain="accelerator", source="sensor") == 6.0)
         assert total(m, "cerebellumd_mcu_requests_total", kind="wake") == 1
         assert total(m, "cerebellumd_wakes_total", reason="demand:mcu_wake") == 1
@@ -661,7 +667,7 @@ def test_c_firmware_against_cerebellumd_run(build: Build, tmp_path: Path) -> Non
         assert acked["kind"] == "sleep"
         rail = fw.expect(lambda e: e["event"] == "rail", 10, "RAIL_COMMAND OFF from the daemon")
         assert (rail["action"], rail["result"], rail["rail_on"]) == ("off", "ack", False)
-        m = wait("the accelerator off at 0 W", lambda m: total(m, "cerebellumd_accelerator_state", state="off") == 1
+        m = wait("the accelerator unpowered at 0 W", lambda m: unpowered(m)
                  and total(m, "cerebellumd_domain_power_watts", domain="accelerator", source="sensor") == 0)
         assert total(m, "cerebellumd_mcu_requests_total", kind="sleep") == 1
         assert total(m, "cerebellumd_actuation_failures_total") == 0
