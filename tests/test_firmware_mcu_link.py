@@ -589,7 +589,7 @@ def _scrape(port: int) -> dict[Any, float] | None:
 def test_c_firmware_against_cerebellumd_run(build: Build, tmp_path: Path) -> None:
     link = tmp_path / "mcu"  # a symlink to the firmware's pty, as /dev/serial/by-id/... on a bench
     fw = Firmware(build.host, "--pty", str(link), "--heartbeat-ms", "100", "--readings-ms", "100",
-                  "--retry-ms", "300")
+                  "--retry-ms", "1000")  # the ACK comes long before a repeat
     daemon: subprocess.Popen[str] | None = None
     log = tmp_path / "run.log"
     try:
