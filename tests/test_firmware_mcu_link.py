@@ -292,6 +292,23 @@ def test_random_and_corrupted_streams_give_the_same_messages_and_counters(build:
     assert decoded > 300  # the streams did carry frames (not only noise)
 
 
+def test_the_parser_is_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
+    assert CC is not None
+    binary = tmp_path / "mcu-vectors-asan"
+    proc = subprocess.run([CC, *CFLAGS, "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                           "-o", str(binary), "vectors_host.c", "mcu_proto.c"],
+                          cwd=FIRMWARE, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 and "sanitize" in proc.stderr:
+        pytest.skip(f"{CC} cannot build with -fsanitize=address,undefined: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr
+    rng = random.Random(4242)
+    streams = [_random_stream(rng) for _ in range(500)] + [rng.randbytes(rng.randint(0, 2000)) for _ in range(50)]
+    run = subprocess.run([binary], input="".join(f"parse {s.hex()}\n" for s in streams), capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and run.stderr == "", run.stderr[-3000:]
+    assert run.stdout.count("counters ") == len(streams)
+
+
 def test_every_single_bit_error_is_rejected_by_both(build: Build) -> None:
     frames = [doc_bytes(row[3]) for row in FRAMES]
     streams = []

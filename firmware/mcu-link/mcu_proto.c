@@ -10,15 +10,17 @@
 
 uint16_t mcu_crc16_update(uint16_t crc, const uint8_t *data, size_t len)
 {
+    uint32_t c = crc; /* unsigned int-sized work register: no promotion to signed int */
     size_t i;
     int bit;
     for (i = 0; i < len; i++) {
-        crc ^= (uint16_t)((uint16_t)data[i] << 8);
+        c ^= (uint32_t)data[i] << 8;
         for (bit = 0; bit < 8; bit++) {
-            crc = (crc & 0x8000u) ? (uint16_t)((crc << 1) ^ 0x1021u) : (uint16_t)(crc << 1);
+            c = (c & 0x8000u) ? ((c << 1) ^ 0x1021u) : (c << 1);
         }
+        c &= 0xFFFFu;
     }
-    return crc;
+    return (uint16_t)c;
 }
 
 uint16_t mcu_crc16(const uint8_t *data, size_t len)
