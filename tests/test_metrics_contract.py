@@ -1,4 +1,4 @@
-"""The scrape output of a running daemon: every metric of the contract (ARCHITECTURE.md §6)
+"""The scrape output of a running daemon: every metric of the contract (docs/contracts.md)
 with its exact type and labels, and `promtool check metrics` with no findings."""
 
 from __future__ import annotations
@@ -12,27 +12,11 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import contracts
 from .helpers import free_port
 
-CONTRACT = {
-    "cerebellumd_accelerator_state": ("gauge", {"state"}),
-    "cerebellumd_domain_power_watts": ("gauge", {"domain", "source"}),
-    "cerebellumd_domain_energy_joules": ("counter", {"domain"}),
-    "cerebellumd_wakes": ("counter", {"reason"}),
-    "cerebellumd_sleeps": ("counter", {"state", "reason"}),
-    "cerebellumd_wake_latency_seconds": ("histogram", set()),
-    "cerebellumd_demand_active": ("gauge", {"demand"}),
-    "cerebellumd_wake_validations": ("counter", {"result"}),
-    "cerebellumd_tick_lateness_seconds": ("histogram", {"loop"}),
-    "cerebellumd_tick_overruns": ("counter", {"loop"}),
-    "cerebellumd_decision_seconds": ("histogram", set()),
-    "cerebellumd_can_frames": ("counter", {"bus"}),
-    "cerebellumd_can_errors": ("counter", {"bus", "kind"}),
-    "cerebellumd_ingest_dropped": ("counter", {"bus"}),
-    "cerebellumd_signal_stale": ("gauge", {"signal"}),
-    "cerebellumd_holds_active": ("gauge", set()),
-    "cerebellumd_config_reloads": ("counter", {"result"}),
-}
+#: docs/contracts.md; the demo has no broker, so no `cerebellumd_mqtt_connected` (by design).
+CONTRACT = {name: spec for name, spec in contracts.metrics().items() if name != "cerebellumd_mqtt_connected"}
 
 
 def scrape_running_demo() -> str:
