@@ -12,10 +12,10 @@ import argparse
 import json
 import time
 
+from cerebellumd.accel import AccelState
 from cerebellumd.config import builtin_example, parse_config, policy_params
 from cerebellumd.policies.baselines import AlwaysOn, Timeout
 from cerebellumd.policies.cerebellum import CerebellumFirst
-from cerebellumd.accel import AccelState
 from cerebellumd.profiles import load_profile
 from cerebellumd.sim import evaluate as ev
 from cerebellumd.sim.cycles import load_cycle

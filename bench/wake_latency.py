@@ -32,9 +32,9 @@ from typing import Any, ClassVar
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
+from cerebellumd.accel import AccelState
 from cerebellumd.config import Config, builtin_example
 from cerebellumd.daemon.runtime import Daemon
-from cerebellumd.accel import AccelState
 
 RESTING = frozenset({AccelState.IDLE, AccelState.SLEEP, AccelState.OFF})
 WAIT_S = 10.0

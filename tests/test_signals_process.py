@@ -180,6 +180,34 @@ def test_sighup_valid_change_is_applied(node: Node) -> None:
     assert node.metric("cerebellumd_config_reloads_total", result="error") == 0
 
 
+def test_sighup_new_domain_and_demand_then_sigterm_is_safe(node: Node) -> None:
+    """A new user's first reload: one constant domain and one demand added. The domain accrues
+    from zero while the others keep their totals, the demand wakes, and SIGTERM afterwards still
+    leaves the accelerator in `off` with exit 0. A restart-only change is then refused whole."""
+    proc = node.start()
+    poll(lambda: node.metric("cerebellumd_domain_energy_joules_total", domain="gateway") > 0.5, what="energy")
+    demand = '[[demands]]\nname = "always"\nwhen = "true"\nclass = "normal"\n'
+    domains = ('[[power.domains]]\nname = "gateway"\nsource = "constant"\nwatts = 3.5\n'
+               '[[power.domains]]\nname = "radio"\nsource = "constant"\nwatts = 2.0\n')
+    node.write_config(node.toml(demands=demand + domains))
+    before = node.metric("cerebellumd_domain_energy_joules_total", domain="gateway")
+    proc.send_signal(signal.SIGHUP)
+    poll(lambda: node.metric("cerebellumd_config_reloads_total", result="ok") == 1, what="reload ok")
+    poll(lambda: node.metric("cerebellumd_domain_energy_joules_total", domain="radio") > 0.2, what="radio accrues")
+    assert node.metric("cerebellumd_domain_energy_joules_total", domain="gateway") >= before  # kept, not reset
+    poll(lambda: node.accel.read_text() == "active", what="accelerator woken by the new demand")
+    node.write_config(node.toml(demands=demand + domains).replace('node = "proc"', 'node = "renamed"'))
+    proc.send_signal(signal.SIGHUP)
+    poll(lambda: node.metric("cerebellumd_config_reloads_total", result="restart_required") == 1,
+         what="restart-only change refused")
+    assert node.metric("cerebellumd_domain_energy_joules_total", domain="radio") > 0  # still the live config
+    assert any("daemon.node" in str(r["msg"]) and "restart" in str(r["msg"]) for r in node.log_records())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, node.log.read_text()
+    assert node.accel.read_text() == "off"  # the safe state, written by the tool itself
+    assert not any(r["level"] == "error" for r in node.log_records()), node.log.read_text()
+
+
 def test_sighup_invalid_file_keeps_old_config(node: Node) -> None:
     node.write_config(node.toml(demands='[[demands]]\nname = "always"\nwhen = "true"\nclass = "normal"\n'))
     proc = node.start()

@@ -303,15 +303,12 @@ class Assembly:
             except Exception as exc:
                 log.exception("reload failed while swapping; the old parts were restored")
                 return self._count(ReloadResult("error", f"reload failed, old configuration restored: {exc}", plan))
-            log.info("configuration reloaded from %s", path)
-            return self._count(ReloadResult("ok", plan.message(), plan))
+            return self._count(ReloadResult("ok", f"{plan.message()} (from {path})", plan))
 
     def _count(self, result: ReloadResult) -> ReloadResult:
         self.daemon.metrics.config_reloads.labels(result.result).inc()
-        if result.result == "ok":
-            log.info("%s", result.message)
-        else:
-            log.error("%s", result.message)
+        level = {"ok": logging.INFO, "restart_required": logging.WARNING}.get(result.result, logging.ERROR)
+        log.log(level, "%s", result.message)
         return result
 
     async def _async_swap(self, old: Config, new: Config, plan: ReloadPlan) -> None:
