@@ -17,6 +17,7 @@ from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.daemon.sources import McuSource, SomeIpSource
 from cerebellumd.drivers.accel_mcu import McuAccelerator
 from cerebellumd.drivers.mcu_emulator import McuEmulator
+from cerebellumd.drivers.mcu_protocol import WakeRequest
 from cerebellumd.drivers.someip import build_notification
 
 from .helpers import until
@@ -130,8 +131,12 @@ async def test_mcu_readings_and_requests_feed_signals_and_silence_makes_them_sta
                     what="MCU readings and heartbeats")
         assert daemon.samples["battery_v"].value == pytest.approx(12.6)
         assert daemon.samples["mcu_wake_request"].value == 0.0  # from the heartbeat
-        emulator.send_wake_request(5)
+        seq = emulator.send_wake_request(5)
         await until(lambda: daemon.wakes == 1, what="a wake for the MCU's request")
+        frames = metric(daemon, "cerebellumd_mcu_frames_total", direction="rx")
+        emulator.resend(WakeRequest(5), seq)  # a retry (same seq): the same request, counted once
+        await until(lambda: metric(daemon, "cerebellumd_mcu_frames_total", direction="rx") > frames,
+                    what="the repeated frame received")
         assert metric(daemon, "cerebellumd_wakes_total", reason="demand:mcu_wake") == 1
         emulator.send_sleep_request(0)
         await until(lambda: daemon.sleeps == 1, what="a step-down after the MCU's sleep request")

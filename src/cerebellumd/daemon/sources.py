@@ -116,6 +116,7 @@ class McuSource:
         self._wake_requested_at = 0.0
         self._request_reason = 0
         self.requests: dict[str, int] = {"wake": 0, "sleep": 0}
+        self._last_request: tuple[type, int] | None = None
         self._remove_listener: Callable[[], None] = lambda: None
 
     def set_routes(self, routes: Mapping[str, tuple[str, ...]]) -> None:
@@ -138,6 +139,12 @@ class McuSource:
             values = {"ignition": 1.0 if body.flags & StatusFlags.IGNITION_ON else 0.0, **self._request_state(mono)}
         elif isinstance(body, WakeRequest | SleepRequest):
             wake = isinstance(body, WakeRequest)
+            # The MCU repeats a request with the same seq until it sees our ACK
+            # (docs/mcu-protocol.md): a repeat is the same request, counted once.
+            key = (type(body), message.seq)
+            if key == self._last_request:
+                return
+            self._last_request = key
             self.requests["wake" if wake else "sleep"] += 1
             self._wake_requested = wake
             self._wake_requested_at = mono

@@ -197,17 +197,23 @@ class McuEmulator:
             rail_mv=mv, rail_ma=ma, rail_mw=mv * ma // 1000, rail_on=self.rail_on,
         )
 
-    def send(self, body: Body) -> None:
-        if self.misbehave.silent:
-            return
+    def send(self, body: Body) -> int:
+        """Send with the next sequence number; returns it."""
         self._seq = (self._seq + 1) & 0xFF
-        self.write_raw(encode(body, self._seq))
+        if not self.misbehave.silent:
+            self.write_raw(encode(body, self._seq))
+        return self._seq
 
-    def send_wake_request(self, reason: int) -> None:
-        self.send(WakeRequest(reason))
+    def resend(self, body: Body, seq: int) -> None:
+        """A frame again with its seq: a request repeated because no ACK was seen."""
+        if not self.misbehave.silent:
+            self.write_raw(encode(body, seq))
 
-    def send_sleep_request(self, reason: int) -> None:
-        self.send(SleepRequest(reason))
+    def send_wake_request(self, reason: int) -> int:
+        return self.send(WakeRequest(reason))
+
+    def send_sleep_request(self, reason: int) -> int:
+        return self.send(SleepRequest(reason))
 
     def inject_garbage(self, data: bytes) -> None:
         self.write_raw(data)
