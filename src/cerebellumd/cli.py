@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     disc.add_argument("log", help="candump .log, .asc, .blf, .trc, ... (anything can.LogReader reads)")
     disc.add_argument("--dbc", required=True, help="DBC of the log's bus")
     disc.add_argument("--json", action="store_true", help="print one JSON object")
-    disc.add_argument("--suggest", default=None, metavar="FILE.toml", help="write a starting config for the roles found")
+    disc.add_argument("--suggest", default=None, metavar="FILE.toml",
+                      help="write a starting config for the roles found")
     disc.add_argument("--top", type=int, default=25, help="rows of the most-active-signals table")
     disc.set_defaults(func=_cmd_discover)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -122,7 +123,7 @@ def _comparisons(expression: str) -> list[tuple[str, float]]:
         if not isinstance(node, ast.Compare):
             continue
         operands = [node.left, *node.comparators]
-        for a, b in zip(operands, operands[1:], strict=False):
+        for a, b in itertools.pairwise(operands):
             for x, y in ((a, b), (b, a)):
                 number = _number(y)
                 if isinstance(x, ast.Name) and number is not None:

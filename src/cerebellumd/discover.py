@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import can
 import cantools
@@ -235,7 +235,7 @@ class Discovery:
         stats.last = max(stats.last, t)
         stats.dlcs[len(data)] += 1
         try:
-            values = message.decode(data, decode_choices=False)
+            values = cast(Mapping[str, Any], message.decode(data, decode_choices=False))
         except Exception:  # cantools raises several types for bad frames; all are bad input
             stats.decode_errors += 1
             return
@@ -317,7 +317,8 @@ class Discovery:
             if s.choices:
                 score += 2.0
                 reasons.append(f"DBC choices {', '.join(s.choices.values())}")
-                if any(v.strip().upper() in ("P", "R", "N", "D", "PARK", "REVERSE", "DRIVE") for v in s.choices.values()):
+                labels = {v.strip().upper() for v in s.choices.values()}
+                if labels & {"P", "R", "N", "D", "PARK", "REVERSE", "DRIVE"}:
                     score += 1.0
             if few:
                 score += 1.0
@@ -477,9 +478,6 @@ class DiscoverResult:
     loaded: LoadedDbc
     discovery: Discovery
 
-    def dropped_messages(self) -> str | None:
-        return self.loaded.strict_error
-
     def as_json(self) -> dict[str, Any]:
         return {"log": self.log, "dbc": self.dbc, "dbc_strict": self.loaded.strict,
                 "dbc_strict_error": self.loaded.strict_error} | self.discovery.as_json()
@@ -625,7 +623,9 @@ def render(result: DiscoverResult, top: int = 25) -> list[Any]:
     out.append(Text(f"{result.log}: {d.frames} frames in {d.duration_s:.1f} s; {d.decoded} decoded, "
                     f"{errors} decode errors, {unknown} of unknown IDs, {d.error_frames} error frames"))
     if not result.loaded.strict:
-        out.append(Text(f"{result.dbc}: loads only non-strict: {result.loaded.strict_error}", style="yellow"))
+        out.append(Text(f"{result.dbc}: loads only non-strict (cantools then skips its overlap checks; every "
+                        f"message is kept, but overlapping signals may decode wrongly): {result.loaded.strict_error}",
+                        style="yellow"))
     roles = Table(title="Role candidates (best first)")
     for col in ("role", "signal", "VSS", "score", "why"):
         roles.add_column(col)
@@ -640,7 +640,8 @@ def render(result: DiscoverResult, top: int = 25) -> list[Any]:
     for s in d.by_activity()[:top]:
         m = d.messages[s.message]
         distinct = str(s.distinct_count) if s.distinct_count <= DISTINCT_CAP else f">{DISTINCT_CAP}"
-        choices = ", ".join(f"{k}={v}" for k, v in list(s.choices.items())[:4]) + (", ..." if len(s.choices) > 4 else "")
+        choices = ", ".join(f"{k}={v}" for k, v in list(s.choices.items())[:4])
+        choices += ", ..." if len(s.choices) > 4 else ""
         sig.add_row(s.ref, f"{m.rate_hz:.1f}", f"{s.minimum:g}", f"{s.maximum:g}", distinct,
                     f"{d.changes_per_s(s):.2f}", s.unit, choices)
     out.append(sig)
