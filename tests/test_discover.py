@@ -3,6 +3,7 @@ config through `check` and `replay`, `check` against the DBC, and the bad inputs
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -62,7 +63,7 @@ def test_discover_finds_the_speed_and_its_statistics_are_the_decoded_values(rec:
     values = [v for _, v in decoded]
     stats = d.signals[speed]
     assert (stats.count, stats.minimum, stats.maximum) == (len(values), min(values), max(values))
-    assert stats.changes == sum(1 for a, b in zip(values, values[1:], strict=False) if a != b)
+    assert stats.changes == sum(1 for a, b in itertools.pairwise(values) if a != b)
     # It behaves like the vehicle speed: the car moved, and the mean of the four wheel speeds
     # (decoded here, independently of discover) is within 10 % or 2 km/h of it.
     assert max(values) > 20
@@ -105,7 +106,8 @@ def test_discover_finds_ignition_where_the_bus_sends_it(tmp_path: Path) -> None:
     dbc = tmp_path / "car.dbc"
     dbc.write_text(
         'VERSION ""\n\nBU_: ECU\n\n'
-        'BO_ 256 BODY: 8 ECU\n SG_ IGNITION_STATE : 0|2@1+ (1,0) [0|3] "" ECU\n SG_ DOOR_OPEN : 2|1@1+ (1,0) [0|1] "" ECU\n\n'
+        'BO_ 256 BODY: 8 ECU\n SG_ IGNITION_STATE : 0|2@1+ (1,0) [0|3] "" ECU\n'
+        ' SG_ DOOR_OPEN : 2|1@1+ (1,0) [0|1] "" ECU\n\n'
         'BO_ 257 DYN: 8 ECU\n SG_ VEHICLE_SPEED : 0|16@1+ (0.01,0) [0|300] "km/h" ECU\n\n'
         'VAL_ 256 IGNITION_STATE 0 "OFF" 1 "ACC" 2 "ON" 3 "START";\n')
     db = cantools.database.load_file(str(dbc))
