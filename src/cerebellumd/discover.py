@@ -155,7 +155,7 @@ ROLES: tuple[Role, ...] = (
     Role("brake", "brake pedal", "Vehicle.Chassis.Brake.PedalPosition",
          _rx(r"BRAKE_?(PRESS|PEDAL|SWITCH|POS|ON|LIGHT)|BRK_?(ON|SW|PED)|BRKON|BRAKE_PRESSED|BRAKEPEDAL"),
          _rx(r"CHECKSUM|COUNTER|HOLD|ACC_|CMD|PRESSURE|REQ")),
-    Role("accelerator", "accelerator pedal", "Vehicle.Chassis.Accelerator.PedalPosition",
+    Role("accel_pedal", "accelerator pedal", "Vehicle.Chassis.Accelerator.PedalPosition",
          _rx(r"GAS_?PEDAL|ACC(EL)?(ERATOR)?_?PEDAL|THROTTLE|PEDAL_?POS|APP|GAS_RELEASED"),
          _rx(r"CHECKSUM|COUNTER|CMD|ALT$")),
     Role("steering_angle", "steering wheel angle", "Vehicle.Chassis.SteeringWheel.Angle",
@@ -336,7 +336,7 @@ class Discovery:
                 score += 1.0
             if role.name == "cruise" and "ACTIVE" in s.name.upper():
                 score += 1.0
-        elif role.name == "accelerator":
+        elif role.name == "accel_pedal":
             if s.distinct_count > 2:
                 score += 1.0
                 reasons.append(f"{s.distinct_count} distinct values (a position)")
