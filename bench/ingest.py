@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 from cerebellumd.config import CanBusConfig, Config, builtin_example
-from cerebellumd.daemon.ingest import CanIngest, load_dbc
+from cerebellumd.daemon.ingest import CanIngest
 from cerebellumd.daemon.metrics import Metrics
+from cerebellumd.drivers.dbc import load_dbc
 
 IDLE_END_S = 1.0  # no frame for this long after the sender finished = phase over
 

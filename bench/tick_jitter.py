@@ -40,8 +40,9 @@ async def start_daemon_ingest(counter: FrameCounter) -> Callable[[], Any] | None
     """The daemon's own ingest path; None if it cannot be used here."""
     try:
         from cerebellumd.config import CanBusConfig
-        from cerebellumd.daemon.ingest import CanIngest, load_dbc
+        from cerebellumd.daemon.ingest import CanIngest
         from cerebellumd.daemon.metrics import Metrics
+        from cerebellumd.drivers.dbc import load_dbc
     except ImportError as exc:
         print(f"daemon ingest unavailable ({exc}); using the bench's own reader",
               file=sys.stderr)

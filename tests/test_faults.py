@@ -27,9 +27,9 @@ import pytest
 from cerebellumd.accel import AccelState
 from cerebellumd.config import builtin_example, parse_config
 from cerebellumd.daemon.clock import Clock
-from cerebellumd.daemon.ingest import load_dbc
 from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.drivers.accel_simulated import SimulatedAccelerator, SimulatedOptions
+from cerebellumd.drivers.dbc import load_dbc
 from cerebellumd.profiles import load_profile
 from tests.test_persist import sample
 

@@ -24,9 +24,10 @@ from hypothesis import strategies as st
 
 from cerebellumd.config import CanBusConfig, ConfigError, builtin_example, parse_config
 from cerebellumd.daemon.control import CommandProcessor, CommandResult, HoldStore
-from cerebellumd.daemon.ingest import CanIngest, load_dbc
+from cerebellumd.daemon.ingest import CanIngest
 from cerebellumd.daemon.metrics import Metrics
 from cerebellumd.drivers import mcu_protocol
+from cerebellumd.drivers.dbc import load_dbc
 from cerebellumd.drivers.someip import (
     HEADER_SIZE,
     SomeIpDecoder,

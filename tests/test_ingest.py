@@ -12,10 +12,11 @@ import pytest
 from cerebellumd.accel import AccelState
 from cerebellumd.config import CanBusConfig, builtin_example, parse_config
 from cerebellumd.daemon.clock import Clock
-from cerebellumd.daemon.ingest import CanIngest, load_dbc
+from cerebellumd.daemon.ingest import CanIngest
 from cerebellumd.daemon.metrics import Metrics
 from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.drivers.accel_simulated import SimulatedAccelerator
+from cerebellumd.drivers.dbc import load_dbc
 from cerebellumd.profiles import load_profile
 
 from .helpers import until

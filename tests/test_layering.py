@@ -8,7 +8,8 @@ Layers, bottom up:
   import only the standard library; `policies/` may use `accel`, the shared vocabulary;
 - `drivers/` move bytes: the vocabulary and third-party transports, nothing that decides;
 - `profiles` and `config/` build the core's parameters from files;
-- `daemon/` and `sim/` are the two shells and never import each other;
+- `daemon/` and `sim/` are the two shells and never import each other; `discover` (a recording's
+  statistics and role candidates) is a tool beside `sim/`;
 - `cli` wires everything.
 """
 
@@ -33,7 +34,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "config": frozenset({"accel", "policies", "drivers", "profiles"}),
     "daemon": frozenset({"accel", "policies", "drivers", "profiles", "config"}),
     "sim": frozenset({"accel", "policies", "drivers", "profiles", "config"}),
-    "cli": frozenset({"accel", "policies", "drivers", "profiles", "config", "daemon", "sim", "__init__"}),
+    "discover": frozenset({"accel", "policies", "drivers", "profiles", "config"}),
+    "cli": frozenset({"accel", "policies", "drivers", "profiles", "config", "daemon", "sim", "discover", "__init__"}),
     "__main__": frozenset({"cli"}),
     "__init__": frozenset(),
 }

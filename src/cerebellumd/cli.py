@@ -36,12 +36,31 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
+def _dbc_gate(path: str, config: Config, replay_dbc: object = None) -> bool:
+    """Every `can = "Message.Signal"` against its bus's DBC (or, for replay, the log's DBC):
+    warnings and errors on stderr; False if a signal does not resolve."""
+    from .config.dbc_check import check_text, dbc_issues
+
+    text = Path(path).read_text("utf-8")
+    if replay_dbc is None:
+        result = check_text(config, text, path)
+    else:
+        result = dbc_issues(config, dict.fromkeys((b.name for b in config.can), replay_dbc), text, path)  # type: ignore[arg-type]
+    for issue in result.warnings:
+        print(f"{issue} (warning)", file=sys.stderr)
+    for issue in result.errors:
+        print(issue, file=sys.stderr)
+    return result.ok
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
-        load_config(args.file)
+        config = load_config(args.file)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
+        return 1
+    if not _dbc_gate(args.file, config):
         return 1
     print("OK")
     return 0
@@ -107,6 +126,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         return 1
+    if not _dbc_gate(args.config, config):
+        print("cerebellumd run: refusing to start: a configured CAN signal is not in its DBC", file=sys.stderr)
+        return 1
     from .daemon.realtime import apply_realtime, install_event_loop_policy_if
 
     install_event_loop_policy_if(config.realtime.uvloop)
@@ -120,9 +142,9 @@ async def _async_demo(args: argparse.Namespace, config: Config) -> int:
     from rich.live import Live
 
     from .daemon.clock import Clock
-    from .daemon.ingest import load_dbc
     from .daemon.live import render
     from .daemon.runtime import Daemon
+    from .drivers.dbc import load_dbc
     from .sim.cycles import load_cycle
     from .sim.events import build_scenario
     from .sim.plant import async_drive
@@ -231,13 +253,16 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     """A recorded CAN log through decoding and the policy, in fast-forward."""
-    from .sim.replay import ReplayError, replay
+    from .sim.replay import ReplayError, format_replay, load_replay_dbc, replay
 
     config = None
     try:
         if args.config:
             config = load_config(args.config)
-        result = replay(args.log, args.dbc, config)
+            if not _dbc_gate(args.config, config, load_replay_dbc(args.dbc)):
+                print(f"cerebellumd replay: refusing: a configured CAN signal is not in {args.dbc}", file=sys.stderr)
+                return 1
+        result = replay(args.log, args.dbc, config, plot=args.plot)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -248,8 +273,31 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        for key, value in result.items():
-            print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+        print(format_replay(result))
+    return 0
+
+
+def _cmd_discover(args: argparse.Namespace) -> int:
+    """Which signals a recording carries, and which look like speed, gear, ignition, ..."""
+    from .discover import DiscoverError, discover, render, suggest_config
+
+    try:
+        result = discover(args.log, args.dbc)
+    except DiscoverError as exc:
+        print(f"cerebellumd discover: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.as_json()))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        if not console.is_terminal:  # piped into a file or a doc: do not wrap at 80 columns
+            console = Console(width=150)
+        console.print(*render(result, top=args.top))
+    if args.suggest:
+        Path(args.suggest).write_text(suggest_config(result, args.dbc), encoding="utf-8")
+        print(f"wrote {args.suggest}", file=sys.stderr)
     return 0
 
 
@@ -306,7 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dbc", required=True, help="DBC of the log's bus")
     replay.add_argument("--config", default=None, help="daemon config (its signals and policy); none: decode only")
     replay.add_argument("--json", action="store_true", help="print one JSON object")
+    replay.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="draw the configured signals, demands and accelerator state (needs --config)")
     replay.set_defaults(func=_cmd_replay)
+
+    disc = sub.add_parser("discover", help="statistics of a recording and the signals that look like speed, gear, ...")
+    disc.add_argument("log", help="candump .log, .asc, .blf, .trc, ... (anything can.LogReader reads)")
+    disc.add_argument("--dbc", required=True, help="DBC of the log's bus")
+    disc.add_argument("--json", action="store_true", help="print one JSON object")
+    disc.add_argument("--suggest", default=None, metavar="FILE.toml",
+                      help="write a starting config for the roles found")
+    disc.add_argument("--top", type=int, default=25, help="rows of the most-active-signals table")
+    disc.set_defaults(func=_cmd_discover)
 
     from .sim import commands as sim_commands
 

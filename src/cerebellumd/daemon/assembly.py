@@ -34,10 +34,11 @@ from ..accel import AccelState
 from ..config import Config, ConfigError, load_config, rail_fed_domains
 from ..config.reload import ReloadPlan, plan_reload
 from ..drivers.accel_mcu import McuAccelerator
+from ..drivers.dbc import load_dbc
 from ..drivers.mcu_link import McuLink
 from .core import DaemonCore, PolicyCore
 from .host import Part, StateExtra
-from .ingest import CanIngest, load_dbc
+from .ingest import CanIngest
 from .lease_service import LeaseService
 from .lifecycle import Lifecycle
 from .mqtt import MqttBridge

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import can
-import cantools
 from cantools.database.can import Database, Message
 
 from ..config import CanBusConfig
@@ -57,20 +56,6 @@ class _Route:
     # narrower than the bits, and the values outside (0xFFFF "signal not available", a
     # sender's bug) must not reach the policy as if they were measurements.
     wanted: tuple[tuple[str, str, float, float], ...]
-
-
-def load_dbc(spec: str, strict: bool = True) -> Database:
-    """`builtin:NAME` for a shipped DBC, else a path."""
-    if spec.startswith("builtin:"):
-        from importlib import resources
-
-        text = resources.files("cerebellumd").joinpath("data", spec.removeprefix("builtin:")).read_text("utf-8")
-        db = cantools.database.load_string(text, database_format="dbc", strict=strict)
-    else:
-        db = cantools.database.load_file(spec, strict=strict)
-    if not isinstance(db, Database):
-        raise ValueError(f"{spec}: not a CAN database")
-    return db
 
 
 class CanIngest:

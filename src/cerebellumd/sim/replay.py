@@ -47,6 +47,8 @@ from ..profiles import load_profile
 from .evaluate import SimAccelerator
 
 GRID_S = 0.010
+#: Kept samples per fed signal for the plot: at least this far apart unless the value changed.
+SERIES_STEP_S = 0.05
 
 
 class ReplayError(ValueError):
@@ -76,15 +78,40 @@ class _Policy:
     wakes: int = 0
     sleeps: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
+    # For people and plots: what was fed, the wakes with their times, the demands' active spans.
+    fed: Counter[str] = field(default_factory=Counter)
+    ranges: dict[str, list[float]] = field(default_factory=dict)
+    series: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    wake_log: list[tuple[float, str]] = field(default_factory=list)
+    spans: dict[str, list[list[float]]] = field(default_factory=dict)
+    active: frozenset[str] = frozenset()
+
+    def feed(self, ours: str, value: float, t: float) -> None:
+        self.samples[ours] = Sample(value, t)
+        self.fed[ours] += 1
+        r = self.ranges.setdefault(ours, [value, value])
+        r[0], r[1] = min(r[0], value), max(r[1], value)
+        ts, vs = self.series.setdefault(ours, ([], []))
+        if not ts or t - ts[-1] >= SERIES_STEP_S or vs[-1] != value:
+            ts.append(t)
+            vs.append(value)
 
     def step(self, now: float) -> None:
         self.accelerator.advance(now)
         inputs = Inputs(samples=self.samples, actual=self.accelerator.state)
         self.state, d = self.core.step(self.state, inputs, now)
         self.last_step = now
+        active = frozenset(d.active_demands)
+        if active != self.active:
+            for name in active - self.active:
+                self.spans.setdefault(name, []).append([now, now])
+            for name in self.active - active:
+                self.spans[name][-1][1] = now
+            self.active = active
         if d.changed and d.wake:
             self.wakes += 1
             self.reasons[d.reason] += 1
+            self.wake_log.append((now, d.reason))
         elif d.changed and d.target is not AccelState.ACTIVE and self.commanded is AccelState.ACTIVE:
             self.sleeps += 1
         if d.target is not self.commanded:
@@ -155,8 +182,15 @@ def _nm_json(out: NmReplay, t0: float) -> dict[str, Any]:
     }
 
 
-def replay(log: str | Path, dbc: str | Path, config: Config | None = None) -> dict[str, Any]:
+def replay(log: str | Path, dbc: str | Path, config: Config | None = None,
+           plot: str | Path | None = None) -> dict[str, Any]:
+    """Replay `log`; the JSON result. With `plot`, also draw the configured signals, the demands
+    and the accelerator state over the recording's time to that PNG."""
+    if plot is not None and config is None:
+        raise ReplayError("--plot needs --config: it draws the configured signals, demands and accelerator")
     db = load_replay_dbc(dbc)
+    last_values: dict[str, float] = {}
+    changes: Counter[str] = Counter()
     by_id: dict[tuple[int, bool], Message] = {(m.frame_id, m.is_extended_frame): m for m in db.messages}
     counts: Counter[str] = Counter()
     seen: set[str] = set()
@@ -197,11 +231,16 @@ def replay(log: str | Path, dbc: str | Path, config: Config | None = None) -> di
             continue
         counts["decoded"] += 1
         seen.update(values)
+        for name, value in values.items():
+            key = f"{message.name}.{name}"
+            if isinstance(value, int | float) and last_values.get(key, value) != value:
+                changes[key] += 1
+            last_values[key] = value
         if policy is not None:
             for dbc_signal, ours in policy.routes.get(message.name, ()):
                 value = values.get(dbc_signal)
                 if isinstance(value, int | float):
-                    policy.samples[ours] = Sample(float(value), t)
+                    policy.feed(ours, float(value), t)
             policy.step(t)
     result: dict[str, Any] = {
         "log": str(log),
@@ -222,6 +261,103 @@ def replay(log: str | Path, dbc: str | Path, config: Config | None = None) -> di
         policy.accelerator.finish(last)
         result["accelerator_energy_j"] = round(policy.accelerator.energy_j, 3)
         result["fed_signals"] = sorted(ours for routes in policy.routes.values() for _, ours in routes)
+        t0 = first if first is not None else 0.0
+        can_signals = sorted(n for n, spec in config.signals.items() if spec.can) if config is not None else []
+        result["signal_feeds"] = {
+            name: {"count": policy.fed[name], "min": policy.ranges.get(name, [None, None])[0],
+                   "max": policy.ranges.get(name, [None, None])[1]}
+            for name in can_signals
+        }
+        result["never_fed"] = [name for name in can_signals if policy.fed[name] == 0]
+        result["wake_times"] = [{"t": round(t - t0, 3), "reason": r} for t, r in policy.wake_log]
+        if plot is not None:
+            _plot(policy, t0, last, str(log), plot)
     if nm is not None:
         result["nm"] = _nm_json(nm.finish(), first if first is not None else 0.0)
+    duration = result["duration_s"] or 0.0
+    result["top_signals"] = [
+        {"signal": k, "changes": n, "changes_per_s": round(n / duration, 3) if duration > 0 else 0.0}
+        for k, n in changes.most_common(15)]
     return result
+
+
+_LEVEL = {AccelState.OFF: 0.0, AccelState.SLEEP: 1.0, AccelState.IDLE: 2.0, AccelState.WAKING: 2.5,
+          AccelState.SUSPENDING: 2.5, AccelState.ACTIVE: 3.0}
+
+
+def _plot(policy: _Policy, t0: float, t_end: float, title: str, path: str | Path) -> None:
+    """The configured signals (one panel each, at most 6), the demands' active spans and the
+    accelerator state over the recording's time (s from its first frame)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    names = [n for n in sorted(policy.series) if policy.series[n][0]][:6]
+    rows = len(names) + 2
+    fig, axes = plt.subplots(rows, 1, figsize=(12, 1.6 * rows + 1), sharex=True, squeeze=False)
+    ax_list = [a[0] for a in axes]
+    for ax, name in zip(ax_list, names, strict=False):
+        ts, vs = policy.series[name]
+        ax.step([t - t0 for t in ts], vs, where="post", lw=0.8)
+        ax.set_ylabel(name, rotation=0, ha="right", fontsize=8)
+    ax = ax_list[-2]
+    demand_names = sorted(policy.spans)
+    for i, name in enumerate(demand_names):
+        bars = [(a - t0, max(b - a, GRID_S)) for a, b in policy.spans[name]]
+        ax.broken_barh(bars, (i - 0.4, 0.8), color=f"C{i % 10}")
+    ax.set_yticks(range(len(demand_names)), demand_names, fontsize=8)
+    ax.set_ylabel("demands", rotation=0, ha="right", fontsize=8)
+    ax = ax_list[-1]
+    xs: list[float] = []
+    ys: list[float] = []
+    for a, b, state in policy.accelerator.segments:
+        xs += [a - t0, b - t0]
+        ys += [_LEVEL.get(state, 0.0)] * 2
+    ax.plot(xs, ys, lw=0.9, color="black")
+    for t, _reason in policy.wake_log:
+        ax.axvline(t - t0, color="tab:red", lw=0.6, alpha=0.6)
+    ax.set_yticks([0, 1, 2, 3], ["off", "sleep", "idle", "active"])
+    ax.set_ylabel("accelerator", rotation=0, ha="right", fontsize=8)
+    ax.set_xlabel("time s (from the first frame)")
+    ax_list[0].set_title(f"{Path(title).name}: {policy.wakes} wakes")
+    fig.tight_layout()
+    fig.savefig(str(path), format="png", dpi=100)
+    plt.close(fig)
+
+
+def format_replay(result: Mapping[str, Any]) -> str:
+    """The replay result for people: counts, the busiest signals, the configured signals as fed,
+    the wakes with their reasons and times (the full lists are in `--json`)."""
+    lines = [
+        f"{result['log']}: {result['frames']} frames in {result['duration_s']:.1f} s: {result['decoded']} decoded, "
+        f"{result['decode_errors']} decode errors, {result['unknown_ids']} of IDs not in the DBC, "
+        f"{result['error_frames']} error frames; {len(result['signals'])} DBC signals seen",
+    ]
+    top = result.get("top_signals") or []
+    if top:
+        lines.append("most active signals (changes/s): " + ", ".join(
+            f"{t['signal']} {t['changes_per_s']:g}" for t in top[:8]))
+    feeds = result.get("signal_feeds")
+    if result.get("policy") is None:
+        lines.append("no --config: decoding only, no policy")
+        return "\n".join(lines)
+    lines.append(f"policy {result['policy']}: {result['wakes']} wakes, {result['sleeps']} sleeps, "
+                 f"accelerator {result.get('accelerator_energy_j', 0.0):g} J")
+    if feeds:
+        lines.append("configured signals (fed, min..max):")
+        width = max(len(n) for n in feeds)
+        for name, f in feeds.items():
+            shown = f"{f['min']:g}..{f['max']:g}" if f["count"] else "NEVER FED"
+            lines.append(f"  {name:<{width}}  {f['count']:>7}  {shown}")
+    never = result.get("never_fed") or []
+    if never:
+        lines.append(f"warning: never fed during this log: {', '.join(never)} "
+                     "(not sent in this recording; with on_stale = wake they would keep the accelerator awake)")
+    wakes = result.get("wake_times") or []
+    if wakes:
+        lines.append("wakes (s from the first frame: reason):")
+        lines += [f"  {w['t']:9.3f}  {w['reason']}" for w in wakes[:20]]
+        if len(wakes) > 20:
+            lines.append(f"  ... {len(wakes) - 20} more in --json")
+    return "\n".join(lines)
