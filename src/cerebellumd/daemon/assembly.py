@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,16 +187,7 @@ class Assembly:
 
     async def _start_role(self, name: str, holders: Callable[[], Sequence[Part | None]]) -> None:
         """A role a reload may hand to a new part: its stop step stops whoever holds it then."""
-        started: list[Part] = []
-        try:
-            for part in holders():
-                if part is not None:
-                    await part.async_start()
-                    started.append(part)
-        except BaseException:
-            for part in reversed(started):
-                await _stop_quietly(part)
-            raise
+        await _start_all(holders())
 
         async def stop_holders() -> None:
             for part in reversed(holders()):
@@ -386,19 +377,25 @@ class _Replacement:
         return [p for p in (*(self.someip or ()), self.power_readers, self.rails, self.mqtt) if p is not None]
 
     async def async_start(self) -> None:
-        started: list[Part] = []
-        try:
-            for part in self._parts():
-                await part.async_start()
-                started.append(part)
-        except BaseException:
-            for part in reversed(started):
-                await _stop_quietly(part)
-            raise
+        await _start_all(self._parts())
 
     async def async_stop_quietly(self) -> None:
         for part in reversed(self._parts()):
             await _stop_quietly(part)
+
+
+async def _start_all(parts: Iterable[Part | None]) -> None:
+    """Start in order; if one fails, stop those already started (in reverse) and re-raise."""
+    started: list[Part] = []
+    try:
+        for part in parts:
+            if part is not None:
+                await part.async_start()
+                started.append(part)
+    except BaseException:
+        for part in reversed(started):
+            await _stop_quietly(part)
+        raise
 
 
 async def _stop_quietly(part: Part) -> None:

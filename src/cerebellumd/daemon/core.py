@@ -114,7 +114,7 @@ class DaemonCore:
         self._stale_flags: dict[str, bool] = {}
         self._notifier: Any = None
         self._watchdog_every = 0
-        self._ingests: list[CanIngest] = []
+        self._ingests: Hooks[CanIngest] = Hooks()
         self._tick_hooks: Hooks[Callable[[float], None]] = Hooks()
         self._telemetry_hooks: Hooks[Callable[[float], None]] = Hooks()
         self._decision_listeners: Hooks[Callable[[Snapshot], None]] = Hooks()
@@ -222,18 +222,9 @@ class DaemonCore:
     def on_input_while_paused(self, hook: Callable[[float], None]) -> Undo:
         return self._paused_input_hooks.add(hook)
 
-    def add_decision_listener(self, listener: Callable[[Snapshot], None]) -> Undo:
-        """For the CLI's live view and tests (same as `on_decision`)."""
-        return self.on_decision(listener)
-
     def add_ingest(self, ingest: CanIngest) -> Undo:
-        self._ingests.append(ingest)
-
-        def undo() -> None:
-            if ingest in self._ingests:
-                self._ingests.remove(ingest)
-
-        return undo
+        """A bus whose queue is drained before each decision."""
+        return self._ingests.add(ingest)
 
     # -- host interface: inputs ---------------------------------------------------------------
 
