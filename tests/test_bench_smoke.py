@@ -125,3 +125,20 @@ def test_soak_quick() -> None:
     assert d["exit_code"] == 0  # SIGTERM ended the daemon cleanly
     assert d["critical_fired"] >= 1  # quick mode fires every 3 s over 8 s
     assert d["scrape_errors"] == 0 and d["log_errors"] == [], d
+
+
+def test_startup_memory_quick() -> None:
+    r = run_bench("startup_memory")
+    assert set(r) == {"rss_mb", "rss_max_mb", "rss_samples", "sim_rss_mb", "start_to_ready_s",
+                      "start_to_first_tick_s", "frames", "import_ms_total", "import_ms", "imported_modules"}
+    assert is_num(r["rss_mb"]) and 0 < r["rss_mb"] <= r["rss_max_mb"]
+    assert isinstance(r["rss_samples"], int) and r["rss_samples"] > 0
+    assert is_num(r["sim_rss_mb"]) and r["sim_rss_mb"] > 0
+    # READY=1 is sent once the tickers start: the first tick can only follow it
+    assert is_num(r["start_to_ready_s"]) and 0 < r["start_to_ready_s"] <= r["start_to_first_tick_s"]
+    assert isinstance(r["frames"], int) and r["frames"] > 0  # the plant really fed the daemon
+    assert isinstance(r["imported_modules"], int) and r["imported_modules"] > 0
+    assert "cerebellumd" in r["import_ms"] and all(is_num(v) and v >= 0 for v in r["import_ms"].values())
+    assert r["import_ms_total"] >= max(r["import_ms"].values())
+    # the lean install: `run` imports none of the evaluator's packages
+    assert not {"numpy", "matplotlib", "rich"} & set(r["import_ms"])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "deploy" / "yocto" / "cerebellumd_0.1.0.bb"
-# pyproject dependencies deliberately not in the image (reason in the recipe)
-NOT_ON_TARGET = {"matplotlib"}
+# What only the extras bring (evaluator, plots, udp_multicast): never in the image.
+EXTRAS_ONLY = {"python3-numpy", "python3-matplotlib", "python3-rich", "python3-msgpack", "python3-dask"}
 # PyPI name -> OpenEmbedded recipe name where it is not python3-<name>
 RECIPE_NAMES = {"python-can": "python3-can"}
 
@@ -72,10 +72,19 @@ def test_every_python_dependency_is_a_runtime_dependency() -> None:
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     for dep in deps:
         name = re.split(r"[\[<>=!~; ]", dep, maxsplit=1)[0].lower().replace("_", "-")
-        if name in NOT_ON_TARGET:
-            continue
         recipe = RECIPE_NAMES.get(name, f"python3-{name}")
         assert recipe in rdepends, f"{dep} missing from RDEPENDS"
+
+
+def test_image_carries_only_the_runtime() -> None:
+    """The recipe's RDEPENDS are the base dependencies (+ the stdlib and paho-mqtt, aiomqtt's own
+    dependency that meta-python does not pull by itself), nothing an extra brings."""
+    rdepends = set(variables(RECIPE.read_text())["RDEPENDS:${PN}"].split())
+    assert not rdepends & EXTRAS_ONLY, rdepends & EXTRAS_ONLY
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[\[<>=!~; ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in deps}
+    expected = {RECIPE_NAMES.get(n, f"python3-{n}") for n in names}
+    assert rdepends - expected <= {"python3-modules", "python3-paho-mqtt", "python3-pyserial"}, rdepends - expected
 
 
 def test_readme_explains_layer_and_image() -> None:

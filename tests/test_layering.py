@@ -6,6 +6,7 @@ module graph must also be free of cycles.
 Layers, bottom up:
 - `accel` (the accelerator-state vocabulary and power model) and `policies/` (the pure core)
   import only the standard library; `policies/` may use `accel`, the shared vocabulary;
+- `extras` (which optional extra a command needs) imports nothing of ours;
 - `drivers/` move bytes: the vocabulary and third-party transports, nothing that decides;
 - `profiles` and `config/` build the core's parameters from files;
 - `daemon/` and `sim/` are the two shells and never import each other; `discover` (a recording's
@@ -28,14 +29,16 @@ STDLIB = frozenset(sys.stdlib_module_names) | {"__future__"}
 #: layer -> the layers of ours it may import (besides itself).
 ALLOWED: dict[str, frozenset[str]] = {
     "accel": frozenset(),
+    "extras": frozenset(),
     "policies": frozenset({"accel"}),
     "drivers": frozenset({"accel"}),
     "profiles": frozenset({"accel"}),
     "config": frozenset({"accel", "policies", "drivers", "profiles"}),
-    "daemon": frozenset({"accel", "policies", "drivers", "profiles", "config"}),
-    "sim": frozenset({"accel", "policies", "drivers", "profiles", "config"}),
-    "discover": frozenset({"accel", "policies", "drivers", "profiles", "config"}),
-    "cli": frozenset({"accel", "policies", "drivers", "profiles", "config", "daemon", "sim", "discover", "__init__"}),
+    "daemon": frozenset({"accel", "policies", "drivers", "profiles", "config", "extras"}),
+    "sim": frozenset({"accel", "policies", "drivers", "profiles", "config", "extras"}),
+    "discover": frozenset({"accel", "policies", "drivers", "profiles", "config", "extras"}),
+    "cli": frozenset({"accel", "policies", "drivers", "profiles", "config", "daemon", "sim", "discover", "extras",
+                     "__init__"}),
     "__main__": frozenset({"cli"}),
     "__init__": frozenset(),
 }

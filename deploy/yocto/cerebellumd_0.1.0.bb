@@ -20,9 +20,10 @@ inherit python_setuptools_build_meta systemd useradd
 
 DEPENDS += "python3-setuptools-native python3-wheel-native"
 
-# Runtime: the dependencies of pyproject.toml [project].dependencies. Recipes from
-# meta-openembedded/meta-python unless noted; see README.md for the ones you may have to add.
-# matplotlib is left out on purpose: it is only used by `evaluate --plot` on a workstation.
+# Runtime: exactly pyproject.toml [project].dependencies, what `cerebellumd run` imports (recipes
+# from meta-openembedded/meta-python unless noted; see README.md for the ones you may have to add).
+# The extras stay off the target: numpy and rich ([sim]: evaluate, sweep, demo, sim),
+# matplotlib ([plot]), dask, msgpack ([multicast]: python-can's udp_multicast, a bench transport).
 # python3-modules = the whole standard library (asyncio, ctypes, tomllib, ...); trim it to the
 # split packages your Python release has once the image is measured.
 # ExecReload= uses /bin/kill (busybox, procps or util-linux provide it in any image).
@@ -30,16 +31,13 @@ RDEPENDS:${PN} += " \
     python3-modules \
     python3-can \
     python3-cantools \
-    python3-msgpack \
     python3-aiomqtt \
     python3-paho-mqtt \
     python3-pyserial \
     python3-pyserial-asyncio-fast \
     python3-prometheus-client \
     python3-pydantic \
-    python3-rich \
     python3-sdnotify \
-    python3-numpy \
 "
 # GPIO accelerator control (libgpiod v2 bindings) and uvloop are optional extras.
 RRECOMMENDS:${PN} += "python3-gpiod python3-uvloop can-utils iproute2"

@@ -72,7 +72,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .daemon.status import MqttTarget, StatusError, read_status, render_table
+    from .daemon.status import MqttTarget, StatusError, read_status, render_table, render_text
 
     try:
         mqtt = None
@@ -85,11 +85,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(status))
-    else:
+        return 0
+    try:
         from rich.console import Console
-
+    except ModuleNotFoundError as exc:  # rich is optional (extra "sim"): plain lines without it
+        if exc.name != "rich":
+            raise
+        print(render_text(status))
+    else:
         Console().print(render_table(status))
     return 0
+
+
+def _missing_extra(extra: str, command: str) -> bool:
+    """True (and the pip command on stderr) when `command` needs an extra that is not installed."""
+    from .extras import MissingExtra, require
+
+    try:
+        require(extra, command)
+    except MissingExtra as exc:
+        print(exc, file=sys.stderr)
+        return True
+    return False
 
 
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, reload_cb: object = None) -> None:
@@ -126,6 +143,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         return 1
+    if any(bus.interface == "udp_multicast" for bus in config.can) and _missing_extra("multicast", "run"):
+        return 2  # python-can's udp_multicast needs msgpack
     if not _dbc_gate(args.config, config):
         print("cerebellumd run: refusing to start: a configured CAN signal is not in its DBC", file=sys.stderr)
         return 1
@@ -218,6 +237,8 @@ def fit_to_speedup(config: Config, speedup: float) -> Config:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if _missing_extra("sim", "demo"):  # the virtual vehicle is numpy
+        return 2
     try:
         text = Path(args.config).read_text("utf-8") if args.config else builtin_example()
         config = parse_config(text, args.config or "builtin:demo.toml")
@@ -229,6 +250,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_sim(args: argparse.Namespace) -> int:
     """The plant as its own process over real transports, for HIL against `run` (docs/hil.md)."""
+    if _missing_extra("sim", "sim"):  # the virtual vehicle is numpy
+        return 2
     from pydantic import ValidationError
 
     from .sim.hil import async_run_sim, load_sim_config
@@ -367,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     disc.add_argument("--top", type=int, default=25, help="rows of the most-active-signals table")
     disc.set_defaults(func=_cmd_discover)
 
-    from .sim import commands as sim_commands
+    from .sim import commands as sim_commands  # argparse only: the evaluator is imported when it runs
 
     sim_commands.register(sub)
     return parser

@@ -148,34 +148,52 @@ async def fetch_mqtt(target: MqttTarget, wait_s: float = DEFAULT_WAIT_S) -> dict
 # -- output --------------------------------------------------------------------------------------
 
 
-def render_table(status: Mapping[str, Any]) -> Any:
-    from rich.table import Table
-
+def _title(status: Mapping[str, Any]) -> str:
     online = {True: "online", False: "OFFLINE", None: "?"}[status["online"]]
-    table = Table(title=f"cerebellumd ({status['source']}, {online})", show_header=False)
-    table.add_column("what", style="bold")
-    table.add_column("value")
-    table.add_row("accelerator", str(status["state"]))
+    return f"cerebellumd ({status['source']}, {online})"
+
+
+def status_rows(status: Mapping[str, Any]) -> list[tuple[str, str]]:
+    rows = [("accelerator", str(status["state"]))]
     if status["target"] is not None:
-        table.add_row("target", str(status["target"]))
+        rows.append(("target", str(status["target"])))
     if status["reason"] is not None:
-        table.add_row("reason", str(status["reason"]))
-    table.add_row("active demands", ", ".join(status["active_demands"]) or "-")
-    table.add_row("stale signals", ", ".join(status["stale_signals"]) or "-")
+        rows.append(("reason", str(status["reason"])))
+    rows.append(("active demands", ", ".join(status["active_demands"]) or "-"))
+    rows.append(("stale signals", ", ".join(status["stale_signals"]) or "-"))
     for domain, watts in status["watts"].items():
         joules = status["joules"].get(domain)
         energy = f"  ({joules:.1f} J)" if joules is not None else ""
-        table.add_row(f"power {domain}", f"{watts:.2f} W{energy}")
+        rows.append((f"power {domain}", f"{watts:.2f} W{energy}"))
     details = status["hold_details"]
     holds = str(status["holds"]) if status["holds"] is not None else "?"
     if details:
         holds += ": " + "; ".join(f"{h['owner']} {h['mode']} ({h['reason']}, {h['expires_in_s']:.0f} s)"
                                   for h in details)
-    table.add_row("holds", holds)
-    table.add_row("wakes / sleeps", f"{status['wakes']} / {status['sleeps']}")
+    rows.append(("holds", holds))
+    rows.append(("wakes / sleeps", f"{status['wakes']} / {status['sleeps']}"))
     if status["mqtt_connected"] is not None:
-        table.add_row("mqtt", "connected" if status["mqtt_connected"] else "DISCONNECTED")
+        rows.append(("mqtt", "connected" if status["mqtt_connected"] else "DISCONNECTED"))
+    return rows
+
+
+def render_table(status: Mapping[str, Any]) -> Any:
+    """A rich table (rich comes with the `sim` extra; `render_text` without it)."""
+    from rich.table import Table
+
+    table = Table(title=_title(status), show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for what, value in status_rows(status):
+        table.add_row(what, value)
     return table
+
+
+def render_text(status: Mapping[str, Any]) -> str:
+    """The same rows as plain text, for an install without rich (a gateway's base install)."""
+    rows = status_rows(status)
+    width = max(len(what) for what, _ in rows)
+    return "\n".join([_title(status), *(f"  {what:<{width}}  {value}" for what, value in rows)])
 
 
 def read_status(url: str | None, mqtt: MqttTarget | None, wait_s: float = DEFAULT_WAIT_S) -> dict[str, Any]:

@@ -10,17 +10,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
-
-from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, builtin_example, load_config, parse_config
+from ..extras import MissingExtra, require
 from .cycles import CycleError, load_cycle
-from .evaluate import EvaluationError, run_evaluation
 from .events import NAMED_MODELS, build_scenario, named_scenario
-from .sweep import aggregate, load_sweep, pareto, run_sweep, split_scenario, write_rows
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+# numpy (the evaluator), rich (tables), matplotlib (--plot) and dask (--dask) come with extras:
+# they are imported when a command runs, never by `cerebellumd run` building its parser.
+
+
+def _require(*needs: tuple[str, str]) -> bool:
+    """True when every (extra, command) need is installed; else the pip command on stderr."""
+    try:
+        for extra, command in needs:
+            require(extra, command)
+    except MissingExtra as exc:
+        print(exc, file=sys.stderr)
+        return False
+    return True
 
 
 def register(subparsers: Any) -> None:
@@ -59,6 +71,13 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if not _require(("sim", "evaluate"), *([("plot", "evaluate --plot")] if args.plot else [])):
+        return 2
+    from rich.console import Console
+
+    from .evaluate import EvaluationError, run_evaluation
+    from .sweep import split_scenario
+
     err = Console(stderr=True)
     try:
         config = load_config(args.policy) if args.policy else parse_config(builtin_example(), "demo.toml")
@@ -86,6 +105,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def result_table(result: dict[str, Any]) -> Table:
+    from rich.table import Table
+
     rows = {r["policy"]: r for r in result["results"]}
     always_on = rows.get("always_on", {}).get("accelerator_energy_j") or 1.0
     oracle = rows.get("oracle", {}).get("accelerator_energy_j") or 1.0
@@ -124,6 +145,14 @@ def result_table(result: dict[str, Any]) -> Table:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    if not _require(("sim", "sweep"), *([("dask", "sweep --dask")] if args.dask else [])):
+        return 2
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .sweep import aggregate, load_sweep, pareto, run_sweep, write_rows
+
     console = Console()
     try:
         spec = load_sweep(args.file)

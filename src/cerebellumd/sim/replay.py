@@ -44,7 +44,7 @@ from ..policies.nm import NmMode
 from ..policies.nm_replay import NmReplay, NmReplayer
 from ..policies.types import Inputs, Sample
 from ..profiles import load_profile
-from .evaluate import SimAccelerator
+from .accelerator import SimAccelerator
 
 GRID_S = 0.010
 #: Kept samples per fed signal for the plot: at least this far apart unless the value changed.

@@ -1,0 +1,200 @@
+"""Memory and start-up of `cerebellumd run` on the demo config, fed by `cerebellumd sim`.
+
+Two real processes: `cerebellumd sim` (the plant, the virtual vehicle at speed-up 1) sends the
+vehicle's frames over python-can's udp_multicast on a private port; `cerebellumd run` decides on
+them with the shipped demo config, its virtual bus replaced by that udp_multicast bus.
+
+- start_to_ready_s: from just before the daemon's spawn to its systemd READY=1, received on a
+  NOTIFY_SOCKET this bench owns (the daemon sends it once its tickers are started).
+- start_to_first_tick_s: to the first metrics scrape that shows a decision tick (scraped every
+  5 ms from READY on: an upper bound by one scrape).
+- rss_mb: median VmRSS of the daemon process alone (/proc/PID/status), sampled every 100 ms
+  after a warm-up; rss_max_mb the largest sample; sim_rss_mb the plant's, for reference.
+- import_ms: `python -X importtime` of what `run` imports (the CLI, its parser, the daemon
+  runtime): self time summed per top-level package, the largest ones, plus the total.
+
+    python bench/startup_memory.py [--warmup S] [--seconds S] [--json] [--quick]
+
+Measures whatever `cerebellumd` PYTHONPATH points at: run it with PYTHONPATH=<tree>/src to
+compare two trees on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+GROUP = "239.74.163.8"  # not the default group: a concurrent HIL run does not mix in
+TOP_IMPORTS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def daemon_config(udp_port: int, metrics_port: int) -> str:
+    from cerebellumd.config import builtin_example
+
+    text = builtin_example()
+    can_block = (
+        '[[can]]\nname = "vehicle"\ninterface = "udp_multicast"\n'
+        f'channel = "{GROUP}"\ndbc = "builtin:vehicle.dbc"\n'
+        f"silence_timeout_ms = 1000\n[can.options]\nport = {udp_port}\n\n"
+    )
+    text, n = re.subn(r"\[\[can\]\].*?(?=# -- signals)", can_block, text, flags=re.S)
+    if n != 1:
+        raise RuntimeError("the demo config has no [[can]] block to replace")
+    return text.replace("port = 9108", f"port = {metrics_port}")
+
+
+def sim_config(udp_port: int) -> str:
+    return ('[plant]\ncycle = "udds"\nseed = 1\nspeedup = 1.0\n\n'
+            f'[can]\ninterface = "udp_multicast"\nchannel = "{GROUP}"\noptions = {{ port = {udp_port} }}\n'
+            'dbc = "builtin:vehicle.dbc"\n')
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def scrape(port: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        for line in r.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                key = name.split("{", 1)[0]
+                out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def import_times() -> dict[str, Any]:
+    """Self import time per top-level package of what `cerebellumd run` imports."""
+    code = ("import cerebellumd.cli as c; c.build_parser(); import cerebellumd.daemon.runtime")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code],
+                          capture_output=True, text=True, check=True)
+    per_top: dict[str, int] = defaultdict(int)
+    for line in proc.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
+        if m:
+            per_top[m.group(4).partition(".")[0]] += int(m.group(1))
+    top = sorted(per_top.items(), key=lambda kv: -kv[1])[:TOP_IMPORTS]
+    return {"import_ms_total": round(sum(per_top.values()) / 1000, 1),
+            "import_ms": {k: round(v / 1000, 1) for k, v in top},
+            "imported_modules": sum(1 for line in proc.stderr.splitlines() if line.startswith("import time:")) - 1}
+
+
+def measure(warmup_s: float, seconds: float) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="cerebellumd-startup-"))
+    udp_port, metrics_port = 46000 + os.getpid() % 1000, free_port()
+    config = root / "daemon.toml"
+    config.write_text(daemon_config(udp_port, metrics_port))
+    config.chmod(0o600)
+    (root / "sim.toml").write_text(sim_config(udp_port))
+    notify_path = str(root / "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    cli = [sys.executable, "-m", "cerebellumd", "--log-level", "warning"]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        sim = subprocess.Popen([*cli, "sim", "--config", str(root / "sim.toml")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(sim)
+        env = {**os.environ, "NOTIFY_SOCKET": notify_path}
+        env.pop("WATCHDOG_USEC", None)
+        t0 = time.monotonic()
+        daemon = subprocess.Popen([*cli, "run", "--config", str(config)], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(daemon)
+        notify.settimeout(30)
+        while b"READY=1" not in notify.recv(4096):
+            pass
+        ready = time.monotonic() - t0
+        deadline = time.monotonic() + 10
+        first_tick = None
+        while first_tick is None:
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no tick: {daemon.stderr.read().decode()[-2000:] if daemon.stderr else ''}")
+            with contextlib.suppress(OSError):
+                if scrape(metrics_port).get("cerebellumd_decision_seconds_count", 0) > 0:
+                    first_tick = time.monotonic() - t0
+            if first_tick is None:
+                time.sleep(0.005)  # the scrape interval
+        time.sleep(warmup_s)  # steady state: imports, first decodes and the HTTP server are done
+        samples: list[int] = []
+        sim_samples: list[int] = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            samples.append(rss_kb(daemon.pid))
+            sim_samples.append(rss_kb(sim.pid))
+            time.sleep(0.1)  # the sampling interval
+        final = scrape(metrics_port)
+        if daemon.poll() is not None:
+            raise RuntimeError("the daemon exited during the measurement")
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        notify.close()
+    frames = int(final.get("cerebellumd_can_frames_total", 0))
+    if frames == 0:
+        raise RuntimeError("the daemon decoded no frame from the plant: not a fed run")
+    return {
+        "rss_mb": round(statistics.median(samples) / 1024, 1),
+        "rss_max_mb": round(max(samples) / 1024, 1),
+        "rss_samples": len(samples),
+        "sim_rss_mb": round(statistics.median(sim_samples) / 1024, 1),
+        "start_to_ready_s": round(ready, 3),
+        "start_to_first_tick_s": round(first_tick, 3),
+        "frames": frames,
+        **import_times(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds after the first tick before sampling")
+    p.add_argument("--seconds", type=float, default=15.0, help="seconds of RSS sampling")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="CI smoke: 1 s warm-up, 2 s of samples")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.warmup, a.seconds = 1.0, 2.0
+    r = measure(a.warmup, a.seconds)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"run: steady RSS {r['rss_mb']} MiB (max {r['rss_max_mb']}, {r['rss_samples']} samples; "
+              f"plant {r['sim_rss_mb']} MiB), READY after {r['start_to_ready_s']} s, first tick after "
+              f"{r['start_to_first_tick_s']} s, {r['frames']} frames decoded")
+        print(f"imports: {r['import_ms_total']} ms over {r['imported_modules']} modules; "
+              + ", ".join(f"{k} {v}" for k, v in r["import_ms"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
