@@ -222,12 +222,13 @@ class FakePciKernel:
         now = time.monotonic()
         if usage:
             self.last_busy = now
+        # The callback changes the PCI state; then the PM core records the new status.
         if self.status == "suspending":
-            self._set_status("suspended")
             self._set_power(self._suspended_power())
+            self._set_status("suspended")
         elif self.status == "resuming":
-            self._set_status("active")
             self._set_power("D0")
+            self._set_status("active")
             self.last_busy = now
         elif self.status == "suspended" and usage:
             self._set_status("resuming")

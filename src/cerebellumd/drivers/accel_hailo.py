@@ -58,7 +58,7 @@ def _awake(pci: PciDevice) -> bool:
     """D0 by the PCI core's power_state; runtime_status active where the kernel has no such file."""
     state = pci.power_state()
     if state is not None:
-        return state == "D0" and pci.runtime_status() != "suspended"
+        return state == "D0" and pci.runtime_status() not in ("suspended", "suspending", "resuming")
     return pci.runtime_status() == "active"
 
 
