@@ -1,6 +1,7 @@
 """Accelerator control drivers: GPIO (fake line request at the gpiod seam + a real-kernel test
-that skips without a gpiochip), PCIe runtime PM (temp sysfs tree with a task playing the
-kernel), external commands (real scripts), companion MCU (emulator on a pty)."""
+that skips without a gpiochip), PCIe runtime PM (temp sysfs tree with a thread playing the
+kernel by its documents, tests/fake_pci_kernel.py), external commands (real scripts), companion
+MCU (emulator on a pty)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import functools
 import glob
 import os
 import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from cerebellumd.drivers.base import AcceleratorDriver, DriverError, Recoverable
 from cerebellumd.drivers.mcu_emulator import McuEmulator
 from cerebellumd.drivers.mcu_link import McuLink, McuLinkOptions
 
+from .fake_pci_kernel import FakePciKernel
 from .helpers import until
 
 # The conditions here settle within seconds: a tighter deadline than the shared default.
@@ -158,81 +159,27 @@ async def test_gpio_against_a_real_kernel_chip() -> None:
 ADDR = "0000:01:00.0"
 
 
-class FakeKernel:
-    """Plays the PCI core on a temp sysfs tree: follows power/control with runtime_status
-    after a short delay, removes the device on `remove`, brings it back on `rescan`."""
-
-    def __init__(self, root: Path, *, busy: bool = False) -> None:
-        self.root = root
-        self.device = root / ADDR
-        self.rescan = root.parent / "rescan"
-        self.busy = busy  # a driver holds the device: "auto" does not suspend it
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.make_device()
-        self.rescan.write_text("0\n")
-
-    def make_device(self) -> None:
-        # Built aside and renamed into place: the device appears whole, as the kernel's does
-        # (a driver that sees a half-made directory could write control before we do).
-        staging = self.root / f".new-{ADDR}"
-        (staging / "power").mkdir(parents=True, exist_ok=True)
-        (staging / "power" / "control").write_text("on\n")
-        (staging / "power" / "runtime_status").write_text("active\n")
-        (staging / "remove").write_text("0\n")
-        if self.device.exists():
-            for p in sorted(self.device.rglob("*"), reverse=True):
-                p.rmdir() if p.is_dir() else p.unlink()
-            self.device.rmdir()
-        staging.rename(self.device)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        # A thread, not a task: it must keep answering while the driver's awaits are pending,
-        # and its blocking file I/O stays off the event loop.
-        while not self._stop.wait(0.01):
-            if self.rescan.read_text().strip() == "1":
-                self.rescan.write_text("0\n")
-                self.make_device()
-                continue
-            if not self.device.is_dir():
-                continue
-            if (self.device / "remove").read_text().strip() == "1":
-                for p in sorted(self.device.rglob("*"), reverse=True):
-                    p.rmdir() if p.is_dir() else p.unlink()
-                self.device.rmdir()
-                continue
-            control = (self.device / "power" / "control").read_text().strip()
-            status_file = self.device / "power" / "runtime_status"
-            status = status_file.read_text().strip()
-            want = "active" if control == "on" or self.busy else "suspended"
-            if status != want:
-                # One intermediate step, as the kernel reports while it transitions.
-                step = {"active": "resuming", "suspended": "suspending"}[want]
-                status_file.write_text(f"{want if status == step else step}\n")
-
-
 @pytest.fixture
-def kernel(tmp_path: Path) -> Iterator[FakeKernel]:
-    k = FakeKernel(tmp_path / "bus" / "pci" / "devices")
-    k.start()
-    yield k
-    k.stop()
+def kernel(tmp_path: Path) -> Iterator[FakePciKernel]:
+    """A function whose driver uses runtime PM with autosuspend, under the PM core's rules."""
+    with FakePciKernel(tmp_path / "pci", ADDR, "npu", "runtime") as k:
+        yield k
 
 
-async def test_pcie_sleep_wake_and_idempotence(kernel: FakeKernel) -> None:
-    accel = PcieRuntimePmAccelerator(PcieRuntimePmOptions(address=ADDR, root=kernel.root))
+def pcie(kernel: FakePciKernel, **extra: object) -> PcieRuntimePmAccelerator:
+    return PcieRuntimePmAccelerator(PcieRuntimePmOptions.model_validate(
+        {"address": ADDR, "root": kernel.devices, "drivers_root": kernel.drivers, "rescan_path": kernel.rescan,
+         **extra}))
+
+
+async def test_pcie_sleep_wake_and_idempotence(kernel: FakePciKernel) -> None:
+    accel = pcie(kernel)
     await accel.async_open()
     assert await accel.async_read_state() is AccelState.ACTIVE
     await accel.async_set_state(AccelState.SLEEP)
-    assert (kernel.device / "power" / "control").read_text().strip() == "auto"
+    assert await sysfs(kernel.device / "power" / "control") == "auto"
     assert await accel.async_read_state() is AccelState.SLEEP
+    assert kernel.power == "D3hot"  # no platform D3cold here
     await accel.async_set_state(AccelState.IDLE)
     assert await accel.async_read_state() is AccelState.IDLE
     await accel.async_set_state(AccelState.ACTIVE)
@@ -242,25 +189,57 @@ async def test_pcie_sleep_wake_and_idempotence(kernel: FakeKernel) -> None:
         await accel.async_set_state(AccelState.OFF)
 
 
-async def test_pcie_busy_device_does_not_suspend(kernel: FakeKernel) -> None:
-    kernel.busy = True
-    accel = PcieRuntimePmAccelerator(
-        PcieRuntimePmOptions(address=ADDR, root=kernel.root, settle_timeout_ms=200))
-    with pytest.raises(DriverError, match=r"not suspended.*active"):
+async def test_pcie_stop_restores_the_control_it_found(kernel: FakePciKernel) -> None:
+    await asyncio.to_thread((kernel.device / "power" / "autosuspend_delay_ms").write_text, "0\n")
+    accel = pcie(kernel)
+    await accel.async_open()  # found: "on" (pci_pm_init forbids runtime PM)
+    await accel.async_set_state(AccelState.SLEEP)
+    await accel.async_close()
+    assert await sysfs(kernel.device / "power" / "control") == "on"
+    await wait_until(lambda: kernel.status == "active", what="resumed by control=on")
+    assert kernel.control_writes == ["auto", "on"]
+    # A device found with runtime PM allowed keeps it allowed after a wake and a stop.
+    found_auto = pcie(kernel)
+    await found_auto.async_open()
+    await asyncio.to_thread((kernel.device / "power" / "control").write_text, "auto\n")
+    found_auto.control.found = None
+    await found_auto.async_open()
+    await found_auto.async_set_state(AccelState.ACTIVE)
+    assert await sysfs(kernel.device / "power" / "control") == "on"
+    await found_auto.async_close()
+    assert await sysfs(kernel.device / "power" / "control") == "auto"
+
+
+async def test_pcie_busy_device_does_not_suspend(kernel: FakePciKernel) -> None:
+    kernel.extra_usage = 1  # a kernel user holds a usage reference
+    accel = pcie(kernel, settle_timeout_ms=300)
+    with pytest.raises(DriverError, match=r"not suspended.*'active'"):
         await accel.async_set_state(AccelState.SLEEP)
     assert accel.counters["settle_timeouts"] == 1
     assert await accel.async_read_state() is AccelState.ACTIVE
 
 
-async def test_pcie_off_by_remove_and_back_by_rescan(kernel: FakeKernel) -> None:
-    accel = PcieRuntimePmAccelerator(
-        PcieRuntimePmOptions(address=ADDR, root=kernel.root, allow_remove=True))
+async def test_pcie_autosuspend_delay_is_honoured(kernel: FakePciKernel) -> None:
+    await asyncio.to_thread((kernel.device / "power" / "autosuspend_delay_ms").write_text, "400\n")
+    accel = pcie(kernel, settle_timeout_ms=150)
+    with pytest.raises(DriverError, match="not suspended"):  # the delay is longer than we wait
+        await accel.async_set_state(AccelState.SLEEP)
+    await wait_until(lambda: kernel.status == "suspended", what="suspended after the autosuspend delay")
+    await asyncio.to_thread((kernel.device / "power" / "autosuspend_delay_ms").write_text, "-1\n")
+    await accel.async_set_state(AccelState.ACTIVE)
+    never = pcie(kernel, settle_timeout_ms=150)
+    with pytest.raises(DriverError, match="not suspended"):  # a negative delay forbids it, like "on"
+        await never.async_set_state(AccelState.SLEEP)
+
+
+async def test_pcie_off_by_remove_and_back_by_rescan(kernel: FakePciKernel) -> None:
+    accel = pcie(kernel, allow_remove=True)
     await accel.async_set_state(AccelState.OFF)
-    assert not kernel.device.exists()
+    assert not await asyncio.to_thread(kernel.device.exists)
     assert await accel.async_read_state() is AccelState.OFF
     await accel.async_set_state(AccelState.OFF)  # idempotent
     assert accel.counters["removes"] == 1
-    await accel.async_set_state(AccelState.SLEEP)  # rescan, then suspend
+    await accel.async_set_state(AccelState.SLEEP)  # rescan (control "on" again), then suspend
     assert accel.counters["rescans"] == 1
     assert await accel.async_read_state() is AccelState.SLEEP
 
@@ -483,79 +462,36 @@ async def sysfs(path: Path) -> str:
     return await asyncio.to_thread(read, path)
 
 
-class FakeDriverCore:
-    """The driver-core half of sysfs for FakeKernel's device: drivers/<name>/{bind,unbind} and
-    the device's `driver` link, in a thread of its own."""
-
-    def __init__(self, kernel: FakeKernel, name: str = "npu") -> None:
-        self.kernel = kernel
-        self.root = kernel.root.parent / "drivers"
-        self.dir = self.root / name
-        self.dir.mkdir(parents=True)
-        for f in ("bind", "unbind"):
-            (self.dir / f).write_text("")
-        self.events: list[str] = []
-        self.link(True)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def link(self, bound: bool) -> None:
-        link = self.kernel.device / "driver"
-        if bound and self.kernel.device.is_dir() and not link.is_symlink():
-            link.symlink_to(self.dir)
-        elif not bound and link.is_symlink():
-            link.unlink()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            for op in ("bind", "unbind"):
-                f = self.dir / op
-                if f.read_text().strip() == ADDR:
-                    f.write_text("")
-                    self.events.append(op)
-                    self.link(op == "bind")
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-async def test_pcie_rebind_unbinds_and_binds_the_same_driver(kernel: FakeKernel) -> None:
-    core = await asyncio.to_thread(FakeDriverCore, kernel)
-    try:
-        accel = PcieRuntimePmAccelerator(PcieRuntimePmOptions(address=ADDR, root=kernel.root,
-                                                              drivers_root=core.root))
-        assert isinstance(accel, RecoverableAccelerator)
-        assert accel.recovery_actions() == {"rebind", "pci_rescan"}
-        await accel.async_set_state(AccelState.SLEEP)
-        await accel.async_recover("rebind")
-        assert core.events == ["unbind", "bind"]
-        assert await asyncio.to_thread(os.readlink, kernel.device / "driver") == str(core.dir)
-        assert accel.counters["rebinds"] == 1
-        # It ends awake: power/control back to "on", and the device resumes.
-        assert await sysfs(kernel.device / "power" / "control") == "on"
-        await wait_until(lambda: read(kernel.device / "power" / "runtime_status") == "active")
-        assert await accel.async_read_state() is AccelState.ACTIVE
-        # Nothing bound and no driver_name: there is nothing to bind.
-        await asyncio.to_thread(core.link, False)
-        with pytest.raises(DriverError, match="driver_name"):
-            await accel.async_recover("rebind")
-        named = PcieRuntimePmAccelerator(PcieRuntimePmOptions(address=ADDR, root=kernel.root,
-                                                              drivers_root=core.root, driver_name="npu"))
-        await named.async_recover("rebind")
-        assert core.events[-1] == "bind" and await asyncio.to_thread((kernel.device / "driver").is_symlink)
-        with pytest.raises(DriverError, match="rail_cycle"):
-            await named.async_recover("rail_cycle")
-    finally:
-        core.stop()
-
-
-async def test_pcie_rescan_removes_and_brings_the_device_back_awake(kernel: FakeKernel) -> None:
-    # No allow_remove: `off` stays refused, but the watchdog's rescan is still possible.
-    accel = PcieRuntimePmAccelerator(PcieRuntimePmOptions(address=ADDR, root=kernel.root))
+async def test_pcie_rebind_unbinds_and_binds_the_same_driver(kernel: FakePciKernel) -> None:
+    accel = pcie(kernel)
+    assert isinstance(accel, RecoverableAccelerator)
+    assert accel.recovery_actions() == {"rebind", "pci_rescan"}
     await accel.async_set_state(AccelState.SLEEP)
-    await asyncio.to_thread((kernel.device / "power" / "control").write_text, "auto\n")
+    await accel.async_recover("rebind")
+    assert [e for e in kernel.events if e in ("bind", "unbind")] == ["unbind", "bind"]
+    assert await asyncio.to_thread(os.readlink, kernel.device / "driver") == str(kernel.driver_dir)
+    assert accel.counters["rebinds"] == 1
+    # It ends awake: power/control back to "on", and the device resumes.
+    assert await sysfs(kernel.device / "power" / "control") == "on"
+    await wait_until(lambda: read(kernel.device / "power" / "runtime_status") == "active")
+    assert await accel.async_read_state() is AccelState.ACTIVE
+    # Nothing bound and no driver_name: there is nothing to bind.
+    await asyncio.to_thread((kernel.driver_dir / "unbind").write_text, ADDR)
+    await wait_until(lambda: not kernel.bound, what="unbound")
+    with pytest.raises(DriverError, match="driver_name"):
+        await accel.async_recover("rebind")
+    named = pcie(kernel, driver_name="npu")
+    await named.async_recover("rebind")
+    assert kernel.events[-1] == "bind" or "bind" in kernel.events[-3:]
+    assert await asyncio.to_thread((kernel.device / "driver").is_symlink)
+    with pytest.raises(DriverError, match="rail_cycle"):
+        await named.async_recover("rail_cycle")
+
+
+async def test_pcie_rescan_removes_and_brings_the_device_back_awake(kernel: FakePciKernel) -> None:
+    # No allow_remove: `off` stays refused, but the watchdog's rescan is still possible.
+    accel = pcie(kernel)
+    await accel.async_set_state(AccelState.SLEEP)
     await accel.async_recover("pci_rescan")
     assert (accel.counters["removes"], accel.counters["rescans"]) == (1, 1)
     assert await asyncio.to_thread(kernel.device.is_dir)

@@ -1,15 +1,16 @@
 """Vendor sleep backends: Hailo (D3hot on last close) and Coral (no runtime PM: unbind / rail)
-against a temp sysfs tree with a thread playing the PCI core and the vendor driver (it watches
-/proc for open handles of the device node, as the real driver's refcount does); the rail is a
-fake gpiod line request (the GPIO seam); Jetson against a real script playing the module."""
+against a temp sysfs tree with a thread playing the PM core, the PCI core and the vendor driver
+by their documents and sources (tests/fake_pci_kernel.py: it watches /proc for open handles of
+the device node); the rail is a fake gpiod line request (the GPIO seam); Jetson against a real
+script playing the module."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,106 +24,51 @@ from cerebellumd.drivers.accel_gpio import GpioOptions
 from cerebellumd.drivers.accel_hailo import HailoAccelerator, HailoOptions
 from cerebellumd.drivers.accel_jetson import JetsonAccelerator, JetsonOptions
 from cerebellumd.drivers.base import AcceleratorDriver, DriverError, RecoverableAccelerator
-from cerebellumd.drivers.pci_sysfs import holders
 
+from .fake_pci_kernel import FakePciKernel
+from .helpers import until
 from .test_accel_drivers import FakeLineRequest
+
+wait_until = functools.partial(until, timeout=5.0)
 
 ADDR = "0000:03:00.0"
 
 
 
 
-class FakePci:
-    """sysfs of one PCI device and its driver. runtime_status follows the open handles of the
-    device node when `runtime_pm` (Hailo), else stays active while bound (Coral)."""
-
-    def __init__(self, base: Path, driver: str, *, runtime_pm: bool, rail: FakeLineRequest | None = None) -> None:
-        self.devices = base / "devices"
-        self.drivers = base / "drivers"
-        self.device = self.devices / ADDR
-        self.rescan = base / "rescan"
-        self.node = base / "dev_node"
-        self.driver = driver
-        self.runtime_pm = runtime_pm
-        self.rail = rail
-        self.stuck = False  # firmware hung: ignores opens until the driver is rebound
-        self.events: list[str] = []
-        (self.drivers / driver).mkdir(parents=True)
-        for f in ("bind", "unbind"):
-            (self.drivers / driver / f).write_text("")
-        self.devices.mkdir(parents=True)
-        self.rescan.write_text("0")
-        self.node.write_text("")
-        self.make_device()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def make_device(self) -> None:
-        (self.device / "power").mkdir(parents=True, exist_ok=True)
-        (self.device / "power" / "runtime_status").write_text("suspended\n" if self.runtime_pm else "active\n")
-        (self.device / "remove").write_text("0")
-        link = self.device / "driver"
-        if not link.is_symlink():
-            link.symlink_to(self.drivers / self.driver)
-
-    def powered(self) -> bool:
-        return self.rail is None or self.rail.values[self.rail.enable] is Value.ACTIVE
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            if self.rescan.read_text().strip() == "1":
-                self.rescan.write_text("0")
-                if self.powered():
-                    self.events.append("rescan")  # logged first: the driver may see the effect at once
-                    self.make_device()
-            for op in ("bind", "unbind"):
-                f = self.drivers / self.driver / op
-                if f.read_text().strip() == ADDR:
-                    f.write_text("")
-                    self.events.append(op)
-                    link = self.device / "driver"
-                    if op == "bind" and self.device.is_dir() and not link.is_symlink():
-                        link.symlink_to(self.drivers / self.driver)
-                        self.stuck = False
-                    elif op == "unbind" and link.is_symlink():
-                        link.unlink()
-            if not self.device.is_dir():
-                continue
-            if (self.device / "remove").read_text().strip() == "1" or not self.powered():
-                self.events.append("removed")
-                for p in sorted(self.device.rglob("*"), reverse=True):
-                    p.unlink() if p.is_symlink() or p.is_file() else p.rmdir()
-                self.device.rmdir()
-                continue
-            if self.runtime_pm:
-                bound = (self.device / "driver").is_symlink()
-                held = bool(holders(self.node))  # slow (scans /proc): read `stuck` only after it
-                want = "active" if bound and held and not self.stuck else "suspended"
-                status = self.device / "power" / "runtime_status"
-                if status.read_text().strip() != want:  # replaced atomically: readers never see it empty
-                    tmp = self.device / "power" / ".status"
-                    tmp.write_text(want + "\n")
-                    tmp.replace(status)
-
-    def __enter__(self) -> FakePci:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 @pytest.fixture
-def hailo_pci(tmp_path: Path) -> Iterator[FakePci]:
-    with FakePci(tmp_path / "pci", "hailo", runtime_pm=True) as pci:
+def hailo_pci(tmp_path: Path) -> Iterator[FakePciKernel]:
+    """The Hailo driver as its source behaves: D3hot on the last close, no runtime PM."""
+    with FakePciKernel(tmp_path / "pci", ADDR, "hailo", "hailort") as pci:
         yield pci
 
 
-def hailo(pci: FakePci, **extra: object) -> HailoAccelerator:
-    return HailoAccelerator(HailoOptions(address=ADDR, root=pci.devices, drivers_root=pci.drivers,
-                                         rescan_path=pci.rescan, device_node=pci.node,
-                                         settle_timeout_ms=1500, **extra))  # type: ignore[arg-type]
+def hailo(pci: FakePciKernel, cls: type[HailoAccelerator] = HailoAccelerator, **extra: object) -> HailoAccelerator:
+    return cls(HailoOptions.model_validate({
+        "address": ADDR, "root": pci.devices, "drivers_root": pci.drivers, "rescan_path": pci.rescan,
+        "device_node": pci.node, "settle_timeout_ms": 1500, **extra}))
+
+
+def coral(pci: FakePciKernel, cls: type[CoralAccelerator] = CoralAccelerator, **extra: object) -> CoralAccelerator:
+    return cls(CoralOptions.model_validate({
+        "address": ADDR, "root": pci.devices, "drivers_root": pci.drivers, "rescan_path": pci.rescan,
+        "settle_timeout_ms": 1500, **extra}))
+
+
+class NeverAllowsRuntimePm(HailoAccelerator):
+    """The backend as it was before: it never wrote power/control = auto."""
+
+    async def _allow_runtime_pm(self) -> None:
+        return None
+
+
+class CoralNeverAllowsRuntimePm(CoralAccelerator):
+    async def _allow_runtime_pm(self) -> None:
+        return None
+
+
+def control(pci: FakePciKernel) -> str:
+    return pci.read("power/control")
 
 
 def test_registry_knows_the_vendor_backends() -> None:
@@ -132,15 +78,17 @@ def test_registry_knows_the_vendor_backends() -> None:
 
 
 async def test_hailo_d0_while_the_daemon_holds_the_node_d3hot_when_the_last_handle_closes(
-        hailo_pci: FakePci) -> None:
+        hailo_pci: FakePciKernel) -> None:
     accel = hailo(hailo_pci)
     assert isinstance(accel, AcceleratorDriver) and isinstance(accel, RecoverableAccelerator)
     await accel.async_open()
-    assert await accel.async_read_state() is AccelState.SLEEP
+    assert await accel.async_read_state() is AccelState.SLEEP  # D3hot after probe, until opened
+    assert hailo_pci.status == "active"  # the PM core's view: the driver never uses runtime PM
     await accel.async_set_state(AccelState.ACTIVE)
-    assert await accel.async_read_state() is AccelState.ACTIVE
+    assert await accel.async_read_state() is AccelState.ACTIVE and hailo_pci.power == "D0"
     await accel.async_set_state(AccelState.SLEEP)
-    assert await accel.async_read_state() is AccelState.SLEEP
+    assert await accel.async_read_state() is AccelState.SLEEP and hailo_pci.power == "D3hot"
+    assert await asyncio.to_thread(control, hailo_pci) == "auto"
     # an application holding the device open keeps it in D0: sleep fails and names it
     app = subprocess.Popen([sys.executable, "-c",
                             f"import sys,time; f=open({str(hailo_pci.node)!r}); print('open', flush=True); "
@@ -161,21 +109,64 @@ async def test_hailo_d0_while_the_daemon_holds_the_node_d3hot_when_the_last_hand
     with pytest.raises(DriverError, match="needs a rail"):
         await accel.async_set_state(AccelState.OFF)
     await accel.async_close()
+    assert await asyncio.to_thread(control, hailo_pci) == "on"  # as found
+    await wait_until(lambda: hailo_pci.control_writes == ["auto", "on"], what="the kernel saw auto, then on")
 
 
-async def test_hailo_recovery_rungs_rebind_and_rescan(hailo_pci: FakePci) -> None:
+async def test_hailo_sleep_without_control_auto_times_out_under_the_kernels_rules(tmp_path: Path) -> None:
+    """A Hailo driver that does use runtime PM (one usage reference per open file): the PM core
+    suspends it only once user space has written control=auto. The old backend never did."""
+    with FakePciKernel(tmp_path / "pci", ADDR, "hailo", "runtime") as pci:
+        old = hailo(pci, NeverAllowsRuntimePm, settle_timeout_ms=400)
+        await old.async_open()
+        await old.async_set_state(AccelState.ACTIVE)
+        with pytest.raises(DriverError, match=r"not reached after 0\.4 s"):
+            await old.async_set_state(AccelState.SLEEP)
+        assert pci.status == "active" and await asyncio.to_thread(control, pci) == "on"
+        await old.async_close()
+
+        fixed = hailo(pci)
+        await fixed.async_open()
+        await fixed.async_set_state(AccelState.ACTIVE)
+        assert await fixed.async_read_state() is AccelState.ACTIVE
+        await fixed.async_set_state(AccelState.SLEEP)
+        assert await fixed.async_read_state() is AccelState.SLEEP
+        assert (pci.status, pci.power) == ("suspended", "D3hot")  # no D3cold on this platform
+        await fixed.async_set_state(AccelState.ACTIVE)  # the open resumes it (a usage reference)
+        assert pci.status == "active"
+        await fixed.async_set_state(AccelState.SLEEP)
+        await fixed.async_close()
+        assert await asyncio.to_thread(control, pci) == "on"  # restored: the PM core resumes it
+        await wait_until(lambda: pci.status == "active", what="resumed by control=on")
+
+
+@pytest.mark.parametrize(("platform_d3cold", "allowed", "expected"),
+                         [(False, "1", "D3hot"), (True, "1", "D3cold"), (True, "0", "D3hot")])
+async def test_hailo_d3cold_only_where_the_platform_allows_it(
+        tmp_path: Path, platform_d3cold: bool, allowed: str, expected: str) -> None:
+    with FakePciKernel(tmp_path / "pci", ADDR, "hailo", "runtime", platform_d3cold=platform_d3cold) as pci:
+        await asyncio.to_thread((pci.device / "d3cold_allowed").write_text, allowed)
+        accel = hailo(pci)
+        await accel.async_open()
+        await accel.async_set_state(AccelState.SLEEP)
+        assert pci.power == expected and await accel.async_read_state() is AccelState.SLEEP
+        await accel.async_close()
+
+
+async def test_hailo_recovery_rungs_rebind_and_rescan(hailo_pci: FakePciKernel) -> None:
     accel = hailo(hailo_pci)
     await accel.async_open()
     assert accel.recovery_actions() == {"rebind", "pci_rescan"}  # no rail configured
     hailo_pci.stuck = True  # firmware hung: open does not bring D0
-    with pytest.raises(DriverError, match="runtime_status active"):
+    with pytest.raises(DriverError, match="power_state D0"):
         await accel.async_set_state(AccelState.ACTIVE)
     await accel.async_recover("rebind")
-    assert hailo_pci.events[-2:] == ["unbind", "bind"] and accel.counters["rebinds"] == 1
+    assert [e for e in hailo_pci.events if e in ("bind", "unbind")][-2:] == ["unbind", "bind"]
+    assert accel.counters["rebinds"] == 1
     await accel.async_set_state(AccelState.ACTIVE)
     assert await accel.async_read_state() is AccelState.ACTIVE
     await accel.async_recover("pci_rescan")
-    assert "removed" in hailo_pci.events and hailo_pci.events[-1] == "rescan"
+    assert "removed" in hailo_pci.events and "rescan" in hailo_pci.events
     await accel.async_set_state(AccelState.ACTIVE)
     assert await accel.async_read_state() is AccelState.ACTIVE
     with pytest.raises(DriverError, match="cannot rail_cycle"):
@@ -183,32 +174,44 @@ async def test_hailo_recovery_rungs_rebind_and_rescan(hailo_pci: FakePci) -> Non
     await accel.async_close()
 
 
-async def test_coral_sleep_is_unbind_without_a_rail(tmp_path: Path) -> None:
-    with FakePci(tmp_path / "pci", "apex", runtime_pm=False) as pci:
-        accel = CoralAccelerator(CoralOptions(address=ADDR, root=pci.devices, drivers_root=pci.drivers,
-                                              rescan_path=pci.rescan, settle_timeout_ms=2000))
+async def test_coral_sleep_is_unbind_and_runtime_suspend_read_back_from_sysfs(tmp_path: Path) -> None:
+    with FakePciKernel(tmp_path / "pci", ADDR, "apex", "apex") as pci:
+        old = coral(pci, CoralNeverAllowsRuntimePm, settle_timeout_ms=300)
+        await old.async_open()
+        with pytest.raises(DriverError, match="unbound and runtime-suspended"):  # control=on: stays active
+            await old.async_set_state(AccelState.SLEEP)
+        await old.async_set_state(AccelState.ACTIVE)
+        accel = coral(pci)
         await accel.async_open()
         assert await accel.async_read_state() is AccelState.ACTIVE
         await accel.async_set_state(AccelState.SLEEP)
-        assert await accel.async_read_state() is AccelState.SLEEP and pci.events == ["unbind"]
+        assert await accel.async_read_state() is AccelState.SLEEP and not pci.bound
+        assert (pci.status, await asyncio.to_thread(control, pci)) == ("suspended", "auto")
+        # Read back from sysfs, not from the command: forbid runtime PM behind its back and the
+        # unbound function resumes; it is no longer read as asleep.
+        await asyncio.to_thread((pci.device / "power" / "control").write_text, "on\n")
+        await wait_until(lambda: pci.status == "active", what="resumed")
+        assert await accel.async_read_state() is AccelState.UNKNOWN
         await accel.async_set_state(AccelState.IDLE)
-        assert await accel.async_read_state() is AccelState.IDLE and pci.events[-1] == "bind"
+        assert await accel.async_read_state() is AccelState.IDLE and pci.bound
         with pytest.raises(DriverError, match="needs a rail"):
             await accel.async_set_state(AccelState.OFF)
+        await accel.async_close()
+        assert await asyncio.to_thread(control, pci) == "on"
 
 
-async def test_coral_with_a_rail_cuts_power_and_comes_back_by_rescan_and_bind(tmp_path: Path) -> None:
+async def test_coral_with_a_rail_cuts_power_for_off_and_comes_back_by_rescan_and_bind(tmp_path: Path) -> None:
     fake = FakeLineRequest(enable=5, pg=None)
     fake.values[5] = Value.ACTIVE
-    with FakePci(tmp_path / "pci", "apex", runtime_pm=False, rail=fake) as pci:
-        accel = CoralAccelerator(
-            CoralOptions(address=ADDR, root=pci.devices, drivers_root=pci.drivers, rescan_path=pci.rescan,
-                         settle_timeout_ms=2000, rail=GpioOptions(enable_line=5), rail_off_ms=20),
-            rail_opener=lambda o: fake)
+    with FakePciKernel(tmp_path / "pci", ADDR, "apex", "apex", rail=fake) as pci:
+        accel = coral(pci, rail=GpioOptions(enable_line=5), rail_off_ms=20)
+        accel = CoralAccelerator(accel.options, rail_opener=lambda o: fake)
         await accel.async_open()
-        await accel.async_set_state(AccelState.SLEEP)  # with a rail, sleep cuts it
-        assert fake.values[5] is Value.INACTIVE and not pci.device.exists()
-        assert await accel.async_read_state() is AccelState.SLEEP
+        await accel.async_set_state(AccelState.SLEEP)  # sleep is a runtime suspend: the rail stays on
+        assert fake.values[5] is Value.ACTIVE and await accel.async_read_state() is AccelState.SLEEP
+        await accel.async_set_state(AccelState.OFF)
+        assert fake.values[5] is Value.INACTIVE and not await asyncio.to_thread(pci.device.exists)
+        assert await accel.async_read_state() is AccelState.OFF
         await accel.async_set_state(AccelState.ACTIVE)
         assert fake.values[5] is Value.ACTIVE
         assert await accel.async_read_state() is AccelState.ACTIVE

@@ -2,7 +2,7 @@
 
 Each commandable state has an argv; `{state}` and `{device}` in any argument are replaced.
 A command that exits non-zero is a DriverError carrying the tail of its stderr; one that runs
-past `timeout_ms` is killed (its whole process group) and is a DriverError too. The state is
+past `timeout_ms` is killed (its whole process group, `subprocess_run`) and is a DriverError too. The state is
 read back by running `status`, whose stdout's first word names the state (`off`, `sleep`,
 `idle`, `active`, or a word mapped by `status_words`); anything else reads as unknown and is
 counted. Without a `status` command the state reads as unknown: this driver never assumes.
@@ -10,17 +10,14 @@ counted. Without a `status` command the state reads as unknown: this driver neve
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
-import signal
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..accel import AccelState
+from . import subprocess_run
 from .base import DriverError
 
 _LOG = logging.getLogger(__name__)
@@ -100,34 +97,18 @@ class CommandAccelerator:
 
     async def _run(self, argv: list[str]) -> str:
         self.counters["runs"] += 1
+        timeout = self.options.timeout_ms / 1000
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # its own process group: a timeout kills its children too
-            )
+            done = await subprocess_run.run(argv, timeout)
+        except TimeoutError:  # before OSError: TimeoutError is one
+            self.counters["timeouts"] += 1
+            raise DriverError(f"{argv[0]!r} timed out after {timeout:.3f} s (killed)") from None
         except OSError as exc:
             self.counters["failures"] += 1
             raise DriverError(f"cannot run {argv[0]!r}: {exc}") from exc
-        timeout = self.options.timeout_ms / 1000
-        try:
-            async with asyncio.timeout(timeout):
-                stdout, stderr = await proc.communicate()
-        except TimeoutError:
-            self.counters["timeouts"] += 1
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            raise DriverError(f"{argv[0]!r} timed out after {timeout:.3f} s (killed)") from None
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            raise
-        if proc.returncode != 0:
+        if done.returncode != 0:
             self.counters["failures"] += 1
-            tail = stderr.decode(errors="replace").strip()[-_STDERR_TAIL:]
+            tail = done.stderr_tail(_STDERR_TAIL)
             raise DriverError(
-                f"{argv[0]!r} exited with status {proc.returncode}" + (f": {tail}" if tail else ""))
-        return stdout.decode(errors="replace")
+                f"{argv[0]!r} exited with status {done.returncode}" + (f": {tail}" if tail else ""))
+        return done.stdout.decode(errors="replace")

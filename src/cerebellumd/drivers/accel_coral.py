@@ -1,18 +1,31 @@
-"""Coral Edge TPU class PCIe accelerator (apex driver): no runtime PM.
+"""Coral Edge TPU class PCIe accelerator (apex driver, google/gasket-driver): no runtime PM.
 
-The apex driver saves power only on the final close and resets the chip on every open (resets
-of 12 s have been seen), and ASPM disabled on the card costs ~3 W at platform level
-(docs/accelerators.md). Real savings need the driver gone or the rail cut:
+What the vendor driver does (google/gasket-driver, src/apex_driver.c and src/gasket_core.c): it
+puts the chip in its own low-power reset state at probe and on the final close of the device
+file (`allow_power_save`, default 1: apex_enter_reset()), and resets the chip on every open
+(apex_reset(); resets of 12 s have been seen). It calls no runtime-PM helper, so while it is
+bound the function stays runtime-active in D0: local_pci_probe() holds a usage count the driver
+never drops (Documentation/power/pci.rst, section 3.2). ASPM disabled on the card costs ~3 W at
+platform level (docs/accelerators.md). Hence:
 
-- `sleep`: unbind the device from the apex driver (nothing can open it; it idles unclocked);
-  with a rail configured, `sleep` cuts the rail like `off` (an unbound but powered Coral still
-  draws the ASPM penalty);
+- `sleep`: unbind the device from apex (nothing can open it; pci_device_remove() drops the
+  probe's usage count) and write `power/control` = "auto" (PCI runtime PM starts forbidden:
+  pci.rst section 3.2). The PM core then runtime-suspends the unbound function; the PCI core
+  leaves an unbound function in D0 but it may go to D3cold when the bridge above it suspends
+  (drivers/pci/pci-driver.c, pci_pm_runtime_suspend(); D3cold also needs `d3cold_allowed` and
+  platform support, Documentation/ABI/testing/sysfs-bus-pci). Read back: unbound and
+  `power/runtime_status` = "suspended";
 - `off`: unbind, remove from the bus, cut the rail (needs `rail`);
-- `active`/`idle`: rail on, rescan until the device is back, bind to apex, wait for the bind.
-  Timeouts are long by default (`settle_timeout_ms` 15 s) so a slow reset is not an error.
+- `active`/`idle`: rail on, rescan until the device is back, bind to apex, wait for the bind and
+  `power/runtime_status` = "active". Timeouts are long by default (`settle_timeout_ms` 15 s) so a
+  slow reset is not an error;
+- stop (`async_close`): `power/control` gets back the value found.
 
-Read-back: device absent -> off; present but unbound -> sleep; bound -> the last commanded of
-active/idle (PCI cannot tell them apart). Recovery rungs: rebind, pci_rescan, rail_cycle (rail).
+Read-back, from sysfs only: device absent -> off; unbound and runtime-suspended (or D3) -> sleep;
+unbound and suspending -> suspending; bound and active -> active/idle (PCI cannot tell them
+apart: the label is the last commanded of the two); resuming -> waking; anything else (e.g.
+unbound but active with runtime PM forbidden) -> unknown. Recovery rungs: rebind, pci_rescan,
+rail_cycle (rail).
 """
 
 from __future__ import annotations
@@ -25,9 +38,9 @@ from pydantic import Field
 
 from ..accel import AccelState
 from .accel_gpio import RequestOpener, open_gpiod_request
-from .accel_hailo import PciBackend, PciBackendOptions
 from .base import DriverError
-from .pci_sysfs import wait_for
+from .pci_backend import PciBackend, PciBackendOptions
+from .pci_sysfs import D3_STATES
 
 
 class CoralOptions(PciBackendOptions):
@@ -43,30 +56,45 @@ class CoralAccelerator(PciBackend):
                  rail_opener: RequestOpener = open_gpiod_request) -> None:
         self.options = options if isinstance(options, CoralOptions) else CoralOptions.model_validate(options)
         super().__init__(self.options, rail_opener)
-        self._running = AccelState.ACTIVE
-        self._down = AccelState.OFF  # label of "rail cut": sleep when sleep was commanded as a cut
+        self._running = AccelState.ACTIVE  # label of a bound, active function: active or idle
 
     async def async_close(self) -> None:
-        await self._close_rail()
+        async with self._lock:
+            await self._stop()
 
     async def async_set_state(self, target: AccelState) -> None:
         async with self._lock:
             if target in (AccelState.ACTIVE, AccelState.IDLE):
                 await self._ensure_present_and_bound()
+                await self._settle(lambda: self.pci.runtime_status() == "active", "runtime_status active")
                 self._running = target
-            elif target is AccelState.OFF or (target is AccelState.SLEEP and self.rail is not None):
-                await self._power_off()
-                self._down = target
             elif target is AccelState.SLEEP:
-                await asyncio.to_thread(self.pci.unbind)
-                await wait_for(lambda: self.pci.bound_driver() is None, self._settle_s(),
-                               self.options.poll_interval_ms / 1000, f"{self.pci.address} unbound")
+                if not await self.steps.present():
+                    raise DriverError(f"PCI device {self.pci.path} not found: sleep needs it on the bus")
+                await self.steps.unbind()
+                await self._allow_runtime_pm()
+                await self._settle(lambda: self.pci.bound_driver() is None and self.pci.low_power(),
+                                   "unbound and runtime-suspended")
+            elif target is AccelState.OFF:
+                await self._power_off()
             else:
                 raise DriverError(f"cannot command transitional state {target.value!r}")
 
     async def async_read_state(self) -> AccelState:
-        if not await asyncio.to_thread(self.pci.present):
-            return self._down
-        if await asyncio.to_thread(self.pci.bound_driver) is None:
+        return await asyncio.to_thread(self._read_state)
+
+    def _read_state(self) -> AccelState:
+        if not self.pci.present():
+            return AccelState.OFF
+        status, power = self.pci.runtime_status(), self.pci.power_state()
+        if status == "resuming":
+            return AccelState.WAKING
+        if self.pci.bound_driver() is None:
+            if status == "suspended" or power in D3_STATES:
+                return AccelState.SLEEP
+            return AccelState.SUSPENDING if status == "suspending" else AccelState.UNKNOWN
+        if status == "active":
+            return self._running
+        if status == "suspended" or power in D3_STATES:
             return AccelState.SLEEP
-        return self._running
+        return AccelState.UNKNOWN

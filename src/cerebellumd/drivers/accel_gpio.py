@@ -28,6 +28,7 @@ from gpiod.line import Direction, Value
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..accel import AccelState
+from ._poll import PollTimeout, poll_until
 from .base import DriverError
 
 LineId = int | str
@@ -218,17 +219,17 @@ class GpioAccelerator:
         line = self.options.power_good_line
         if line is None:
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.power_good_timeout_ms / 1000
         want = Value.ACTIVE if powered else Value.INACTIVE
-        while (value := await self._get(request, line)) is not want:
-            if loop.time() >= deadline:
-                self.counters["power_good_timeouts"] += 1
-                raise DriverError(
-                    f"power-good line {line!r} is {value.name} "
-                    f"{self.options.power_good_timeout_ms} ms after switching the rail "
-                    f"{'on' if powered else 'off'}")
-            await asyncio.sleep(self.options.poll_interval_ms / 1000)
+        try:
+            await poll_until(lambda: self._get(request, line), lambda v: v is want,
+                             timeout_s=self.options.power_good_timeout_ms / 1000,
+                             interval_s=self.options.poll_interval_ms / 1000, what=f"power-good line {line!r}")
+        except PollTimeout as exc:
+            self.counters["power_good_timeouts"] += 1
+            raise DriverError(
+                f"power-good line {line!r} is {exc.last.name} "
+                f"{self.options.power_good_timeout_ms} ms after switching the rail "
+                f"{'on' if powered else 'off'}") from None
 
     @staticmethod
     async def _get(request: LineRequestLike, line: LineId) -> Value:

@@ -20,15 +20,14 @@ of `async_set_power_mode`. Recovery: rail_cycle when `power_off` and `power_on` 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..accel import AccelState
+from . import subprocess_run
+from ._poll import PollTimeout, poll_until
 from .base import DriverError
 
 _TAIL = 300
@@ -164,36 +163,26 @@ class JetsonAccelerator:
         mapped = self.options.status_words.get(word)
         return AccelState(mapped) if mapped else AccelState.UNKNOWN
 
-    async def _settle(self, done: Any, what: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.settle_timeout_ms / 1000
-        while not done(state := await self._status()):
-            if loop.time() >= deadline:
-                raise DriverError(f"jetson not {what} after {self.options.settle_timeout_ms} ms (reads {state.value})")
-            await asyncio.sleep(self.options.poll_interval_ms / 1000)
+    async def _settle(self, done: Callable[[AccelState], bool], what: str) -> None:
+        try:
+            await poll_until(self._status, done, timeout_s=self.options.settle_timeout_ms / 1000,
+                             interval_s=self.options.poll_interval_ms / 1000, what=f"jetson {what}")
+        except PollTimeout as exc:
+            raise DriverError(f"jetson not {what} after {self.options.settle_timeout_ms} ms "
+                              f"(reads {exc.last.value})") from None
 
     async def _run(self, argv: list[str]) -> str:
         self.counters["runs"] += 1
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True)
+            done = await subprocess_run.run(argv, self.options.timeout_ms / 1000)
+        except TimeoutError:  # (an OSError: first) its process group was killed: ssh and children too
+            self.counters["failures"] += 1
+            raise DriverError(f"{argv[0]!r} timed out (killed)") from None
         except OSError as exc:
             self.counters["failures"] += 1
             raise DriverError(f"cannot run {argv[0]!r}: {exc}") from exc
-        try:
-            async with asyncio.timeout(self.options.timeout_ms / 1000):
-                stdout, stderr = await proc.communicate()
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # its own group: ssh and children die too
-            await proc.wait()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+        if done.returncode != 0:
             self.counters["failures"] += 1
-            raise DriverError(f"{argv[0]!r} timed out (killed)") from None
-        if proc.returncode != 0:
-            self.counters["failures"] += 1
-            tail = stderr.decode(errors="replace").strip()[-_TAIL:]
-            raise DriverError(f"{argv[0]!r} exited with {proc.returncode}" + (f": {tail}" if tail else ""))
-        return stdout.decode(errors="replace")
+            tail = done.stderr_tail(_TAIL)
+            raise DriverError(f"{argv[0]!r} exited with {done.returncode}" + (f": {tail}" if tail else ""))
+        return done.stdout.decode(errors="replace")
