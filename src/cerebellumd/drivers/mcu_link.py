@@ -288,8 +288,7 @@ class McuLink:
             self._pending.pop(seq, None)
         if isinstance(reply, Nack):
             self.counters["nacks"] += 1
-            code = (NackCode(reply.code).name if reply.code in NackCode._value2member_map_
-                    else str(reply.code))
+            code = next((c.name for c in NackCode if c == reply.code), str(reply.code))
             raise DriverError(f"MCU refused RAIL_COMMAND {action.name}: {code}")
 
     def _fail_pending(self, reason: str) -> None:

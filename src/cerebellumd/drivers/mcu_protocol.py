@@ -232,9 +232,10 @@ def decode_payload(mtype: int, payload: bytes) -> Body:
         bat, t_mcu, t_acc, mv, ma, mw, on = values
         return Readings(bat, t_mcu, t_acc, mv, ma, mw, rail_on=bool(on))
     if kind is MsgType.RAIL_COMMAND:
-        if values[0] not in RailAction._value2member_map_:
-            raise ProtocolError("bad_value", f"rail action {values[0]} out of range")
-        return RailCommand(RailAction(values[0]))
+        try:
+            return RailCommand(RailAction(values[0]))
+        except ValueError:
+            raise ProtocolError("bad_value", f"rail action {values[0]} out of range") from None
     if kind is MsgType.ACK:
         return Ack(*values)
     return Nack(*values)
