@@ -248,6 +248,19 @@ async def test_a_file_that_fails_validation_changes_nothing(reloadable: Reloadab
     await close_and_check_safe_state(r)
 
 
+async def test_a_signal_missing_from_the_running_dbc_is_refused(reloadable: Reloadable) -> None:
+    """As `run` refuses to start with it: a typo in a CAN signal never becomes a signal that is
+    never fed (and, with on_stale = wake, a wake that never ends)."""
+    r = reloadable
+    old = r.daemon.config
+    await r.write(r.text + '\n[signals.ambient_c]\ncan = "BodyStatus.AmbientTmp"\n')
+    result = await r.daemon.reload()
+    assert result.result == "error", result.message
+    assert "AmbientTmp" in result.message and "AmbientTemp" in result.message  # did you mean
+    assert r.daemon.config is old
+    await close_and_check_safe_state(r)
+
+
 SOMEIP_ON = """
 [[someip]]
 name = "adas"

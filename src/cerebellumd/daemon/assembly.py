@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..accel import AccelState
-from ..config import Config, ConfigError, load_config, rail_fed_domains
+from ..config import Config, ConfigError, parse_config, rail_fed_domains
+from ..config.dbc_check import dbc_issues
 from ..config.reload import ReloadPlan, plan_reload
 from ..drivers.accel_mcu import McuAccelerator
 from ..drivers.dbc import load_dbc
@@ -279,7 +280,7 @@ class Assembly:
             if not self._started:
                 return ReloadResult("error", "the daemon is not running")
             try:
-                new = await asyncio.to_thread(load_config, path)
+                new = await asyncio.to_thread(self._load_checked, path)
             except ConfigError as exc:
                 issues = "; ".join(str(i) for i in exc.issues)
                 return self._count(ReloadResult("error", f"reload failed, keeping the running configuration: {issues}"))
@@ -296,6 +297,18 @@ class Assembly:
                 log.exception("reload failed while swapping; the old parts were restored")
                 return self._count(ReloadResult("error", f"reload failed, old configuration restored: {exc}", plan))
             return self._count(ReloadResult("ok", f"{plan.message()} (from {path})", plan))
+
+    def _load_checked(self, path: str) -> Config:
+        """Blocking (file reads). As `check` and `run` do: the file, then its CAN signals against
+        the DBCs of the running buses (a reload never changes `[[can]]`: that needs a restart)."""
+        text = Path(path).read_text("utf-8")
+        new = parse_config(text, path)
+        dbcs = {name: ingest.db for name, ingest in self.ingests.items()}
+        if [b.name for b in new.can] == list(dbcs):
+            found = dbc_issues(new, dbcs, text, path)
+            if found.errors:
+                raise ConfigError(found.errors)
+        return new
 
     def _count(self, result: ReloadResult) -> ReloadResult:
         self.daemon.metrics.config_reloads.labels(result.result).inc()

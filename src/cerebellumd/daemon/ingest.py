@@ -121,6 +121,11 @@ class CanIngest:
                 dbc_message, tuple(per_message.get(dbc_message.name, ())))
         return routes
 
+    @property
+    def db(self) -> Database:
+        """The bus's DBC, as loaded at start (a reload checks new signals against it)."""
+        return self._db
+
     def add_tap(self, tap: FrameTap) -> Callable[[], None]:
         """One per-frame hook per bus (NM). Add it before `async_start` for its kernel filter
         to be installed with the bus; returns the undo."""
