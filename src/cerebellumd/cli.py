@@ -237,7 +237,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     try:
         if args.config:
             config = load_config(args.config)
-        result = replay(args.log, args.dbc, config)
+        result = replay(args.log, args.dbc, config, j1939=args.j1939)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dbc", required=True, help="DBC of the log's bus")
     replay.add_argument("--config", default=None, help="daemon config (its signals and policy); none: decode only")
     replay.add_argument("--json", action="store_true", help="print one JSON object")
+    replay.add_argument("--j1939", default="auto", choices=["auto", "on", "off"],
+                        help="J1939 matching by PGN and transport reassembly: auto = the DBC's J1939 messages, "
+                        "on = every extended message, off = exact IDs")
     replay.set_defaults(func=_cmd_replay)
 
     from .sim import commands as sim_commands

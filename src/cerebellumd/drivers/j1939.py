@@ -90,8 +90,9 @@ def split_id(can_id: int) -> tuple[int, int, int, int]:
 
 def pgn_of_dbc_id(frame_id: int) -> tuple[int, int]:
     """(PGN, source address) of a DBC message's ID, by cantools' J1939 helpers."""
-    unpacked = cantools.j1939.frame_id_unpack(frame_id & 0x1FFFFFFF)
-    return int(cantools.j1939.pgn_from_frame_id(frame_id & 0x1FFFFFFF)), int(unpacked.source_address)
+    unpacked = cantools.j1939.frame_id_unpack(frame_id & 0x1FFFFFFF)  # type: ignore[no-untyped-call]
+    pgn = cantools.j1939.pgn_from_frame_id(frame_id & 0x1FFFFFFF)  # type: ignore[no-untyped-call]
+    return int(pgn), int(unpacked.source_address)
 
 
 def acceptance_filter(pgn: int) -> tuple[int, int]:
@@ -182,11 +183,11 @@ class _Session:
     waiting: str = ""  # what the deadline waits for (the timeout's reason)
 
 
-def _le16(data: bytes, i: int) -> int:
+def _le16(data: bytes | bytearray, i: int) -> int:
     return data[i] | data[i + 1] << 8
 
 
-def _le24(data: bytes, i: int) -> int:
+def _le24(data: bytes | bytearray, i: int) -> int:
     return data[i] | data[i + 1] << 8 | data[i + 2] << 16
 
 
@@ -203,7 +204,7 @@ class TpReassembler:
     def open_sessions(self) -> int:
         return len(self._sessions)
 
-    def feed(self, pgn: int, source: int, destination: int, data: bytes,
+    def feed(self, pgn: int, source: int, destination: int, data: bytes | bytearray,
              now: float) -> list[TpMessage | TpError]:
         out: list[TpMessage | TpError] = []
         if now >= self.next_deadline:
@@ -242,7 +243,7 @@ class TpReassembler:
 
     # TP.CM ---------------------------------------------------------------------------------
 
-    def _control(self, source: int, destination: int, data: bytes, now: float,
+    def _control(self, source: int, destination: int, data: bytes | bytearray, now: float,
                  out: list[TpMessage | TpError]) -> None:
         if len(data) < 8:
             out.append(TpError("malformed", source, destination, None, f"TP.CM of {len(data)} bytes (8 expected)"))
@@ -264,7 +265,7 @@ class TpReassembler:
         else:
             out.append(TpError("malformed", source, destination, pgn, f"TP.CM control byte {control}"))
 
-    def _open(self, control: int, source: int, destination: int, data: bytes, pgn: int, now: float,
+    def _open(self, control: int, source: int, destination: int, data: bytes | bytearray, pgn: int, now: float,
               out: list[TpMessage | TpError]) -> None:
         mode = "bam" if control == CM_BAM else "cmdt"
         if (control == CM_BAM) != (destination == GLOBAL_ADDRESS):
@@ -297,7 +298,7 @@ class TpReassembler:
         else:
             self._arm(s, now + T3, "no CTS within T3 (1250 ms) after the RTS")
 
-    def _cts(self, source: int, destination: int, data: bytes, pgn: int, now: float,
+    def _cts(self, source: int, destination: int, data: bytes | bytearray, pgn: int, now: float,
              out: list[TpMessage | TpError]) -> None:
         s = self._sessions.get((destination, source))  # the receiver answers the originator
         if s is None or s.mode != "cmdt" or s.pgn != pgn:
@@ -332,7 +333,7 @@ class TpReassembler:
 
     # TP.DT ---------------------------------------------------------------------------------
 
-    def _data(self, source: int, destination: int, data: bytes, now: float,
+    def _data(self, source: int, destination: int, data: bytes | bytearray, now: float,
               out: list[TpMessage | TpError]) -> None:
         key = (source, destination)
         s = self._sessions.get(key)
@@ -402,7 +403,7 @@ class AddressTable:
     claims: int = 0
     cannot_claim: int = 0
 
-    def claim(self, source: int, data: bytes) -> tuple[int, int | None, int] | None:
+    def claim(self, source: int, data: bytes | bytearray) -> tuple[int, int | None, int] | None:
         """An Address Claimed PG. Returns (address, previous NAME or None, NAME) when the table
         changed, else None. A claim from the null address is "cannot claim": counted only."""
         if len(data) < 8:
@@ -445,7 +446,7 @@ class J1939Receiver(Generic[T]):
         self.errors: list[TpError] = []
         self.claimed: list[tuple[int, int | None, int]] = []
 
-    def feed(self, can_id: int, data: bytes, now: float) -> T | None:
+    def feed(self, can_id: int, data: bytes | bytearray, now: float) -> T | None:
         if now >= self.tp.next_deadline:
             self.errors.extend(self.tp.expire(now))
         _, pgn, source, destination = split_id(can_id)
