@@ -198,6 +198,9 @@ class TpReassembler:
 
     max_sessions: int = 64
     _sessions: dict[tuple[int, int], _Session] = field(default_factory=dict)
+    #: Pairs whose TP.DT are ignored silently until their next TP.CM: the rest of a session
+    #: already reported broken (one error per broken session, not one per packet).
+    _discard: set[tuple[int, int]] = field(default_factory=set)
     next_deadline: float = math.inf
 
     @property
@@ -220,6 +223,7 @@ class TpReassembler:
         for key, s in list(self._sessions.items()):
             if now > s.deadline:
                 del self._sessions[key]
+                self._drop(key)
                 errors.append(TpError("timeout", s.source, s.destination, s.pgn,
                                       f"{s.mode.upper()} of PGN {s.pgn:#06x}: {s.waiting}; "
                                       f"{s.n_got} of {s.packets} packets received"))
@@ -232,8 +236,14 @@ class TpReassembler:
                           f"{s.mode.upper()} of PGN {s.pgn:#06x}: recording ended after {s.n_got} of "
                           f"{s.packets} packets") for s in self._sessions.values()]
         self._sessions.clear()
+        self._discard.clear()
         self.next_deadline = math.inf
         return errors
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        if len(self._discard) >= 1024:  # bounded; forgetting only costs one more "unexpected"
+            self._discard.clear()
+        self._discard.add(key)
 
     def _arm(self, s: _Session, deadline: float, waiting: str) -> None:
         s.deadline = deadline
@@ -259,6 +269,7 @@ class TpReassembler:
         elif control == CM_ABORT:
             key = (source, destination) if (source, destination) in self._sessions else (destination, source)
             s = self._sessions.pop(key, None)
+            self._drop(key)
             out.append(TpError("abort", key[0], key[1], pgn,
                                f"TP.CM_Abort from {source:#04x}, reason {data[1]}"
                                + ("" if s is not None else " (no session seen)")))
@@ -282,6 +293,7 @@ class TpReassembler:
                                f"{mode.upper()} announces {size} bytes in {packets} packets"))
             return
         key = (source, destination)
+        self._discard.discard(key)
         old = self._sessions.pop(key, None)
         if old is not None:
             out.append(TpError("superseded", source, destination, old.pgn,
@@ -338,7 +350,9 @@ class TpReassembler:
         key = (source, destination)
         s = self._sessions.get(key)
         if s is None:
-            out.append(TpError("unexpected", source, destination, None, "TP.DT without an open session"))
+            if key not in self._discard:
+                self._drop(key)
+                out.append(TpError("unexpected", source, destination, None, "TP.DT without an open session"))
             return
         if len(data) < 2:
             out.append(TpError("malformed", source, destination, s.pgn, f"TP.DT of {len(data)} bytes"))
@@ -349,11 +363,13 @@ class TpReassembler:
             return
         if s.mode == "cmdt" and s.window_end == 0:
             del self._sessions[key]
+            self._drop(key)
             out.append(TpError("out_of_order", source, destination, s.pgn,
                                f"TP.DT {seq} outside a CTS window"))
             return
         if seq != s.next_seq:
             del self._sessions[key]
+            self._drop(key)
             out.append(TpError("out_of_order", source, destination, s.pgn,
                                f"TP.DT {seq} where {s.next_seq} was expected"))
             return
