@@ -397,3 +397,20 @@ bus = "body"
         await asyncio.to_thread(a.shutdown)
         await asyncio.to_thread(b.shutdown)
         await daemon.async_stop()
+
+
+def test_kernel_filters_accept_a_wanted_pgn_from_any_source_and_its_transport() -> None:
+    from cerebellumd.config import CanBusConfig
+    from cerebellumd.daemon.ingest import CanIngest, load_dbc
+    from cerebellumd.daemon.metrics import Metrics
+
+    config = CanBusConfig(name="engine", interface="virtual", channel="unused", dbc=str(DEMO_DBC))
+    ingest = CanIngest(config, load_dbc(str(DEMO_DBC)), {("EEC1", "EngineSpeed"): "rpm"}, lambda s, t: None,
+                       Metrics(buses=["engine"]))
+
+    def accepted(can_id: int) -> bool:
+        return any(f["extended"] and can_id & f["can_mask"] == f["can_id"] & f["can_mask"] for f in ingest.can_filters)
+
+    assert accepted(0x0CF00400) and accepted(0x18F00417)  # EEC1, any priority and source
+    assert accepted(0x1CECFF00) and accepted(0x1CEBFF00) and accepted(0x18EEFF21)  # TP.CM, TP.DT, claims
+    assert not accepted(0x0CFEF100)  # CCVS1: no signal wants it
