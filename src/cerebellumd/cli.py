@@ -285,7 +285,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             if not _dbc_gate(args.config, config, load_replay_dbc(args.dbc)):
                 print(f"cerebellumd replay: refusing: a configured CAN signal is not in {args.dbc}", file=sys.stderr)
                 return 1
-        result = replay(args.log, args.dbc, config, plot=args.plot)
+        result = replay(args.log, args.dbc, config, plot=args.plot, j1939=args.j1939)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -379,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="print one JSON object")
     replay.add_argument("--plot", default=None, metavar="FILE.png",
                         help="draw the configured signals, demands and accelerator state (needs --config)")
+    replay.add_argument("--j1939", default="auto", choices=["auto", "on", "off"],
+                        help="J1939 matching by PGN and transport reassembly: auto = the DBC's J1939 messages, "
+                        "on = every extended message, off = exact IDs")
     replay.set_defaults(func=_cmd_replay)
 
     disc = sub.add_parser("discover", help="statistics of a recording and the signals that look like speed, gear, ...")

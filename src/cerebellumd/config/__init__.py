@@ -95,6 +95,10 @@ class CanBusConfig(Section):
     reconnect_backoff_ms: PositiveMs = Field(500, description="First reconnect delay; doubles up to 30 s.")
     receive_own_messages: bool = Field(False, description="Passed to python-can.")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for can.Bus.")
+    j1939: Literal["auto", "on", "off"] = Field(
+        "auto", description="J1939 matching by PGN (priority and source address masked), transport-protocol "
+        "reassembly and address claims: auto = for the DBC messages marked J1939 (VFrameFormat J1939PG, or "
+        "ProtocolType J1939), on = for every extended message of the DBC, off = exact IDs only.")
 
 
 class SignalConfig(Section):

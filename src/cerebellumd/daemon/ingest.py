@@ -24,6 +24,16 @@ import can
 from cantools.database.can import Database, Message
 
 from ..config import CanBusConfig
+from ..drivers.j1939 import (
+    PGN_ADDRESS_CLAIMED,
+    PGN_TP_CM,
+    PGN_TP_DT,
+    TP_ERROR_KINDS,
+    J1939Receiver,
+    PgnRoutes,
+    acceptance_filter,
+    is_j1939_message,
+)
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -80,7 +90,27 @@ class CanIngest:
         self._from_monotonic = from_monotonic
         self._bus_factory = bus_factory or can.Bus
         self._db = db
+        self._j1939_mode = config.j1939
         self._routes = self._build_routes(db, wanted)
+        self._j1939: J1939Receiver[_Route] | None = None
+        self._routes, j1939_routes = self._split_j1939(self._routes)
+        if j1939_routes is not None:
+            self._j1939 = J1939Receiver(j1939_routes)
+            self._c_tp_errors = {k: metrics.counter(
+                "cerebellumd_j1939_tp_errors", "J1939 transport sessions broken, by kind (out_of_order, "
+                "duplicate, timeout, oversize, malformed, abort, superseded, unexpected, incomplete, overflow).",
+                ["bus", "kind"]).labels(self.name, k) for k in TP_ERROR_KINDS}
+            self._c_tp_messages = metrics.counter(
+                "cerebellumd_j1939_tp_messages", "J1939 multi-packet PGs reassembled whole (BAM and CMDT).",
+                ["bus"]).labels(self.name)
+            self._c_claims = metrics.counter(
+                "cerebellumd_j1939_address_claims", "J1939 Address Claimed PGs seen (cannot-claim included).",
+                ["bus"]).labels(self.name)
+            self._g_nodes = metrics.gauge(
+                "cerebellumd_j1939_node_info", "1 per J1939 address with the NAME last claimed there (hex).",
+                ["bus", "address", "name"])
+            self._node_labels: set[tuple[str, str]] = set()
+            self._claims_seen = 0
         self._tap = tap
         self._queue: collections.deque[can.Message] = collections.deque()
         self._maxlen = config.queue_size
@@ -126,6 +156,25 @@ class CanIngest:
         """The bus's DBC, as loaded at start (a reload checks new signals against it)."""
         return self._db
 
+    def _split_j1939(self, routes: dict[tuple[int, bool], _Route]
+                     ) -> tuple[dict[tuple[int, bool], _Route], PgnRoutes[_Route] | None]:
+        """The DBC's J1939 messages (`drivers/j1939.is_j1939_message`) leave the exact-ID table
+        for a table by PGN (priority and source address masked)."""
+        db, mode = self._db, self._j1939_mode
+        by_pgn = {key: r for key, r in routes.items() if is_j1939_message(r.message, db, mode)}
+        if not by_pgn:
+            return routes, None
+        pgn_routes = PgnRoutes((r.message.frame_id, r) for r in by_pgn.values())
+        for pgn, source in pgn_routes.conflicts:
+            log.warning("bus %s: PGN %#06x from %#04x defined twice in the DBC; the first is used",
+                        self.name, pgn, source)
+        return {key: r for key, r in routes.items() if key not in by_pgn}, pgn_routes
+
+    @property
+    def j1939(self) -> J1939Receiver[Any] | None:
+        """The bus's J1939 receiver (address table, open transport sessions), if its DBC has J1939."""
+        return self._j1939
+
     def add_tap(self, tap: FrameTap) -> Callable[[], None]:
         """One per-frame hook per bus (NM). Add it before `async_start` for its kernel filter
         to be installed with the bus; returns the undo."""
@@ -144,7 +193,10 @@ class CanIngest:
         whether the acceptance filters changed: where the kernel filters, `async_apply_filters`
         must follow."""
         before = self.can_filters
-        self._routes = self._build_routes(self._db, wanted)
+        routes, j1939_routes = self._split_j1939(self._build_routes(self._db, wanted))
+        self._routes = routes
+        if self._j1939 is not None and j1939_routes is not None:
+            self._j1939.routes = j1939_routes  # open transport sessions carry on
         return self.can_filters != before
 
     async def async_apply_filters(self) -> None:
@@ -159,6 +211,15 @@ class CanIngest:
              "extended": m.message.is_extended_frame}
             for m in self._routes.values() if m.wanted
         ]
+        if self._j1939 is not None:
+            routes = self._j1939.routes
+            wanted = [pgn for pgn, r in routes.by_pgn.items() if r.wanted]
+            wanted += [pgn for (pgn, _), r in routes.by_source.items() if r.wanted and pgn not in wanted]
+            if wanted:  # transport and address claims come along: a wanted PG may be multi-packet
+                wanted += [PGN_TP_CM, PGN_TP_DT, PGN_ADDRESS_CLAIMED]
+            for pgn in wanted:
+                can_id, mask = acceptance_filter(pgn)
+                filters.append({"can_id": can_id, "can_mask": mask, "extended": True})
         return filters + [dict(f) for f in self._tap.filters] if self._tap is not None else filters
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -258,6 +319,7 @@ class CanIngest:
         routes = self._routes
         sink = self._sink
         hook = self._tap.hook if self._tap is not None else None
+        j1939 = self._j1939
         now_mono = time.monotonic()
         n = 0
         while queue and n < budget:
@@ -268,6 +330,17 @@ class CanIngest:
                 self._count_error("error_frame")
                 continue
             route = routes.get((msg.arbitration_id, msg.is_extended_id))
+            if route is None and j1939 is not None and msg.is_extended_id:
+                route = j1939.feed(msg.arbitration_id, msg.data, self._frame_time(msg, now_mono))
+                if j1939.errors or j1939.claimed:
+                    self._j1939_events(j1939)
+                if route is None and j1939.consumed:
+                    if j1939.messages:
+                        self._j1939_messages(j1939)
+                    if j1939.addresses.claims != self._claims_seen:
+                        self._c_claims.inc(j1939.addresses.claims - self._claims_seen)
+                        self._claims_seen = j1939.addresses.claims
+                    continue
             if route is None:
                 if not claimed:
                     self._count_error("unknown_id")
@@ -288,10 +361,7 @@ class CanIngest:
                         samples.append((ours, float(value)))
                     else:  # out of the DBC range: not a measurement; counted, left to go stale
                         self._count_error("range")
-            mono = msg.timestamp - self._wall_to_mono
-            if not 0.0 <= now_mono - mono < 1.0:
-                mono = now_mono  # interface clock disagrees: trust our own arrival time
-            sink(samples, self._from_monotonic(mono))
+            sink(samples, self._from_monotonic(self._frame_time(msg, now_mono)))
         self.frames += n
         self._c_frames.inc(n)
         self.last_frame_at = self._now()
@@ -301,6 +371,55 @@ class CanIngest:
         if queue and not self._scheduled and self._loop is not None:
             self._scheduled = True
             self._loop.call_soon(self.drain)
+
+    def _frame_time(self, msg: can.Message, now_mono: float) -> float:
+        """The frame's receive time on our monotonic clock."""
+        mono = msg.timestamp - self._wall_to_mono
+        if not 0.0 <= now_mono - mono < 1.0:
+            mono = now_mono  # interface clock disagrees: trust our own arrival time
+        return mono
+
+    def _j1939_messages(self, j1939: J1939Receiver[_Route]) -> None:
+        """Reassembled multi-packet PGs: decoded whole and handed on like a frame. A PG shorter
+        than its DBC message yields the signals it holds (J1939 PG lengths vary, e.g. DM1)."""
+        for route, pg in j1939.messages:
+            self._c_tp_messages.inc()
+            if route is None or not route.wanted:
+                continue
+            try:
+                values = cast(Mapping[str, Any], route.message.decode(
+                    pg.data, decode_choices=False, allow_truncated=True))
+            except Exception:  # cantools raises several types for bad data; all are bad input
+                self._count_error("decode")
+                continue
+            samples = []
+            for signal, ours, lo, hi in route.wanted:
+                value = values.get(signal)
+                if isinstance(value, int | float):
+                    if lo <= value <= hi:
+                        samples.append((ours, float(value)))
+                    else:
+                        self._count_error("range")
+            self._sink(samples, self._from_monotonic(pg.time))
+        j1939.messages.clear()
+
+    def _j1939_events(self, j1939: J1939Receiver[_Route]) -> None:
+        for error in j1939.errors:
+            self._c_tp_errors[error.kind].inc()
+            log.warning("bus %s: J1939 transport %s from %#04x to %#04x: %s", self.name, error.kind,
+                        error.source, error.destination, error.reason)
+        j1939.errors.clear()
+        if j1939.claimed:
+            for address, old, new in j1939.claimed:
+                log.info("bus %s: J1939 address %#04x claimed by NAME %016x%s", self.name, address, new,
+                         f" (was {old:016x})" if old is not None else "")
+            j1939.claimed.clear()
+            wanted = {(f"{a:#04x}", f"{n:016x}") for a, n in j1939.addresses.names.items()}
+            for labels in self._node_labels - wanted:
+                self._g_nodes.remove(self.name, *labels)
+            for labels in wanted - self._node_labels:
+                self._g_nodes.labels(self.name, *labels).set(1)
+            self._node_labels = wanted
 
     def send(self, msg: can.Message) -> None:
         """Transmit one frame (NM PDUs of an active node). Blocking: call it off the loop.

@@ -9,7 +9,18 @@ is the evaluator's `SimAccelerator` (model latencies). Counts, per frame:
 - `unknown_ids`: its (ID, extended) is not in the DBC;
 - `decode_errors`: its ID is known but the data does not decode (short frame, bad multiplexer);
 - `decoded`: decoded; `signals` lists every DBC signal name seen decoded;
-- `error_frames`: error frames (never decoded).
+- `error_frames`: error frames (never decoded);
+- `transport_frames`: J1939 protocol frames (TP.CM, TP.DT, Address Claimed) taken by the J1939
+  receiver; the PGs they carry are counted in `j1939`.
+
+J1939 (`drivers/j1939.py`, the daemon's code): with `j1939="auto"` (the default) the DBC
+messages cantools marks J1939 (`VFrameFormat` J1939PG) or all extended ones of a DBC whose
+`ProtocolType` is J1939, with `"on"` every extended message, match frames by PGN (priority and
+source address masked) instead of by exact ID. Multi-packet PGs (BAM, RTS/CTS) are reassembled
+and decoded whole (a reassembled PG shorter than its DBC message decodes the signals it holds:
+J1939 PG lengths vary); a half one never reaches the policy. The JSON's `j1939` object counts
+the messages routed by PGN, reassembled PGs (decoded, without a DBC message), transport errors
+by kind, and the address claims seen (address -> NAME).
 
 Without `--config` there is no policy: `wakes` is 0. With one, the config's signals whose
 `can = "Message.Signal"` exists in the DBC are fed (whatever their `bus`; a log is one bus).
@@ -39,6 +50,7 @@ from cantools.database.can import Database, Message
 
 from ..accel import AccelState
 from ..config import Config, policy_params
+from ..drivers.j1939 import J1939_MODES, J1939Receiver, PgnRoutes, is_j1939_message
 from ..policies.cerebellum import CerebellumFirst, PolicyState
 from ..policies.nm import NmMode
 from ..policies.nm_replay import NmReplay, NmReplayer
@@ -182,22 +194,53 @@ def _nm_json(out: NmReplay, t0: float) -> dict[str, Any]:
     }
 
 
-def replay(log: str | Path, dbc: str | Path, config: Config | None = None,
-           plot: str | Path | None = None) -> dict[str, Any]:
+def replay(log: str | Path, dbc: str | Path, config: Config | None = None, *,
+           plot: str | Path | None = None, j1939: str = "auto") -> dict[str, Any]:
     """Replay `log`; the JSON result. With `plot`, also draw the configured signals, the demands
-    and the accelerator state over the recording's time to that PNG."""
+    and the accelerator state over the recording's time to that PNG. `j1939`: match the DBC's
+    J1939 messages by PGN and reassemble transport-protocol messages (docs/j1939.md)."""
     if plot is not None and config is None:
         raise ReplayError("--plot needs --config: it draws the configured signals, demands and accelerator")
+    if j1939 not in J1939_MODES:
+        raise ReplayError(f"j1939 must be one of {', '.join(J1939_MODES)}, not {j1939!r}")
     db = load_replay_dbc(dbc)
+    by_pgn = [m for m in db.messages if is_j1939_message(m, db, j1939)]
+    pgn_routed = {id(m) for m in by_pgn}
+    by_id: dict[tuple[int, bool], Message] = {
+        (m.frame_id, m.is_extended_frame): m for m in db.messages if id(m) not in pgn_routed}
+    rx: J1939Receiver[Message] | None = (
+        J1939Receiver(PgnRoutes((m.frame_id, m) for m in by_pgn)) if by_pgn else None)
     last_values: dict[str, float] = {}
     changes: Counter[str] = Counter()
-    by_id: dict[tuple[int, bool], Message] = {(m.frame_id, m.is_extended_frame): m for m in db.messages}
     counts: Counter[str] = Counter()
+    tp_errors: Counter[str] = Counter()
     seen: set[str] = set()
     policy: _Policy | None = None
     nm = _nm_replayer(config)
     first: float | None = None
     last: float | None = None
+
+    def apply(message: Message, data: bytes, t: float, counter: str, *, truncated: bool = False) -> None:
+        try:
+            # Plain decode (no multiplexer container) returns a dict of numbers.
+            values = cast(Mapping[str, Any], message.decode(data, decode_choices=False, allow_truncated=truncated))
+        except Exception:  # cantools raises several types for bad frames; all are bad input
+            counts[f"{counter}_errors" if counter != "decoded" else "decode_errors"] += 1
+            return
+        counts[counter] += 1
+        seen.update(values)
+        for name, value in values.items():
+            key = f"{message.name}.{name}"
+            if isinstance(value, int | float) and last_values.get(key, value) != value:
+                changes[key] += 1
+            last_values[key] = value
+        if policy is not None:
+            for dbc_signal, ours in policy.routes.get(message.name, ()):
+                value = values.get(dbc_signal)
+                if isinstance(value, int | float):
+                    policy.feed(ours, float(value), t)
+            policy.step(t)
+
     try:
         reader = can.LogReader(str(log))
     except Exception as exc:  # unknown suffix, unreadable file
@@ -220,28 +263,27 @@ def replay(log: str | Path, dbc: str | Path, config: Config | None = None,
             counts["error_frames"] += 1
             continue
         message = by_id.get((msg.arbitration_id, msg.is_extended_id))
+        if message is None and rx is not None and msg.is_extended_id:
+            message = rx.feed(msg.arbitration_id, bytes(msg.data), t)
+            for error in rx.errors:
+                tp_errors[error.kind] += 1
+            rx.errors.clear()
+            if message is not None:
+                counts["pgn_routed"] += 1
+            elif rx.consumed:
+                counts["transport_frames"] += 1
+                for routed, pg in rx.messages:
+                    counts["tp_messages"] += 1
+                    if routed is None:
+                        counts["tp_unknown_pgn"] += 1
+                    else:
+                        apply(routed, pg.data, pg.time, "tp_decoded", truncated=True)
+                rx.messages.clear()
+                continue
         if message is None:
             counts["unknown_ids"] += 1
             continue
-        try:
-            # Plain decode (no multiplexer container) returns a dict of numbers.
-            values = cast(Mapping[str, Any], message.decode(bytes(msg.data), decode_choices=False))
-        except Exception:  # cantools raises several types for bad frames; all are bad input
-            counts["decode_errors"] += 1
-            continue
-        counts["decoded"] += 1
-        seen.update(values)
-        for name, value in values.items():
-            key = f"{message.name}.{name}"
-            if isinstance(value, int | float) and last_values.get(key, value) != value:
-                changes[key] += 1
-            last_values[key] = value
-        if policy is not None:
-            for dbc_signal, ours in policy.routes.get(message.name, ()):
-                value = values.get(dbc_signal)
-                if isinstance(value, int | float):
-                    policy.feed(ours, float(value), t)
-            policy.step(t)
+        apply(message, bytes(msg.data), t, "decoded")
     result: dict[str, Any] = {
         "log": str(log),
         "dbc": str(dbc),
@@ -250,6 +292,7 @@ def replay(log: str | Path, dbc: str | Path, config: Config | None = None,
         "unknown_ids": counts["unknown_ids"],
         "decode_errors": counts["decode_errors"],
         "error_frames": counts["error_frames"],
+        "transport_frames": counts["transport_frames"],
         "signals": sorted(seen),
         "duration_s": round(last - first, 6) if first is not None and last is not None else 0.0,
         "policy": config.policy.name if config is not None else None,
@@ -274,6 +317,21 @@ def replay(log: str | Path, dbc: str | Path, config: Config | None = None,
             _plot(policy, t0, last, str(log), plot)
     if nm is not None:
         result["nm"] = _nm_json(nm.finish(), first if first is not None else 0.0)
+    if rx is not None:
+        rx.close()
+        for error in rx.errors:
+            tp_errors[error.kind] += 1
+        result["j1939"] = {
+            "mode": j1939,
+            "pgn_messages": len(by_pgn),
+            "pgn_routed_frames": counts["pgn_routed"],
+            "tp_messages": counts["tp_messages"],
+            "tp_decoded": counts["tp_decoded"],
+            "tp_decode_errors": counts["tp_decoded_errors"],
+            "tp_unknown_pgn": counts["tp_unknown_pgn"],
+            "tp_errors": dict(sorted(tp_errors.items())),
+            "address_claims": {f"{a:#04x}": f"{n:016x}" for a, n in sorted(rx.addresses.names.items())},
+        }
     duration = result["duration_s"] or 0.0
     result["top_signals"] = [
         {"signal": k, "changes": n, "changes_per_s": round(n / duration, 3) if duration > 0 else 0.0}
