@@ -402,8 +402,8 @@ bus = "body"
 def test_kernel_filters_accept_a_wanted_pgn_from_any_source_and_its_transport() -> None:
     from cerebellumd.config import CanBusConfig
     from cerebellumd.daemon.ingest import CanIngest
-from cerebellumd.drivers.dbc import load_dbc
     from cerebellumd.daemon.metrics import Metrics
+    from cerebellumd.drivers.dbc import load_dbc
 
     config = CanBusConfig(name="engine", interface="virtual", channel="unused", dbc=str(DEMO_DBC))
     ingest = CanIngest(config, load_dbc(str(DEMO_DBC)), {("EEC1", "EngineSpeed"): "rpm"}, lambda s, t: None,
