@@ -458,12 +458,11 @@ class _Sessions:
 
     def take(self, channel: tuple[str, int] | None) -> tuple[int, bool]:
         session = self.next_id.get(channel, 1)
-        following = session + 1
-        if following > 0xFFFF:
-            following = 1
+        reboot = channel not in self.wrapped
+        if session == 0xFFFF:
             self.wrapped.add(channel)
-        self.next_id[channel] = following
-        return session, channel not in self.wrapped
+        self.next_id[channel] = session + 1 if session < 0xFFFF else 1
+        return session, reboot
 
 
 class SdClient:
