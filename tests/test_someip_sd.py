@@ -229,7 +229,7 @@ def test_fuzz_the_client_with_mutated_valid_messages(noise: bytes, at: int, opti
 
 def options(**overrides: object) -> SdOptions:
     base: dict[str, object] = {
-        "multicast": None, "peers": ["127.0.0.1:30490"], "initial_delay_min_ms": 100,
+        "unicast_only": True, "peers": ["127.0.0.1:30490"], "initial_delay_min_ms": 100,
         "initial_delay_max_ms": 300, "repetitions_base_delay_ms": 10, "repetitions_max": 3,
         "subscribe_retry_ms": 200,
         "services": [{"service_id": 0x1234, "instance_id": 1, "major_version": 1, "eventgroups": [0x10],
@@ -409,7 +409,7 @@ def test_the_first_notification_is_timed_once_per_restart() -> None:
 
 
 def test_config_is_checked() -> None:
-    with pytest.raises(ValueError, match="multicast group or at least one unicast peer"):
+    with pytest.raises(ValueError, match="unicast-only SD needs at least one peer"):
         options(peers=[])
     with pytest.raises(ValueError, match="address:port"):
         options(peers=["127.0.0.1"])

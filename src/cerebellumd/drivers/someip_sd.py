@@ -341,10 +341,12 @@ class SdOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    multicast: str | None = Field(
+    multicast: str = Field(
         "224.224.224.245",
-        description="SD multicast group (vsomeip's default); FindService goes there and offers are received "
-                    "from it. None: unicast SD only, with `peers`.")
+        description="SD multicast group (vsomeip's default): FindService goes there and offers are received "
+                    "from it, joined on the endpoint's `host` interface.")
+    unicast_only: bool = Field(
+        False, description="SD over unicast only: no multicast socket, FindService goes to `peers` only.")
     port: int = Field(30490, ge=0, le=65535, description="SD UDP port (unicast and multicast), 30490 by the spec.")
     peers: list[str] = Field(
         default_factory=list,
@@ -371,11 +373,15 @@ class SdOptions(BaseModel):
     def _check(self) -> SdOptions:
         if self.initial_delay_min_ms > self.initial_delay_max_ms:
             raise ValueError("initial_delay_min_ms must not exceed initial_delay_max_ms")
-        if self.multicast is None and not self.peers:
-            raise ValueError("SD needs a multicast group or at least one unicast peer")
-        if self.multicast is not None and not ipaddress.IPv4Address(self.multicast).is_multicast:
+        if self.unicast_only and not self.peers:
+            raise ValueError("unicast-only SD needs at least one peer")
+        if not ipaddress.IPv4Address(self.multicast).is_multicast:
             raise ValueError(f"{self.multicast} is not an IPv4 multicast address")
         return self
+
+    @property
+    def multicast_group(self) -> str | None:
+        return None if self.unicast_only else self.multicast
 
     def peer_addresses(self) -> list[tuple[str, int]]:
         return [parse_peer(p) for p in self.peers]
@@ -603,8 +609,8 @@ class SdClient:
 
     def _find_sends(self, finds: list[Entry]) -> list[Send]:
         sends = []
-        if self.options.multicast is not None:
-            sends.append(self._send((self.options.multicast, self.options.port), finds, multicast=True))
+        if self.options.multicast_group is not None:
+            sends.append(self._send((self.options.multicast_group, self.options.port), finds, multicast=True))
         sends += [self._send(peer, finds) for peer in self.options.peer_addresses()]
         return sends
 

@@ -3,7 +3,7 @@
 Two sockets, both on the SD port:
 - unicast: bound to the endpoint's host; everything we send leaves from it (so servers answer
   to it), multicast sent out of the host's interface (IP_MULTICAST_IF);
-- multicast (when `sd.multicast` is set): bound to the group, joined on the host's interface,
+- multicast (unless `sd.unicast_only`): bound to the group, joined on the host's interface,
   receiving the servers' multicast offers. Our own looped-back multicast is recognised by its
   source address and dropped by the state machine.
 
@@ -65,9 +65,9 @@ class SdTransport:
             unicast_sock.close()
             raise
         try:
-            if options.multicast is not None:
+            if options.multicast_group is not None:
                 port = self.local_address[1]  # the same port, also when the config says 0
-                mcast_sock = self._multicast_socket(options.multicast, port)
+                mcast_sock = self._multicast_socket(options.multicast_group, port)
                 try:
                     self._multicast, _ = await loop.create_datagram_endpoint(
                         lambda: _Protocol(self, True), sock=mcast_sock)
@@ -80,7 +80,7 @@ class SdTransport:
             raise
         self._task = asyncio.create_task(self._run(), name="someip-sd")
         _LOG.info("SOME/IP-SD on udp %s:%d%s", *self.local_address,
-                  f", multicast {options.multicast}" if options.multicast else "")
+                  f", multicast {options.multicast_group}" if options.multicast_group else "")
 
     def _unicast_socket(self, port: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -88,7 +88,7 @@ class SdTransport:
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, port))
-            if self.client.options.multicast is not None:
+            if self.client.options.multicast_group is not None:
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(self.host))
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)  # servers on this host
         except OSError:
@@ -130,13 +130,15 @@ class SdTransport:
                 _LOG.warning("SOME/IP-SD: sending to %s:%d failed: %s", *send.destination, exc)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            self._changed.clear()  # before the poll: a datagram handled after it wakes the wait below
             self._emit(self.client.poll(time.monotonic()))
             deadline = self.client.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._changed.clear()
+            # asyncio.timeout, not wait_for: on 3.11 a cancel racing wait_for's inner task can hang.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout_at(None if deadline is None else loop.time() + deadline - time.monotonic()):
+                    await self._changed.wait()
 
     async def async_close(self) -> None:
         task, self._task = self._task, None
