@@ -421,3 +421,11 @@ async def test_a_reload_rebuilds_the_sd_client(tmp_path: Path) -> None:
             await daemon.async_stop()
         ecu.close()
     assert daemon.assembly.stop_errors == []
+
+
+def test_notifications_and_sd_cannot_share_a_port() -> None:
+    from cerebellumd.config import ConfigError
+
+    text = config_text('unicast_only = true\npeers = ["127.0.0.1:30490"]', sd_port=30490)
+    with pytest.raises(ConfigError, match="is the SD port"):
+        parse_config(text.replace("port = 0\n", "port = 30490\n", 1))
