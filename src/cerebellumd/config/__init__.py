@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..accel import AccelState
 from ..drivers.mcu_link import McuLinkOptions
 from ..drivers.someip import SomeIpOptions
+from ..drivers.someip_sd import SdOptions
 from ..policies.expr import ExpressionError, compile_expression
 from ..policies.types import (
     DemandClass,
@@ -168,6 +169,15 @@ class SomeIpEndpointConfig(SomeIpOptions):
 
     name: str = Field("someip", description="Endpoint name (metrics label `endpoint`).",
                       pattern=r"^[A-Za-z0-9_-]+$")
+    sd: SdOptions | None = Field(
+        None, description="SOME/IP-SD client (`[someip.sd]`): find the services and subscribe to their "
+                          "eventgroups with this endpoint's host:port (docs/someip.md). Off when absent.")
+
+    @model_validator(mode="after")
+    def _sd_port_apart(self) -> SomeIpEndpointConfig:
+        if self.sd is not None and self.port != 0 and self.port == self.sd.port:
+            raise ValueError(f"port {self.port} is the SD port: notifications need a port of their own")
+        return self
 
 
 #: What `signals.X.mcu` may name: READINGS values (SI units), the HEARTBEAT's ignition flag, and

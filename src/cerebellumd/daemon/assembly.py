@@ -142,7 +142,7 @@ class Assembly:
     def _build_someip(self, config: Config) -> list[SomeIpSource]:
         d = self.daemon
         routes = signal_routes(config, "someip")
-        return [SomeIpSource(e, routes, d.publish_samples, d.clock) for e in config.someip]
+        return [SomeIpSource(e, routes, d.publish_samples, d.clock, d.metrics) for e in config.someip]
 
     def _build_power_readers(self, config: Config) -> PowerReaders | None:
         fed = rail_fed_domains(config)  # the rail map reads those

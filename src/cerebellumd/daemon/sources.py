@@ -29,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..config import Config, DomainConfig, McuConfig, SomeIpEndpointConfig, hwmon_options
@@ -40,6 +41,8 @@ from ..drivers.mcu_protocol import ERROR_KINDS as MCU_PARSER_ERRORS
 from ..drivers.mcu_protocol import Heartbeat, Message, Readings, SleepRequest, StatusFlags, WakeRequest
 from ..drivers.someip import ERROR_KINDS as SOMEIP_DECODE_ERRORS
 from ..drivers.someip import SomeIpReceiver
+from ..drivers.someip_sd import SD_ERROR_KINDS, SdClient
+from ..drivers.someip_sd_udp import SdTransport
 from .clock import Clock
 from .host import EnergyHost, SampleSink, Undo
 from .metrics import Metrics
@@ -70,21 +73,36 @@ def _route(values: Mapping[str, float], routes: Mapping[str, tuple[str, ...]]) -
 
 
 class SomeIpSource:
-    """One `[[someip]]` endpoint as a daemon service."""
+    """One `[[someip]]` endpoint as a daemon service; with `[someip.sd]` its SD client finds
+    the services and subscribes to their eventgroups with this endpoint's address."""
 
     def __init__(self, config: SomeIpEndpointConfig, routes: Mapping[str, tuple[str, ...]],
-                 sink: SampleSink, clock: Clock) -> None:
+                 sink: SampleSink, clock: Clock, metrics: Metrics | None = None) -> None:
         self.name = config.name
         self._routes = routes
         self._sink = sink
         self._clock = clock
         self.receiver = SomeIpReceiver(config, self._on_samples)
+        self.sd: SdTransport | None = (
+            SdTransport(SdClient(config.sd), config.host) if config.sd is not None else None)
+        self._first_notification: Histogram | None = None
+        if self.sd is not None and metrics is not None:
+            self._first_notification = metrics.histogram(
+                "cerebellumd_someip_sd_first_notification_seconds",
+                "Time from the SD client's (re)start (start, reload, server reboot, service lost) to the first "
+                "notification that yields samples.", labels=["endpoint"])
 
     def set_routes(self, routes: Mapping[str, tuple[str, ...]]) -> None:
         """A reloaded `[signals]`: which fields feed which signals, from the next datagram on."""
         self._routes = routes
 
     def _on_samples(self, values: dict[str, float], mono: float) -> None:
+        if self.sd is not None:
+            elapsed = self.sd.client.first_notification(mono)
+            if elapsed is not None:
+                log.info("SOME/IP endpoint %s: first notification %.3f s after the SD (re)start", self.name, elapsed)
+                if self._first_notification is not None:
+                    self._first_notification.labels(self.name).observe(elapsed)
         samples = _route(values, self._routes)
         if samples:
             self._sink(samples, self._clock.from_monotonic(mono))
@@ -93,8 +111,16 @@ class SomeIpSource:
         await self.receiver.async_start()
         host, port = self.receiver.local_address
         log.info("SOME/IP endpoint %s on udp %s:%d", self.name, host, port)
+        if self.sd is not None:
+            try:
+                await self.sd.async_start((host, port))
+            except BaseException:
+                await self.receiver.async_close()
+                raise
 
     async def async_stop(self) -> None:
+        if self.sd is not None:
+            await self.sd.async_close()
         await self.receiver.async_close()
 
 
@@ -273,6 +299,41 @@ class SourcesCollector:
             for kind in SOMEIP_ERROR_KINDS:
                 errors.add_metric([source.name, kind], counters.get(kind, 0))
         yield from (datagrams, messages, errors)
+        yield from self._collect_sd()
+
+    def _collect_sd(self) -> Iterable[Metric]:
+        sources = [s for s in self._someip if s.sd is not None]
+        if not sources:
+            return
+        available = GaugeMetricFamily("cerebellumd_someip_sd_service_available",
+                                      "1 while the configured SOME/IP service is offered (SD).",
+                                      labels=["endpoint", "service", "instance"])
+        subscribed = GaugeMetricFamily("cerebellumd_someip_sd_subscribed",
+                                       "1 while the eventgroup subscription is acknowledged (SD).",
+                                       labels=["endpoint", "service", "instance", "eventgroup"])
+        errors = CounterMetricFamily("cerebellumd_someip_sd_errors",
+                                     "Bad SOME/IP-SD input by kind (nack: a refused subscription).",
+                                     labels=["endpoint", "kind"])
+        reboots = CounterMetricFamily("cerebellumd_someip_sd_reboots", "SD partner reboots detected.",
+                                      labels=["endpoint"])
+        messages = CounterMetricFamily("cerebellumd_someip_sd_messages", "SOME/IP-SD messages by direction.",
+                                       labels=["endpoint", "direction"])
+        for source in sources:
+            assert source.sd is not None
+            client = source.sd.client
+            for service, instance, up in client.availability():
+                available.add_metric([source.name, f"0x{service:04x}", f"0x{instance:04x}"], 1.0 if up else 0.0)
+            for service, instance, group, ok in client.subscriptions():
+                subscribed.add_metric([source.name, f"0x{service:04x}", f"0x{instance:04x}", f"0x{group:04x}"],
+                                      1.0 if ok else 0.0)
+            counted = dict(client.errors)
+            for kind in SD_ERROR_KINDS:
+                errors.add_metric([source.name, kind], counted.get(kind, 0))
+            counters = dict(client.counters)
+            reboots.add_metric([source.name], counters.get("reboots", 0))
+            messages.add_metric([source.name, "rx"], counters.get("received", 0))
+            messages.add_metric([source.name, "tx"], counters.get("sent", 0))
+        yield from (available, subscribed, errors, reboots, messages)
 
     def _collect_mcu(self) -> Iterable[Metric]:
         if self._mcu is None:
