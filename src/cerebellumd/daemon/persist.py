@@ -202,6 +202,7 @@ class Persistence:
         self.writes = metrics.counter("cerebellumd_state_file_writes", "Successful state file writes.")
         self.restored: Totals | None = None
         self._sections: dict[str, Callable[[], Any]] = {}
+        self._left: dict[str, Any] = {}  # the last value of a section whose part has stopped
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -226,9 +227,12 @@ class Persistence:
         """A part's own section, written with every save (`dump` runs on the loop and returns
         JSON-able data). Returns the undo."""
         self._sections[key] = dump
+        self._left.pop(key, None)
 
         def undo() -> None:
+            # The part stops before us (reverse start order): its last value is still saved.
             if self._sections.get(key) is dump:
+                self._left[key] = dump()
                 del self._sections[key]
 
         return undo
@@ -271,7 +275,7 @@ class Persistence:
             sleeps=core.sleeps,
             wakes_by_reason=_counter_values(m.wakes, ("reason",), lambda labels: labels[0]),
             sleeps_by_state_reason=_counter_values(m.sleeps, ("state", "reason"), tuple),
-            sections={key: dump() for key, dump in self._sections.items()},
+            sections={**self._left, **{key: dump() for key, dump in self._sections.items()}},
         )
 
     async def async_save(self) -> bool:

@@ -276,7 +276,7 @@ class VehiclePower:
         log.info("vehicle power %s -> %s (%s)", old.value, new.value, step.source)
         parked = new is PowerState.OFF
         self._host.set_parked(parked)
-        if not parked and old in (PowerState.OFF, PowerState.UNDEFINED):
+        if not parked and old is PowerState.OFF:  # (a start with the ignition on is no key-on)
             self.keyon_at = step.evidence_at  # readiness counts from the first evidence
         elif parked:
             self.keyon_at = None
@@ -292,8 +292,8 @@ class VehiclePower:
             return False
         return self._model.exit_latency_s(state) <= self._host.latency_budget_s + 1e-9
 
-    def _on_transition(self, state: AccelState, t: float) -> None:
-        self._check_ready(state, t)
+    def _on_transition(self, state: AccelState, took_s: float) -> None:
+        self._check_ready(state, self._clock.now())
 
     def _check_ready(self, state: AccelState, t: float) -> None:
         if self.keyon_at is None or not self._ready(state):

@@ -171,7 +171,12 @@ class PowerFusion:
             if st.last_can_value is not None and can_value != st.last_can_value:
                 edges["can"] = 1
                 edge_times.append(now)
-        went_stale = latched and can_state is None and not st.can_stale
+        # A bad value (or a sample we could not use) holds the last good CAN state until it too
+        # is older than the timeout.
+        holding = (latched and can_state is None and last_at is not None
+                   and now - last_at <= p.can_timeout_s + _EPS)
+        stale = latched and can_state is None and not holding
+        went_stale = stale and not st.can_stale
 
         # -- the candidate and its evidence time
         cand: PowerState | None
@@ -184,6 +189,8 @@ class PowerFusion:
                 cand, source, evidence = can_state, "can", can_at if can_at is not None else now
             elif raw_line and rose_at is not None and rose_at > after_can:
                 cand, source, evidence = PowerState.ON, "line", rose_at  # key-on before CAN speaks
+            elif holding and last_state is not None:
+                cand, source = last_state, "can"
             elif nm_since is not None and nm_since > after_can:
                 cand, source, evidence = PowerState.ACCESSORY, "nm", nm_since
             else:
@@ -218,7 +225,7 @@ class PowerFusion:
             state=state, since=since, source=source if changed or cand is not None else st.source,
             candidate=pending, candidate_since=pending_since, raw_line=raw_line, line_rose_at=rose_at,
             can_latched=latched, can_last_at=last_at, can_last_state=last_state,
-            can_stale=latched and can_state is None,
+            can_stale=stale,
             last_can_value=can_value if can_value is not None else st.last_can_value,
             edge_times=tuple(edge_times), flapping=flapping,
         )
