@@ -116,10 +116,7 @@ class CanIngest:
         self._c_errors = {k: metrics.can_errors.labels(self.name, k) for k in
                           ("decode", "range", "unknown_id", "error_frame", "bus_error", "silent", "reconnect")}
         self._wall_to_mono = time.time() - time.monotonic()
-        tx = metrics.counter("cerebellumd_can_tx_frames",
-                             "Frames the daemon transmitted or tried to, by bus and result (refused: the bus is "
-                             "listen_only).", ["bus", "result"])
-        self._c_tx = {r: tx.labels(self.name, r) for r in TX_RESULTS}
+        self._c_tx = {r: metrics.can_tx_frames.labels(self.name, r) for r in TX_RESULTS}
         self.sent = 0
         self.refused = 0
 
