@@ -86,6 +86,18 @@ def test_wake_latency_quick() -> None:
     assert r["p50_us"] > 0  # stamped before the send: a wake cannot precede its frame
 
 
+def test_keyon_ready_quick() -> None:
+    r = run_bench("keyon_ready")
+    assert set(r) == {"speedup", "rows"}
+    assert [(row["profile"], row["parked_state"]) for row in r["rows"]] == [("hailo8", "off"), ("hailo8", "sleep")]
+    for row in r["rows"]:
+        assert set(row) == {"profile", "parked_state", "cycles", "ready_p50_s", "ready_max_s", "profile_exit_s",
+                            "ratio_to_exit", "parked_w"}
+        assert row["cycles"] == 2
+        assert 0 < row["ready_p50_s"] <= row["ready_max_s"]  # counted from the key-on's first evidence
+        assert is_num(row["profile_exit_s"]) and is_num(row["parked_w"])
+
+
 def test_memory_quick() -> None:
     r = run_bench("memory")
     assert set(r) == {"rss_mb", "peak_rss_mb", "run_s", "rss_samples"}

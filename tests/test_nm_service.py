@@ -87,6 +87,8 @@ class Vehicle:
 async def rig(extra: str = "", nm: str = NM_TOML) -> AsyncIterator[tuple[Daemon, NmService, Vehicle, str]]:
     ch = f"test-nm-{next(_channels)}"
     text = DEMO_TEXT.replace('channel = "cerebellumd-demo"', f'channel = "{ch}"')
+    if "passive = false" in nm:  # an active node transmits: its bus must not be listen-only
+        text = text.replace(f'channel = "{ch}"', f'channel = "{ch}"\nlisten_only = false')
     text = re.sub(r"(?m)^(min_dwell_ms|release_ms) = \d+", r"\1 = 0", text)
     config = await asyncio.to_thread(parse_config, text + nm + extra)
     config = config.model_copy(update={"prometheus": config.prometheus.model_copy(update={"enabled": False})})

@@ -114,6 +114,8 @@ CHANGES: dict[str, tuple[Callable[[str], str], bool]] = {
     "leases": (lambda t: t + "\n[leases]\nmax_clients = 3\n", False),
     "someip": (lambda t: t + '\n[[someip]]\nname = "adas"\nhost = "127.0.0.1"\nport = 0\n', True),
     "mcu": (lambda t: t + '\n[mcu]\nport = "/dev/null"\n', False),
+    "vehicle_power": (lambda t: t + '\n[vehicle_power]\nenabled = true\ncan_ignition_signal = "battery_v"\n', False),
+    "battery": (lambda t: t + "\n[battery]\ncapacity_wh = 40\n", False),
 }
 
 

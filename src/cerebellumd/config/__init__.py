@@ -38,6 +38,7 @@ from ..policies.types import (
 from .escalation import EscalationConfig
 from .nm import NmConfig
 from .rails import RailMapConfig
+from .vehicle_power import BatteryConfig, VehiclePowerConfig
 
 PositiveMs = Annotated[int, Field(gt=0)]
 
@@ -95,6 +96,12 @@ class CanBusConfig(Section):
     queue_size: PositiveMs = Field(4096, description="Bound of the ingest queue (drops are counted).")
     reconnect_backoff_ms: PositiveMs = Field(500, description="First reconnect delay; doubles up to 30 s.")
     receive_own_messages: bool = Field(False, description="Passed to python-can.")
+    listen_only: bool = Field(
+        True, description="Never transmit on this bus: the daemon refuses (and counts) every send, and the "
+                          "adapter is opened in its listen-only mode where python-can has one (slcan, vector, "
+                          "nixnet: listen_only; cantact: monitor; pcan: state=passive; kvaser: silent driver "
+                          "mode). socketcan: set it on the interface (`ip link set can0 type can listen-only "
+                          "on`). Active NM (nm.passive = false) needs false.")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for can.Bus.")
     j1939: Literal["auto", "on", "off"] = Field(
         "auto", description="J1939 matching by PGN (priority and source address masked), transport-protocol "
@@ -280,6 +287,10 @@ class Config(Section):
     someip: list[SomeIpEndpointConfig] = Field(
         default_factory=list, description="SOME/IP notification endpoints (UDP).")
     mcu: McuConfig | None = Field(None, description="Companion-MCU serial link.")
+    vehicle_power: VehiclePowerConfig = Field(
+        default_factory=VehiclePowerConfig, description="Ignition fusion: the vehicle power state (docs/parked.md).")
+    battery: BatteryConfig = Field(
+        default_factory=BatteryConfig, description="The 12 V energy budget while parked (docs/parked.md).")
 
     @model_validator(mode="before")
     @classmethod
@@ -564,6 +575,29 @@ def _power_and_nm_issues(config: Config) -> list[tuple[tuple[str | int, ...], st
         ref = getattr(nm, key)
         if ref is not None and ref not in config.signals:
             issues.append((("nm", key), f"unknown signal {ref!r}"))
+    if nm.enabled and not nm.passive and config.can:
+        nm_bus = next((b for b in config.can if b.name == (nm.bus or config.can[0].name)), None)
+        if nm_bus is not None and nm_bus.listen_only:
+            issues.append((("nm", "passive"), f"active NM transmits: set listen_only = false on bus {nm_bus.name!r}"))
+    return issues + _parked_issues(config)
+
+
+def _parked_issues(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
+    vp, battery = config.vehicle_power, config.battery
+    issues: list[tuple[tuple[str | int, ...], str]] = []
+    for section, model, keys in (
+            ("vehicle_power", vp, ("line_signal", "can_ignition_signal", "power_mode_signal")),
+            ("battery", battery, ("current_signal", "voltage_signal"))):
+        for key in keys:
+            ref = getattr(model, key)
+            if ref is not None and ref not in config.signals:
+                issues.append(((section, key), f"unknown signal {ref!r}"))
+    if vp.enabled and not (vp.line_signal or vp.can_ignition_signal or vp.power_mode_signal
+                           or (vp.use_nm and config.nm.enabled)):
+        issues.append((("vehicle_power", "enabled"),
+                       "no source: set line_signal, can_ignition_signal, power_mode_signal or enable [nm]"))
+    if battery.enabled and not vp.enabled:
+        issues.append((("battery", "enabled"), "the budget needs [vehicle_power] enabled (parked or driving)"))
     return issues
 
 

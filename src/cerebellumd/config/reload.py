@@ -17,7 +17,11 @@ Live, and how (daemon/assembly.py does it):
 - `accelerator.command_timeout_ms`, `retries`, `retry_backoff_ms`: from the next command on.
 
 Restart: what opens devices, sockets or files the daemon holds for its lifetime, or carries state
-that a rebuild would lose (a lease table, the NM state, the watchdog's alarm): the rest.
+that a rebuild would lose (a lease table, the NM state, the watchdog's alarm): the rest. Among
+them `vehicle_power` (the CAN latch, the debounce timers and the key-on clock would restart, and a
+car parked for hours would look undefined) and `battery` (the integrating budget, the parked clock
+and the low-voltage timer; the budget also decides whether the gateway may power down, which a
+half-applied change must never flip).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Start order (stop is its reverse):
  1. the actuator (its stop, which commands `daemon.safe_state`, therefore runs last and always);
  2. the policy begins; the metrics endpoint;
  3. file checks, persistence (restores the totals), leases, NM (taps its bus before it opens);
- 4. one CAN ingest per bus; SOME/IP endpoints; the MCU link; power readers; the rail map;
+ 4. one CAN ingest per bus; SOME/IP endpoints; the MCU link; power readers; the rail map; the
+    vehicle power state and battery budget (built before NM, which takes its fused ignition);
  5. the wake watchdog (lifecycle); MQTT (told the parts that add to its state);
  6. the tickers.
 
@@ -49,6 +50,7 @@ from .persist import Persistence
 from .power import RailPower, build_rail_sensor
 from .security import FileCheck
 from .sources import McuSource, PowerReaders, SomeIpSource, SourcesCollector, build_sensor, signal_routes
+from .vehicle_power import VehiclePower
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +123,14 @@ class Assembly:
         self.rails: RailPower | None = None
         self.lifecycle: Lifecycle | None = None
         self.mqtt: MqttBridge | None = None
+        self.vehicle_power: VehiclePower | None = None
         self.scrape_timer = ScrapeTimer(daemon.metrics.registry)
 
     @property
     def parts(self) -> tuple[object, ...]:
         ordered: list[object | None] = [
             self.file_check, self.persistence, self.leases, self.nm, *self.ingests.values(), *self.someip,
-            self.mcu, self.power_readers, self.rails, self.lifecycle, self.mqtt]
+            self.mcu, self.power_readers, self.rails, self.vehicle_power, self.lifecycle, self.mqtt]
         return tuple(p for p in ordered if p is not None)
 
     # -- building (nothing runs or registers until started) ------------------------------------
@@ -167,7 +170,8 @@ class Assembly:
         if not config.mqtt.enabled:
             return None
         d = self.daemon
-        extras: list[StateExtra] = [p for p in (self.lifecycle, self.leases, self.nm) if p is not None]
+        extras: list[StateExtra] = [p for p in (self.lifecycle, self.leases, self.nm, self.vehicle_power)
+                                    if p is not None]
         return MqttBridge(config.mqtt, node=config.daemon.node, domains=[dm.name for dm in config.power.domains],
                           host=d, commands=d.commands, clock=d.clock, metrics=d.metrics, extras=extras)
 
@@ -218,11 +222,18 @@ class Assembly:
                 self.leases = LeaseService(cfg.leases, host=d, clock=d.clock, metrics=d.metrics)
                 await self._start("leases", self.leases)
             self.ingests = await self._async_build_ingests(cfg)
+            if cfg.vehicle_power.enabled:  # built before NM (NM takes its ignition), started after the sources
+                self.vehicle_power = VehiclePower(cfg.vehicle_power, cfg.battery, host=d, actuator=d.actuator,
+                                                  model=d.model, clock=d.clock, metrics=d.metrics,
+                                                  persistence=self.persistence)
             if cfg.nm.enabled and cfg.can:
                 bus = cfg.nm.bus or cfg.can[0].name
                 self.nm = NmService(cfg.nm, ingest=self.ingests[bus], host=d, actuator=d.actuator, clock=d.clock,
-                                    metrics=d.metrics, leases=self.leases)
+                                    metrics=d.metrics, leases=self.leases,
+                                    ignition=self.vehicle_power.ignition if self.vehicle_power else None)
                 await self._start("network management", self.nm)
+            if self.vehicle_power is not None:
+                self.vehicle_power.attach_nm(self.nm)
             for name, ingest in self.ingests.items():
                 await self._start(f"CAN bus {name}", ingest)
                 undo_ingest = d.add_ingest(ingest)
@@ -238,6 +249,8 @@ class Assembly:
             await self._start_role("power readers", lambda: [self.power_readers])
             self.rails = self._build_rails(cfg)
             await self._start_role("rail map", lambda: [self.rails])
+            if self.vehicle_power is not None:
+                await self._start("vehicle power", self.vehicle_power)
             self.lifecycle = Lifecycle(cfg.accelerator.escalation, actuator=d.actuator, driver=d.driver, host=d,
                                        clock=d.clock, metrics=d.metrics)
             await self._start("wake watchdog", self.lifecycle)

@@ -105,6 +105,7 @@ class DaemonCore:
         self.decisions = 0
         self.port: int | None = None
         self.quiet_bus = False  # set by NM while the bus sleeps: stale signals are quiet, not failed
+        self.parked = False  # set by the vehicle power part: the car is off
         self.paused = False
         self._state: PolicyState | None = None
         self._tickers: list[Ticker] = []
@@ -151,6 +152,10 @@ class DaemonCore:
     @property
     def deepest_state(self) -> AccelState:
         return self.core.params.deepest_state
+
+    @property
+    def latency_budget_s(self) -> float:
+        return self.core.params.latency_budget_s
 
     # -- lifecycle steps (the assembly runs them in its order) ----------------------------------
 
@@ -255,6 +260,14 @@ class DaemonCore:
             return None
         return sample.value
 
+    def latest_sample(self, name: str | None) -> Sample | None:
+        """A signal's latest sample, fresh or not (the caller applies its own timeout)."""
+        return None if name is None else self.samples.get(name)
+
+    def set_parked(self, parked: bool) -> None:
+        """The vehicle is off: a policy input from the next decision on (policies/types.py Inputs)."""
+        self.parked = parked
+
     # -- host interface: holds -----------------------------------------------------------------
 
     def add_hold_source(self, source: HoldSource) -> Undo:
@@ -276,6 +289,9 @@ class DaemonCore:
 
     def add_energy(self, domain: str, joules: float) -> None:
         self.ledger.add_energy(domain, joules)
+
+    def domain_watts(self) -> dict[str, float]:
+        return dict(self.ledger.watts)
 
     def totals(self) -> CoreTotals:
         self.ledger.integrate(self.clock.now())
@@ -385,7 +401,8 @@ class DaemonCore:
 
     def _decide(self, now: float, *, fast_path: bool) -> None:
         assert self._state is not None
-        inputs = Inputs(self.samples, self.active_holds(now), self.actuator.state, fast_path, self.quiet_bus)
+        inputs = Inputs(self.samples, self.active_holds(now), self.actuator.state, fast_path, self.quiet_bus,
+                        self.parked)
         started = time.perf_counter()
         self._state, d = self.policy.step(self._state, inputs, now)
         self.metrics.decision_seconds.observe(time.perf_counter() - started)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..accel import AccelState
-from ..policies.types import Hold
+from ..policies.types import Hold, Sample
 
 #: Undoes one registration; calling it twice is harmless.
 Undo = Callable[[], None]
@@ -90,6 +90,7 @@ class Events(Protocol):
 class Inputs(Protocol):
     def publish_samples(self, samples: Sequence[tuple[str, float]], t: float) -> None: ...
     def signal_value(self, name: str | None, now: float) -> float | None: ...
+    def latest_sample(self, name: str | None) -> Sample | None: ...
 
 
 class HoldsHost(Protocol):
@@ -101,6 +102,7 @@ class HoldsHost(Protocol):
 class EnergyHost(Protocol):
     def add_power_source(self, domain: str, source: PowerSource) -> Undo: ...
     def add_energy(self, domain: str, joules: float) -> None: ...
+    def domain_watts(self) -> Mapping[str, float]: ...
 
 
 class BusHost(Protocol):
@@ -146,6 +148,16 @@ class TotalsHost(Protocol):
     def restore_totals(self, totals: CoreTotals) -> None: ...
 
 
+class VehicleHost(Protocol):
+    """What the vehicle power part tells the policy: the car is off (parked)."""
+
+    def set_parked(self, parked: bool) -> None: ...
+    @property
+    def deepest_state(self) -> AccelState: ...
+    @property
+    def latency_budget_s(self) -> float: ...
+
+
 class StateExtra(Protocol):
     """A part that adds a section to MQTT `state` (watchdog, leases, NM)."""
 
@@ -163,4 +175,5 @@ class Part(Protocol):
 __all__ = [
     "AcceleratorHost", "BusHost", "CoreTotals", "EnergyHost", "Events", "HoldSource", "HoldsHost", "Hooks", "Inputs",
     "Part", "PowerSource", "SampleSink", "Snapshot", "StateExtra", "TotalsHost", "Undo",
+    "VehicleHost",
 ]

@@ -48,6 +48,19 @@ _MAX_RECONNECT_BACKOFF_S = 30.0
 #: Frames decoded per loop callback: ~2-5 ms of CPU on a small ARM core, well inside a tick.
 DRAIN_BUDGET = 256
 _KERNEL_FILTER_INTERFACES = frozenset({"socketcan", "socketcand", "kvaser", "pcan", "vector", "ixxat"})
+#: How each python-can interface (4.x) is opened in its listen-only mode, where it has one. socketcan
+#: has none in python-can: listen-only is a property of the netdev (`ip link set can0 type can
+#: listen-only on`); virtual and udp_multicast are software buses with no controller.
+LISTEN_ONLY_OPTIONS: Mapping[str, Callable[[], dict[str, Any]]] = {
+    "slcan": lambda: {"listen_only": True},
+    "vector": lambda: {"listen_only": True},
+    "nixnet": lambda: {"listen_only": True},
+    "cantact": lambda: {"monitor": True},
+    "pcan": lambda: {"state": can.BusState.PASSIVE},
+    "kvaser": lambda: {"driver_mode": False},  # can.interfaces.kvaser.canlib.DRIVER_MODE_SILENT
+}
+#: Results of `send`, the label of cerebellumd_can_tx_frames_total.
+TX_RESULTS = ("ok", "error", "refused")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +146,9 @@ class CanIngest:
         self._c_errors = {k: metrics.can_errors.labels(self.name, k) for k in
                           ("decode", "range", "unknown_id", "error_frame", "bus_error", "silent", "reconnect")}
         self._wall_to_mono = time.time() - time.monotonic()
+        self._c_tx = {r: metrics.can_tx_frames.labels(self.name, r) for r in TX_RESULTS}
+        self.sent = 0
+        self.refused = 0
 
     @staticmethod
     def _build_routes(db: Database, wanted: Mapping[tuple[str, str], str]) -> dict[tuple[int, bool], _Route]:
@@ -252,6 +268,9 @@ class CanIngest:
             # Python, and we would lose the count of unknown IDs for no CPU gain.
             kwargs["can_filters"] = self.can_filters
         kwargs["receive_own_messages"] = cfg.receive_own_messages
+        if cfg.listen_only:
+            for key, value in LISTEN_ONLY_OPTIONS.get(cfg.interface, dict)().items():
+                kwargs.setdefault(key, value)
         factory = self._bus_factory
         self._bus = await asyncio.to_thread(
             lambda: factory(interface=cfg.interface, channel=cfg.channel, **kwargs))
@@ -424,10 +443,21 @@ class CanIngest:
     def send(self, msg: can.Message) -> None:
         """Transmit one frame (NM PDUs of an active node). Blocking: call it off the loop.
         Raises CanOperationError while the bus is down; the caller counts it."""
+        if self.config.listen_only:
+            self.refused += 1
+            self._c_tx["refused"].inc()
+            raise can.CanOperationError(f"bus {self.name} is listen_only: frame 0x{msg.arbitration_id:x} not sent")
         bus = self._bus
         if bus is None or not self.connected:
+            self._c_tx["error"].inc()
             raise can.CanOperationError(f"bus {self.name} is not connected")
-        bus.send(msg, timeout=0.1)
+        try:
+            bus.send(msg, timeout=0.1)
+        except Exception:
+            self._c_tx["error"].inc()
+            raise
+        self.sent += 1
+        self._c_tx["ok"].inc()
 
     async def _supervise(self) -> None:
         """Silence and failure watch: a silent bus is flagged and counted once per episode; a

@@ -68,6 +68,9 @@ class Metrics:
             "cerebellumd_decision_seconds", "CPU time of one policy decision.",
             buckets=DECISION_BUCKETS, registry=r)
         self.can_frames = Counter("cerebellumd_can_frames", "CAN frames received.", ["bus"], registry=r)
+        self.can_tx_frames = Counter(
+            "cerebellumd_can_tx_frames", "Frames the daemon transmitted or tried to, by bus and result (refused: "
+            "the bus is listen_only).", ["bus", "result"], registry=r)
         self.can_errors = Counter(
             "cerebellumd_can_errors", "CAN errors by kind (decode, unknown_id, error_frame, "
             "bus_error, silent, reconnect).", ["bus", "kind"], registry=r)
@@ -106,6 +109,8 @@ class Metrics:
         for bus in buses:
             self.can_frames.labels(bus)
             self.ingest_dropped.labels(bus)
+            for result in ("ok", "error", "refused"):
+                self.can_tx_frames.labels(bus, result)
             for kind in CAN_ERROR_KINDS:
                 self.can_errors.labels(bus, kind)
         for loop in loops:

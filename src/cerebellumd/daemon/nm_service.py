@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import can
@@ -51,13 +52,17 @@ class NmService:
     """A part; registers its hooks at start (undone at stop)."""
 
     def __init__(self, cfg: NmConfig, *, ingest: CanIngest, host: NmHost, actuator: AcceleratorHost,
-                 clock: Clock, metrics: Metrics, leases: LeaseService | None = None) -> None:
+                 clock: Clock, metrics: Metrics, leases: LeaseService | None = None,
+                 ignition: Callable[[float], bool | None] | None = None) -> None:
         self._host = host
         self._actuator = actuator
         self._clock = clock
         self._metrics = metrics
         self._ingest = ingest
         self._leases = leases
+        # With [vehicle_power]: the fused ignition (daemon/vehicle_power.py) replaces ignition_signal.
+        self._ignition = ignition
+        self.local_requested = False
         self._undo: list[Undo] = []
         self.config = cfg
         self.nm = CanNm(cfg.params())
@@ -166,11 +171,17 @@ class NmService:
             return
         self._stepping = True  # resume() below must not re-enter through the hooks
         try:
-            ignition = self._host.signal_value(self.config.ignition_signal, now)
+            fused: bool | None
+            if self._ignition is not None:
+                fused = self._ignition(now)
+            else:
+                ignition = self._host.signal_value(self.config.ignition_signal, now)
+                fused = None if ignition is None else ignition != 0
+            self.local_requested = self.local_request(now)
             inputs = self.collector.take(
-                ignition=None if ignition is None else ignition != 0,
+                ignition=fused,
                 battery_v=self._host.signal_value(self.config.battery_signal, now),
-                local_request=self.local_request(now),
+                local_request=self.local_requested,
             )
             self.m_pdus.inc(len(inputs.nm_pdus))
             before = self.state

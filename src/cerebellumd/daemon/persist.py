@@ -11,6 +11,11 @@ points at it), os.replace (readers see the old or the new file, never a half one
 directory (the rename itself survives a power cut). All file I/O runs in a worker thread: the
 decision loop never waits for a disk.
 
+Parts may keep a section of their own in the file (`add_section`: the battery budget): it is
+written under `sections.<key>` and handed back raw after a restart (`restored_section`); the part
+validates it and decides what a bad one means. Files without `sections` (older versions) read as
+before, and older versions ignore the key: the schema stays 1.
+
 A state file that is corrupt, partial, of an unknown schema or unreadable is reported (log +
 `cerebellumd_state_file_errors_total{kind}`), moved aside to `<file>.corrupt` for forensics and
 replaced by a fresh one; it is never fatal: losing counters is bad, not starting is worse.
@@ -26,6 +31,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,11 @@ MAX_RESTORED_LABELS = 256
 ERROR_KINDS = ("corrupt", "schema", "unreadable", "write")
 
 
+#: `Persistence.restored_section` markers.
+MISSING: Any = object()
+CORRUPT: Any = object()
+
+
 class StateFileError(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -58,6 +69,10 @@ class Totals:
     wakes_by_reason: dict[str, float] = field(default_factory=dict)
     #: (state, reason) -> count; stored as a list of [state, reason, count] (JSON has no tuples).
     sleeps_by_state_reason: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: Parts' own sections, raw JSON values (validated by their part, not here).
+    sections: dict[str, Any] = field(default_factory=dict)
+    #: The file's `sections` was there but not an object: every part's section counts as corrupt.
+    sections_corrupt: bool = False
 
     def to_json(self, node: str) -> str:
         return json.dumps({
@@ -69,6 +84,7 @@ class Totals:
             "sleeps": self.sleeps,
             "wakes_by_reason": self.wakes_by_reason,
             "sleeps_by_state_reason": [[s, r, n] for (s, r), n in self.sleeps_by_state_reason.items()],
+            "sections": self.sections,
         }, sort_keys=True)
 
     @classmethod
@@ -96,7 +112,10 @@ class Totals:
             raise StateFileError("corrupt", f"bad content: {exc!r}") from None
         if len(by_reason) > MAX_RESTORED_LABELS or len(by_state) > MAX_RESTORED_LABELS:
             raise StateFileError("corrupt", "too many label sets")
-        return cls(joules, wakes, sleeps, by_reason, by_state)
+        sections = raw.get("sections", {})
+        if not isinstance(sections, dict):  # the counters are good: only the parts' sections are lost
+            return cls(joules, wakes, sleeps, by_reason, by_state, {}, True)
+        return cls(joules, wakes, sleeps, by_reason, by_state, {str(k): v for k, v in sections.items()})
 
 
 def _mapping(value: object) -> dict[Any, Any]:
@@ -182,6 +201,8 @@ class Persistence:
             self.errors.labels(kind)
         self.writes = metrics.counter("cerebellumd_state_file_writes", "Successful state file writes.")
         self.restored: Totals | None = None
+        self._sections: dict[str, Callable[[], Any]] = {}
+        self._left: dict[str, Any] = {}  # the last value of a section whose part has stopped
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -201,6 +222,31 @@ class Persistence:
                      ", ".join(f"{k}={v:.1f} J" for k, v in sorted(totals.joules.items())) or "no energy")
         await self.async_save()  # a fresh, good file from the first second on
         self._task = asyncio.create_task(self._run(), name="persist")
+
+    def add_section(self, key: str, dump: Callable[[], Any]) -> Callable[[], None]:
+        """A part's own section, written with every save (`dump` runs on the loop and returns
+        JSON-able data). Returns the undo."""
+        self._sections[key] = dump
+        self._left.pop(key, None)
+
+        def undo() -> None:
+            # The part stops before us (reverse start order): its last value is still saved.
+            if self._sections.get(key) is dump:
+                self._left[key] = dump()
+                del self._sections[key]
+
+        return undo
+
+    def restored_section(self, key: str) -> Any:
+        """The raw value saved under `key` before this start: MISSING when there was none (first
+        start, an older file, or the file itself was bad and moved aside), CORRUPT when the
+        file's sections could not be read."""
+        restored = self.restored
+        if restored is None:
+            return MISSING
+        if restored.sections_corrupt:
+            return CORRUPT
+        return restored.sections.get(key, MISSING)
 
     async def async_stop(self) -> None:
         task, self._task = self._task, None
@@ -229,6 +275,7 @@ class Persistence:
             sleeps=core.sleeps,
             wakes_by_reason=_counter_values(m.wakes, ("reason",), lambda labels: labels[0]),
             sleeps_by_state_reason=_counter_values(m.sleeps, ("state", "reason"), tuple),
+            sections={**self._left, **{key: dump() for key, dump in self._sections.items()}},
         )
 
     async def async_save(self) -> bool:

@@ -107,7 +107,7 @@ class CerebellumFirst:
         for spec, status in zip(self.params.demands, state.demands, strict=True):
             raw = spec.expression(env)
             truth: bool
-            if raw is None and inputs.quiet_bus:
+            if raw is None and (inputs.quiet_bus or inputs.parked):
                 truth = False  # the bus sleeps: quiet is not a fault (see Inputs.quiet_bus)
             elif raw is None:
                 policy, culprit = self._on_stale(spec, stale_set)
@@ -179,6 +179,9 @@ class CerebellumFirst:
         if (guard or sleep_hold) and (normal or anticipatory):
             denied = guard or f"hold:{top_hold.owner if top_hold else ''}"
             normal, anticipatory = [], []
+        if inputs.parked and (normal or anticipatory):
+            denied = denied or "parked"
+            normal, anticipatory = [], []
 
         wakers = critical + normal
         awake_hold = top_hold is not None and top_hold.mode is HoldMode.AWAKE
@@ -191,6 +194,8 @@ class CerebellumFirst:
             want, reason = AccelState.ACTIVE, self._demand_reason(normal[0], ev)
         elif awake_hold and top_hold is not None:
             want, reason = AccelState.ACTIVE, f"hold:{top_hold.owner}"
+        elif inputs.parked:
+            want, reason = p.deepest_state, "parked"
         else:
             want, reason = self._rest_target(state, anticipatory, now, sleep_hold)
         # While anticipating, the warm hold has no end; it starts running out at the first
@@ -208,7 +213,8 @@ class CerebellumFirst:
         wake_times = tuple(t for t in state.wake_times if now - t < _HOUR_S)
         if is_wake and not critical and len(wake_times) >= p.max_wake_cycles_per_hour:
             denied = "cap:wake_cycles"
-            want, reason = self._rest_target(state, anticipatory, now, sleep_hold)
+            want, reason = (p.deepest_state, "parked") if inputs.parked else self._rest_target(
+                state, anticipatory, now, sleep_hold)
             is_wake = False
 
         # Hysteresis: hold the current target for min_dwell unless a critical demand says go.

@@ -99,6 +99,11 @@ class Inputs:
     # senders stopped on purpose, not because something failed, so `on_stale` does not apply
     # (a stale signal is simply unknown) and the fail-safe wake stays for real faults.
     quiet_bus: bool = False
+    # The vehicle is off (the fused power state, policies/vehicle_power.py): normal and
+    # anticipatory demands are denied ("parked"), the accelerator rests in its deepest allowed
+    # state at once (no release), and silent signals are quiet as in `quiet_bus`. Critical
+    # demands and awake holds (a garage-mode lease) still wake it; min_dwell still applies.
+    parked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
