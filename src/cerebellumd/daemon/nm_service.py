@@ -12,8 +12,8 @@ before `async_start`, and `async_stop` undoes every registration):
   `deepest_state` floor) in prepare-bus-sleep and bus-sleep, and `set_quiet` tells the
   policy that signals going stale then are quiet, not failed (no fail-safe wake);
 - in bus sleep the daemon pauses (tickers stopped); frames (the tap), inputs from other sources
-  (`on_input_while_paused`: KL15 from the MCU), lease changes and the NM timer step NM instead. Leaving bus sleep resumes the daemon with the samples
-  cleared and the policy state reset.
+  (`on_input_while_paused`: KL15 from the MCU), lease changes and the NM timer step NM instead.
+  Leaving bus sleep resumes the daemon with the samples cleared and the policy state reset.
 
 Passive by default: with `passive = false` an NM PDU is sent only when the state machine says so
 (`NmDecision.transmit`, with its control bit vector and PN info), off the loop.
