@@ -530,18 +530,18 @@ def test_state_diagram_network_request_in_ready_sleep() -> None:
     cycle offset: its own PDUs restart the NM timeout, a request in ready sleep restarts them."""
     params = NmParams(**PURE, passive=False, msg_cycle_s=0.5, msg_cycle_offset_s=0.05)
     trace = drive(params, [(0.0, {"pdus": (PDU,)}), (1.8, {"pdus": (PDU,)}), (2.5, {"request": True}),
-                           (3.0, {"request": False})], until=30.0)
+                           (2.8, {"request": False})], until=30.0)
     assert trace.transitions == [
         (0.0, RM, "nm_pdu"),
         (1.5, RS, "repeat_done_released"),
         (2.5, NO, "network_request"),  # SWS_CanNm_00110
-        (3.0, RS, "network_released"),
-        (4.55, PBS, "nm_timeout"),  # our PDU at 2.55 + 2.0, later than the ECU's 1.8 + 2.0
-        (6.55, BS, "wait_bus_sleep_expired"),
+        (2.8, RS, "network_released"),
+        (4.5, PBS, "nm_timeout"),  # our PDU at 2.5 + 2.0, later than the ECU's 1.8 + 2.0
+        (6.5, BS, "wait_bus_sleep_expired"),
     ]
-    # First PDU one offset after entering repeat message (SWS_CanNm_00005) and normal operation
-    # (SWS_CanNm_00116); none in ready sleep.
-    assert [t for t, _, _ in trace.tx] == pytest.approx([0.05, 0.55, 1.05, 2.55])
+    # First PDU one offset after entering repeat message (SWS_CanNm_00005), at once on entering
+    # normal operation from ready sleep (SWS_CanNm_00116/00006); none in ready sleep.
+    assert [t for t, _, _ in trace.tx] == pytest.approx([0.05, 0.55, 1.05, 2.5])
 
 
 @pytest.mark.parametrize("node_detection", [True, False])

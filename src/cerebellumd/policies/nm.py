@@ -371,6 +371,12 @@ class CanNm:
             # before is cancelled (SWS_CanNm_00152).
             keep_nm = not from_sleep and state.nm_deadline is not None and state.nm_deadline > now
             immediate = (p.immediate_transmissions if from_sleep and by_request and not p.passive else 0)
+            if immediate:
+                next_tx: float | None = now
+            elif state.mode is NmMode.NORMAL_OPERATION and state.next_tx is not None:
+                next_tx = state.next_tx  # transmission runs on in its cycle (no second PDU at once)
+            else:
+                next_tx = now + p.msg_cycle_offset_s
             active_wakeup = (
                 (p.active_wakeup_bit and by_request) if from_sleep else state.active_wakeup
             )  # SWS_CanNm_00401
@@ -381,7 +387,7 @@ class CanNm:
                 nm_deadline=state.nm_deadline if keep_nm else now + p.timeout_s,
                 repeat_deadline=now + p.repeat_message_s,
                 bus_sleep_deadline=None,
-                next_tx=now if immediate else now + p.msg_cycle_offset_s,
+                next_tx=next_tx,
                 immediate_left=immediate,
                 active_wakeup=active_wakeup,
                 remote_sleep=False,
@@ -391,15 +397,16 @@ class CanNm:
             )
         if mode is NmMode.NORMAL_OPERATION:
             # From ready sleep held by the idle guard the NM timeout may already have run out.
-            # From ready sleep transmission starts again (SWS_CanNm_00116, after the offset);
-            # from repeat message it just goes on. The remote sleep timer starts
-            # (SWS_CanNm_00150 counts in normal operation).
+            # From ready sleep transmission starts again at once (SWS_CanNm_00116, and
+            # SWS_CanNm_00006 as autoas/as cites it; Arctic Core waits the offset); from repeat
+            # message it just goes on. The remote sleep timer starts (SWS_CanNm_00150 counts in
+            # normal operation).
             nm = state.nm_deadline
             restart_tx = state.mode is NmMode.READY_SLEEP or state.next_tx is None
             return replace(
                 state, mode=mode, since=now, repeat_deadline=None, reason=reason,
                 nm_deadline=nm if nm is not None and nm > now else now + p.timeout_s,
-                next_tx=now + p.msg_cycle_offset_s if restart_tx else state.next_tx,
+                next_tx=now if restart_tx else state.next_tx,
                 remote_sleep_deadline=(
                     now + p.remote_sleep_ind_s if p.remote_sleep_ind_s is not None else None),
             )
