@@ -717,3 +717,13 @@ def test_replay_ignores_pdus_of_other_partial_networks(tmp_path: Path) -> None:
     assert replay.pn_filtered == 11 and replay.nm_pdus == 11 + 5
     assert [(round(e.time, 6), e.mode) for e in replay.events] == [
         (0.0, BS), (10.0, RM), (11.5, RS), (14.0, PBS), (16.0, BS)]
+
+
+def test_repeat_message_request_in_normal_operation_sends_no_second_pdu_at_once() -> None:
+    """Found side by side with autoas/as: the bit arriving at the instant a PDU went out must not
+    send another one; the cycle runs on (the C code restarts it after the offset: same count)."""
+    params = NmParams(**PURE, passive=False, may_wake_bus=True, msg_cycle_s=0.5)
+    trace = drive(params, [(0.0, {"request": True}), (3.0, {"pdus": (PDU_RMR,)}), (4.2, {"request": False})],
+                  until=4.3)
+    assert (3.0, RM, "repeat_message_request") in trace.transitions
+    assert [t for t, _, _ in trace.tx] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
