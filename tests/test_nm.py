@@ -727,3 +727,17 @@ def test_repeat_message_request_in_normal_operation_sends_no_second_pdu_at_once(
                   until=4.3)
     assert (3.0, RM, "repeat_message_request") in trace.transitions
     assert [t for t, _, _ in trace.tx] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["remote_sleep_ind_ms = 900", "immediate_nm_cycle_ms = 30", "pn_enabled = true\npn_filter_mask = [1]",
+     "node_detection = false", "msg_cycle_offset_ms = 10"],
+)
+def test_new_nm_keys_need_a_restart(change: str) -> None:
+    from cerebellumd.config import builtin_example, parse_config
+    from cerebellumd.config.reload import plan_reload
+
+    base = builtin_example() + "\n[nm]\nenabled = true\n"
+    plan = plan_reload(parse_config(base), parse_config(base + change + "\n"))
+    assert plan.refused and plan.restart == ("nm",)

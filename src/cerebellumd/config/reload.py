@@ -17,7 +17,9 @@ Live, and how (daemon/assembly.py does it):
 - `accelerator.command_timeout_ms`, `retries`, `retry_backoff_ms`: from the next command on.
 
 Restart: what opens devices, sockets or files the daemon holds for its lifetime, or carries state
-that a rebuild would lose (a lease table, the NM state, the watchdog's alarm): the rest.
+that a rebuild would lose (a lease table, the NM state, the watchdog's alarm): the rest. `nm` is
+restart-only as a whole, every key of it (the AUTOSAR timers, active-mode keys and the partial
+networking filter included): its state machine and the bus tap live as long as the daemon.
 """
 
 from __future__ import annotations
