@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 
 import can
@@ -43,8 +44,8 @@ idle_timeout_ms = {int(IDLE_S * 1000)}
 ECUS = (0x10, 0x20)
 
 
-def nm_pdu(node: int, control: int = 0) -> can.Message:
-    return can.Message(arbitration_id=0x500 + node, data=bytes([node, control, 0, 0, 0, 0, 0, 0]),
+def nm_pdu(node: int, control: int = 0, pn_info: int = 0) -> can.Message:
+    return can.Message(arbitration_id=0x500 + node, data=bytes([node, control, pn_info, 0, 0, 0, 0, 0]),
                        is_extended_id=False)
 
 
@@ -54,6 +55,8 @@ class Vehicle:
     def __init__(self, channel: str) -> None:
         self.bus = REAL_BUS(interface="virtual", channel=channel)
         self.nm_on = True
+        self.nm_control = 0  # control bit vector and PN info byte (byte 2) of the ECUs' NM PDUs
+        self.nm_pn_info = 0
         self.app_on = True
         self.values = defaults()
         self._task: asyncio.Task[None] | None = None
@@ -67,7 +70,7 @@ class Vehicle:
         for k in itertools.count():
             if self.nm_on and k % 5 == 0:
                 for node in ECUS:
-                    self.bus.send(nm_pdu(node))
+                    self.bus.send(nm_pdu(node, self.nm_control, self.nm_pn_info))
             if self.app_on and k % 2 == 0:
                 for name in self.values:
                     self.send_app(name)
@@ -234,3 +237,82 @@ async def test_without_nm_nothing_attaches() -> None:
     daemon = await Daemon.async_create(config)
     assert not any(isinstance(s, NmService) for s in daemon.parts)
     assert daemon.assembly.nm is None
+
+
+KL15 = '\n[signals.kl15]\ncan = "BodyStatus.Ignition"\nmax_age_ms = 1000\n'
+
+
+async def test_active_node_wakes_the_bus_with_immediate_transmissions() -> None:
+    """`may_wake_bus`: KL15 (a network request) in bus sleep -> repeat message, and the gateway
+    sends CanNmImmediateNmTransmissions PDUs CanNmImmediateNmCycleTime apart with the
+    active-wakeup bit, then one per CanNmMsgCycleTime (SWS_CanNm_00334/00401)."""
+    nm = NM_TOML + ('ignition_signal = "kl15"\npassive = false\nnode_id = 0x30\nmay_wake_bus = true\n'
+                    "immediate_nm_transmissions = 3\nimmediate_nm_cycle_ms = 60\nmsg_cycle_ms = 300\n"
+                    "active_wakeup_bit = true\n")
+    async with rig(extra=KL15, nm=nm) as (daemon, service, vehicle, ch):
+        vehicle.values["BodyStatus"]["Ignition"] = 0
+        await to_bus_sleep(daemon, service, vehicle)
+        listener = REAL_BUS(interface="virtual", channel=ch)
+        try:
+            ours: list[can.Message] = []
+
+            def collect() -> int:
+                while (msg := listener.recv(0)) is not None:
+                    if msg.arbitration_id == 0x530:
+                        ours.append(msg)
+                return len(ours)
+
+            await stays(lambda: collect() == 0, 0.2, "nothing sent in bus sleep")
+            assert daemon.paused
+            # KL15 on again (BodyStatus every 20 ms): the first frame is a network request.
+            sent_at = time.time()
+            vehicle.values["BodyStatus"]["Ignition"] = 1
+            vehicle.app_on = True
+            await until(lambda: collect() >= 5, 5, "five NM PDUs after the wake")
+            assert service.transitions >= 5 and service.mode is NmMode.NORMAL_OPERATION
+            stamps = [m.timestamp for m in ours]
+            gaps = [round(b - a, 3) for a, b in itertools.pairwise(stamps)]
+            assert stamps[0] - sent_at < 0.15, stamps[0] - sent_at  # the first one at once
+            # Two gaps of the immediate cycle (60 ms), then the message cycle (300 ms); slack for
+            # the thread that sends and a loaded runner.
+            assert all(0.03 <= g <= 0.13 for g in gaps[:2]), gaps
+            assert all(0.25 <= g <= 0.40 for g in gaps[2:4]), gaps
+            assert all(m.data[0] == 0x30 and m.data[1] & 0x10 for m in ours), [bytes(m.data) for m in ours]
+        finally:
+            listener.shutdown()
+
+
+async def test_pn_filter_pdus_of_other_partial_networks_do_not_wake() -> None:
+    nm = NM_TOML + "pn_enabled = true\npn_info_offset = 2\npn_filter_mask = [0x01]\n"
+    async with rig(nm=nm) as (daemon, service, vehicle, _):
+        vehicle.nm_control, vehicle.nm_pn_info = 0x40, 0x01  # the ECUs request our PN
+        await to_bus_sleep(daemon, service, vehicle)
+        assert metric(daemon, "cerebellumd_nm_pn_filtered_total") == 0
+        vehicle.bus.send(nm_pdu(ECUS[0], control=0x40, pn_info=0x06))  # other PNs only
+        await until(lambda: metric(daemon, "cerebellumd_nm_pn_filtered_total") == 1, 5, "PDU filtered")
+        vehicle.bus.send(nm_pdu(ECUS[0], control=0x00))  # no PNI bit: ignored (SWS_CanNm_00411)
+        await until(lambda: metric(daemon, "cerebellumd_nm_pn_filtered_total") == 2, 5, "PDU filtered")
+        await stays(lambda: service.mode is NmMode.BUS_SLEEP and daemon.paused, 0.3, "still asleep")
+        assert service.state is not None and service.state.wake_pending_since is None  # not even a candidate
+        vehicle.bus.send(nm_pdu(ECUS[1], control=0x40, pn_info=0x03))  # our PN among others
+        await until(lambda: service.mode is NmMode.REPEAT_MESSAGE, 5, "our PN wakes the network")
+        assert not daemon.paused
+
+
+async def test_remote_sleep_indication_in_normal_operation() -> None:
+    nm = NM_TOML + 'ignition_signal = "kl15"\nremote_sleep_ind_ms = 150\n'
+    async with rig(extra=KL15, nm=nm) as (daemon, service, vehicle, _):
+        await until(lambda: service.mode is NmMode.NORMAL_OPERATION, 5, "KL15 holds the network")
+        assert metric(daemon, "cerebellumd_nm_remote_sleep") == 0
+        loop = asyncio.get_running_loop()
+        vehicle.nm_on = False  # the ECUs stop their NM PDUs (ready to sleep); KL15 frames go on
+        stopped = loop.time()
+        await until(lambda: metric(daemon, "cerebellumd_nm_remote_sleep") == 1, 5, "remote sleep indication")
+        elapsed = loop.time() - stopped
+        # The last NM PDU was at most one ECU cycle (50 ms) before `stopped`.
+        assert 0.15 - 0.06 <= elapsed <= 0.15 + 0.3, elapsed
+        assert service.state_extra()["nm"]["remote_sleep"] is True
+        assert service.mode is NmMode.NORMAL_OPERATION
+        vehicle.nm_on = True
+        await until(lambda: metric(daemon, "cerebellumd_nm_remote_sleep") == 0, 5, "remote sleep cancelled")
+        assert service.state_extra()["nm"]["remote_sleep"] is False

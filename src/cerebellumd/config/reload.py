@@ -21,7 +21,9 @@ that a rebuild would lose (a lease table, the NM state, the watchdog's alarm): t
 them `vehicle_power` (the CAN latch, the debounce timers and the key-on clock would restart, and a
 car parked for hours would look undefined) and `battery` (the integrating budget, the parked clock
 and the low-voltage timer; the budget also decides whether the gateway may power down, which a
-half-applied change must never flip).
+half-applied change must never flip). `nm` is
+restart-only as a whole, every key of it (the AUTOSAR timers, active-mode keys and the partial
+networking filter included): its state machine and the bus tap live as long as the daemon.
 """
 
 from __future__ import annotations

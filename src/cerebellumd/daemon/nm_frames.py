@@ -26,14 +26,18 @@ from ..policies.nm_replay import (
 )
 
 
-def encode_nm_frame(node_id: int, layout: NmFrameLayout, control: int = 0) -> can.Message:
+def encode_nm_frame(node_id: int, layout: NmFrameLayout, control: int = 0,
+                    pn_info: bytes = b"") -> can.Message:
     """Our own NM PDU (active nodes only): CAN ID nm_id_base + node id, the node id and the
-    control bit vector at their bytes, the rest 0xFF (AUTOSAR's default for unused user data)."""
-    data = bytearray(b"\xff" * max(8, layout.min_length))
+    control bit vector at their bytes, the PN info (if any) at `pn_info_offset`, the rest 0xFF
+    (AUTOSAR's default for unused user data, SWS_CanNm_00025)."""
+    data = bytearray(b"\xff" * max(8, layout.min_length, layout.pn_end))
     if layout.source_byte is not None:
         data[layout.source_byte] = node_id
     if layout.control_byte is not None:
         data[layout.control_byte] = control
+    if pn_info:
+        data[layout.pn_info_offset:layout.pn_info_offset + len(pn_info)] = pn_info
     arbitration_id = layout.id_base + node_id
     return can.Message(arbitration_id=arbitration_id, data=bytes(data),
                        is_extended_id=arbitration_id > 0x7FF)
@@ -51,13 +55,14 @@ class NmInputCollector:
     def add(self, msg: can.Message) -> None:
         if msg.is_error_frame:
             return  # error frames say the bus has trouble, not that an ECU is awake
-        self._activity = True
         try:
             pdu = decode_nm_frame(msg, self.layout)
         except NmFrameError:
             self.malformed += 1
-            return
-        if pdu is not None:
+            pdu = None
+        if pdu is None:
+            self._activity = True  # NM PDUs are activity once they pass the PN filter (CanNm.step)
+        else:
             self._pdus.append(pdu)
 
     def take(

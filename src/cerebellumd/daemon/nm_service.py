@@ -5,17 +5,18 @@ before `async_start`, and `async_stop` undoes every registration):
 
 - a `FrameTap` on the NM bus's `CanIngest` (passed in as a peer) feeds every frame to an `NmInputCollector` (no second
   socket); the tap's kernel filter lets the NM ID range through where the kernel filters;
-- a tick hook steps the pure `CanNm` on each decision tick;
+- a tick hook steps the pure `CanNm` on each decision tick, and a timer (`call_later` at
+  `CanNm.next_deadline`) steps it exactly when an NM timer fires (repeat message, NM timeout,
+  wait bus sleep, remote sleep, the next NM PDU of an active node, wake validation);
 - an actuator target filter clamps the accelerator to its deepest state (the policy's
   `deepest_state` floor) in prepare-bus-sleep and bus-sleep, and `set_quiet` tells the
   policy that signals going stale then are quiet, not failed (no fail-safe wake);
 - in bus sleep the daemon pauses (tickers stopped); frames (the tap), inputs from other sources
-  (`on_input_while_paused`: KL15 from the MCU), lease changes and the NM timer (`call_later` at
-  `CanNm.next_deadline`) step NM instead. Leaving bus sleep resumes the daemon with the samples
-  cleared and the policy state reset.
+  (`on_input_while_paused`: KL15 from the MCU), lease changes and the NM timer step NM instead.
+  Leaving bus sleep resumes the daemon with the samples cleared and the policy state reset.
 
 Passive by default: with `passive = false` an NM PDU is sent only when the state machine says so
-(`NmDecision.transmit`, never on a sleeping bus), off the loop.
+(`NmDecision.transmit`, with its control bit vector and PN info), off the loop.
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ class NmService:
         self.m_malformed = metrics.counter("cerebellumd_nm_malformed",
                                            "Frames with an NM ID too short for the layout.")
         self.m_tx = metrics.counter("cerebellumd_nm_tx", "NM PDUs sent (active nodes), by result.", ["result"])
+        self.m_pn_filtered = metrics.counter(
+            "cerebellumd_nm_pn_filtered", "NM PDUs ignored: their PN info matches none of our partial networks.")
+        self.m_remote_sleep = metrics.gauge(
+            "cerebellumd_nm_remote_sleep", "1 while remote sleep is indicated (every other NM node is ready to sleep).")
+        self.m_remote_sleep.set(0)
         for mode in NmMode:
             self.m_state.labels(mode.value).set(0)
             self.m_transitions.labels(mode.value)
@@ -125,7 +131,7 @@ class NmService:
         """For MQTT `state`: the NM mode and why."""
         s = self.state
         return {"nm": {"state": s.mode.value if s else None, "reason": s.reason if s else None,
-                       "transitions": self.transitions}}
+                       "transitions": self.transitions, "remote_sleep": s.remote_sleep if s else False}}
 
     @property
     def mode(self) -> NmMode | None:
@@ -184,6 +190,9 @@ class NmService:
                 local_request=self.local_requested,
             )
             self.m_pdus.inc(len(inputs.nm_pdus))
+            for pdu in inputs.nm_pdus:
+                if pdu.active_wakeup:
+                    log.debug("NM PDU from node 0x%X with the active-wakeup bit", pdu.source_node)
             before = self.state
             self.state, decision = self.nm.step(self.state, inputs, now)
             self.last = decision
@@ -205,8 +214,18 @@ class NmService:
                 self._metrics.wake_validations.labels("validated").inc()
             if decision.wakeup_expired:
                 self._metrics.wake_validations.labels("expired").inc()
+            if decision.pn_filtered:
+                self.m_pn_filtered.inc(decision.pn_filtered)
+            if decision.remote_sleep_indication:
+                self.m_remote_sleep.set(1)
+                log.info("NM remote sleep indication: no NM PDU for %s ms in normal operation",
+                         self.config.remote_sleep_ind_ms)
+            if decision.remote_sleep_cancellation or (not self.state.remote_sleep and decision.changed):
+                if decision.remote_sleep_cancellation:
+                    log.info("NM remote sleep cancelled (%s)", decision.reason)
+                self.m_remote_sleep.set(1 if self.state.remote_sleep else 0)
             if decision.transmit:
-                self._transmit()
+                self._transmit(decision.tx_control, decision.tx_pn_info)
         quiet = mode in QUIET_MODES
         if quiet != self._quiet:
             self._quiet = quiet
@@ -222,9 +241,10 @@ class NmService:
         self._arm_timer(now)
 
     def _arm_timer(self, now: float) -> None:
-        """In bus sleep no tick steps NM: its next deadline (wake validation) gets a timer."""
+        """The next NM deadline gets a timer, so every timer acts when it fires rather than at
+        the next decision tick (and in bus sleep, where there are no ticks)."""
         self._cancel_timer()
-        if not self._host.paused or self.state is None:
+        if self.state is None:
             return
         deadline = self.nm.next_deadline(self.state)
         if deadline is None:
@@ -252,8 +272,8 @@ class NmService:
             return self._deepest()
         return target
 
-    def _transmit(self) -> None:
-        msg = encode_nm_frame(self.config.node_id, self.layout)
+    def _transmit(self, control: int, pn_info: bytes) -> None:
+        msg = encode_nm_frame(self.config.node_id, self.layout, control, pn_info)
         task = asyncio.get_running_loop().create_task(self._send(self._ingest.send, msg), name="nm-tx")
         self._tx.add(task)
         task.add_done_callback(self._tx.discard)

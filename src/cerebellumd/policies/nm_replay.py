@@ -7,9 +7,11 @@ both use this one implementation, so a log yields the exact timeline the daemon 
 followed.
 
 AUTOSAR CanNm PDU layout (defaults): byte 0 = source node id, byte 1 = control bit vector
-(bit 0 repeat-message request, bit 4 active wakeup, ...); user data follows. Both positions are
-configurable (`[nm] source_byte` / `control_byte`), and the node id may instead come from
-the CAN ID bits outside `nm_id_mask` (OEMs that put it there).
+(bit 0 repeat-message request, bit 4 active wakeup, bit 6 partial network information, ...);
+user data follows. Both positions are configurable (`[nm] source_byte` / `control_byte`), and
+the node id may instead come from the CAN ID bits outside `nm_id_mask` (OEMs that put it
+there). With partial networking the PN info is `pn_info_length` bytes from `pn_info_offset`
+(CanNmPnInfoOffset / CanNmPnInfoLength), read when the CBV's PNI bit is set.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .nm import CanNm, NmDecision, NmInputs, NmMode, NmParams, NmPdu, NmState
+from .nm import CBV_PARTIAL_NETWORK_INFORMATION, CanNm, NmDecision, NmInputs, NmMode, NmParams, NmPdu, NmState
 
 _MAX_TIMER_STEPS = 100_000  # a bound on timer steps between two frames (never reached)
 
@@ -49,6 +51,8 @@ class NmFrameLayout:
     id_mask: int = 0x700
     source_byte: int | None = 0
     control_byte: int | None = 1
+    pn_info_offset: int = 0  # CanNmPnInfoOffset (used when pn_info_length > 0)
+    pn_info_length: int = 0  # CanNmPnInfoLength; 0 = no partial networking
 
     def is_nm_id(self, arbitration_id: int) -> bool:
         return (arbitration_id & self.id_mask) == (self.id_base & self.id_mask)
@@ -57,6 +61,10 @@ class NmFrameLayout:
     def min_length(self) -> int:
         used = [b for b in (self.source_byte, self.control_byte) if b is not None]
         return max(used) + 1 if used else 0
+
+    @property
+    def pn_end(self) -> int:
+        return self.pn_info_offset + self.pn_info_length if self.pn_info_length else 0
 
 
 def decode_nm_frame(msg: NmFrame, layout: NmFrameLayout) -> NmPdu | None:
@@ -76,7 +84,15 @@ def decode_nm_frame(msg: NmFrame, layout: NmFrameLayout) -> NmPdu | None:
     else:
         source = data[layout.source_byte]
     control = data[layout.control_byte] if layout.control_byte is not None else 0
-    return NmPdu(source_node=source, control=control)
+    pn_info = b""
+    if layout.pn_info_length and control & CBV_PARTIAL_NETWORK_INFORMATION:
+        if len(data) < layout.pn_end:
+            raise NmFrameError(
+                f"NM frame 0x{msg.arbitration_id:X} sets the PNI bit but has {len(data)} bytes, "
+                f"its PN info needs {layout.pn_end}"
+            )
+        pn_info = bytes(data[layout.pn_info_offset:layout.pn_end])
+    return NmPdu(source_node=source, control=control, pn_info=pn_info)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +106,8 @@ class NmEvent:
     wakeup_expired: bool = False
     wakeup_pending: bool = False
     nodes: tuple[int, ...] = ()  # NM nodes heard in this step
+    remote_sleep_indication: bool = False
+    remote_sleep_cancellation: bool = False
 
 
 @dataclass(slots=True)
@@ -98,6 +116,7 @@ class NmReplay:
     frames: int = 0
     nm_pdus: int = 0
     malformed: int = 0
+    pn_filtered: int = 0  # NM PDUs ignored by the partial-networking filter
     time_reversals: int = 0  # frames stamped earlier than the previous one (clamped)
     nodes: set[int] = field(default_factory=set)
     final: NmState | None = None
@@ -160,8 +179,10 @@ class NmReplayer:
         if pdu is not None:
             self.out.nm_pdus += 1
             self.out.nodes.add(pdu.source_node)
+        # An NM PDU is activity only once it passes the PN filter (CanNm.step decides).
         inputs = NmInputs(
-            nm_pdus=pdus, can_activity=True, ignition=self.ignition, local_request=self.local_request
+            nm_pdus=pdus, can_activity=pdu is None, ignition=self.ignition,
+            local_request=self.local_request,
         )
         self.state, d = self.nm.step(self.state, inputs, t)
         self._record(t, self.state, d, tuple(p.source_node for p in pdus))
@@ -176,9 +197,12 @@ class NmReplayer:
         return self.out
 
     def _record(self, t: float, new: NmState, d: NmDecision, nodes: tuple[int, ...] = ()) -> None:
-        if d.changed or d.wakeup_validated or d.wakeup_expired or d.wakeup_pending:
+        self.out.pn_filtered += d.pn_filtered
+        if (d.changed or d.wakeup_validated or d.wakeup_expired or d.wakeup_pending
+                or d.remote_sleep_indication or d.remote_sleep_cancellation):
             self.out.events.append(NmEvent(t, new.mode, new.reason, d.wakeup_validated,
-                                           d.wakeup_expired, d.wakeup_pending, nodes))
+                                           d.wakeup_expired, d.wakeup_pending, nodes,
+                                           d.remote_sleep_indication, d.remote_sleep_cancellation))
 
     def _run_timers(self, s: NmState, upto: float) -> NmState:
         for _ in range(_MAX_TIMER_STEPS):
