@@ -3,6 +3,8 @@
 Scenario names: `--scenario CYCLE[:VARIANT]`, e.g. `udds` (= `udds:default`) or
 `us06:surprise_heavy`; `--cycle PATH` takes any CSV and `--variant` picks the event model.
 The JSON reports them apart: "cycle" is the drive cycle, "scenario" the event-model variant.
+`--events FILE.toml` gives the event model as a file instead of a variant (its name, default the
+file's stem, is reported as "scenario"); it combines with `--scenario CYCLE` or `--cycle PATH`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from rich.table import Table
 from ..config import ConfigError, builtin_example, load_config, parse_config
 from .cycles import CycleError, load_cycle
 from .evaluate import EvaluationError, run_evaluation
-from .events import NAMED_MODELS, build_scenario, named_scenario
-from .sweep import aggregate, load_sweep, pareto, run_sweep, split_scenario, write_rows
+from .events import NAMED_MODELS, EventModel, build_scenario, named_scenario
+from .events_config import load_event_file
+from .sweep import aggregate, check_events, load_sweep, pareto, run_sweep, write_rows
 
 
 def register(subparsers: Any) -> None:
@@ -34,7 +37,12 @@ def register(subparsers: Any) -> None:
     )
     where.add_argument("--cycle", metavar="PATH", help="drive cycle CSV (time_s,speed_kmh)")
     ev.add_argument(
-        "--variant", default="default", choices=sorted(NAMED_MODELS), help="event-model variant with --cycle"
+        "--variant", default=None, choices=sorted(NAMED_MODELS), help="event-model variant with --cycle"
+    )
+    ev.add_argument(
+        "--events",
+        metavar="FILE.toml",
+        help="event model file (see `cerebellumd schema --events`) instead of a shipped variant",
     )
     ev.add_argument("--seed", type=int, default=1)
     ev.add_argument("--json", action="store_true", help="print the JSON object only")
@@ -55,23 +63,25 @@ def register(subparsers: Any) -> None:
     sw.add_argument("--workers", type=int, default=1)
     sw.add_argument("--dask", metavar="ADDR", help="dask.distributed scheduler address")
     sw.add_argument("--out", metavar="PREFIX", default="sweep", help="writes PREFIX.csv and PREFIX.json")
+    sw.add_argument(
+        "--events",
+        metavar="FILE.toml",
+        action="append",
+        help="event model file(s) for every scenario (repeatable; replaces the sweep file's `events`)",
+    )
     sw.set_defaults(func=cmd_sweep)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    err = Console(stderr=True)
     try:
         config = load_config(args.policy) if args.policy else parse_config(builtin_example(), "demo.toml")
-        if args.scenario:
-            cycle_name, variant = split_scenario(args.scenario)
-        else:
-            cycle_name, variant = args.cycle, args.variant
-        scenario = build_scenario(load_cycle(cycle_name), args.seed, named_scenario(variant), name=variant)
+        cycle_name, variant, model = scenario_args(args.scenario, args.cycle, args.variant, args.events)
+        scenario = build_scenario(load_cycle(cycle_name), args.seed, model, name=variant)
         evaluation = run_evaluation(
             config, scenario, profile=args.profile, resume_failure_probability=args.resume_failure_probability
         )
     except (ConfigError, CycleError, EvaluationError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        print(f"error: {exc}", file=sys.stderr)  # unwrapped: file:line stays greppable
         return 2
     result = evaluation.result
     if args.plot:
@@ -83,6 +93,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     Console().print(result_table(result))
     return 0
+
+
+def scenario_args(
+    scenario: str | None, cycle: str | None, variant: str | None, events: str | None
+) -> tuple[str, str, EventModel]:
+    """(cycle, scenario name, event model) from `--scenario`/`--cycle`, `--variant`, `--events`."""
+    if scenario:
+        cycle_name, _, named = scenario.partition(":")
+        if variant is not None:
+            raise ValueError("--variant goes with --cycle; with --scenario write CYCLE:VARIANT")
+    else:
+        cycle_name, named = str(cycle), variant or ""
+    if events is not None:
+        if named:
+            raise ValueError(f"both a variant ({named!r}) and --events {events}: give one event model")
+        name, model = load_event_file(events)
+        return cycle_name, name, model
+    named = named or "default"
+    return cycle_name, named, named_scenario(named)
 
 
 def result_table(result: dict[str, Any]) -> Table:
@@ -127,8 +156,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     console = Console()
     try:
         spec = load_sweep(args.file)
-    except (OSError, ValueError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        if args.events:
+            spec = spec.model_copy(update={"events": list(args.events)})
+            check_events(spec)
+    except (OSError, ValueError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluating", total=None)
