@@ -46,7 +46,9 @@ def register(subparsers: Any) -> None:
     )
     ev.add_argument("--seed", type=int, default=1)
     ev.add_argument("--json", action="store_true", help="print the JSON object only")
-    ev.add_argument("--plot", metavar="FILE.png")
+    ev.add_argument(
+        "--plot", metavar="FILE.png", help="timeline of every policy and the energy/readiness plane (PNG)"
+    )
     ev.add_argument("--profile", metavar="NAME", help="accelerator profile (overrides the config)")
     ev.add_argument(
         "--resume-failure-probability",
@@ -87,7 +89,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.plot:
         from .plot import plot
 
-        plot(evaluation.runs, scenario, args.plot)
+        plot(evaluation.runs, scenario, args.plot, result)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
         return 0

@@ -29,7 +29,7 @@ import hashlib
 import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -484,10 +484,25 @@ def _flaps(acc: SimAccelerator, events: Sequence[tuple[float, float]], end_s: fl
 
 @dataclass
 class Evaluation:
-    """The §8 JSON (`result`) plus what plots need (`runs`)."""
+    """The §8 JSON (`result`) plus what plots need (`runs`; `baseline_runs` the causal ones)."""
 
     result: dict[str, Any]
     runs: list[PolicyRun]
+    baseline_runs: list[PolicyRun] = field(default_factory=list)
+
+
+#: Idle timeouts of the swept `timeout` baselines (s), each to sleep and to idle.
+TIMEOUT_SWEEP_S: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+TIMEOUT_SWEEP_STATES: tuple[AccelState, ...] = (AccelState.SLEEP, AccelState.IDLE)
+
+
+def dominated_by(mine: Mapping[str, Any], causal: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Causal baselines at least as ready as `mine` that use less accelerator energy."""
+    return [
+        r["policy"]
+        for r in causal
+        if r["readiness"] >= mine["readiness"] and r["accelerator_energy_j"] < mine["accelerator_energy_j"]
+    ]
 
 
 def run_evaluation(
@@ -500,9 +515,14 @@ def run_evaluation(
     vehicle: VirtualVehicle | None = None,
     resume_failure_probability: float = 0.0,
     ladder: LadderSpec | None = None,
+    causal_baselines: bool = True,
 ) -> Evaluation:
     """`resume_failure_probability`: chance that a resume fails and needs the ladder's retry;
-    `ladder`: whose wake deadline that retry waits for (default: the profile's backend)."""
+    `ladder`: whose wake deadline that retry waits for (default: the profile's backend).
+    `causal_baselines`: also run `timeout` swept over `TIMEOUT_SWEEP_S` x `TIMEOUT_SWEEP_STATES`
+    and `warm_idle` (the configured policy never deeper than idle), reported under
+    `causal_baselines`, and list in `dominated_by` those (and `timeout`, `always_on`) at least
+    as ready as the configured policy for less energy."""
     params = policy_params(config)
     model = load_profile(profile or config.accelerator.profile)
     fails = resume_failures(scenario.seed, resume_failure_probability)
@@ -521,9 +541,14 @@ def run_evaluation(
         rest_state=AccelState(config.policy.timeout_state),
     )
 
-    def timeout_timer(state: PolicyState, now: float) -> float | None:
-        extra = [state.last_demand_end + timeout.idle_timeout_s] if state.last_demand_end is not None else []
-        return policy_timer(core, state, now, extra)
+    def timer_for(policy: Timeout) -> Callable[[PolicyState, float], float | None]:
+        def timer(state: PolicyState, now: float) -> float | None:
+            end = state.last_demand_end
+            return policy_timer(core, state, now, [end + policy.idle_timeout_s] if end is not None else [])
+
+        return timer
+
+    timeout_timer = timer_for(timeout)
 
     def core_timer(state: PolicyState, now: float) -> float | None:
         return policy_timer(core, state, now)
@@ -550,9 +575,25 @@ def run_evaluation(
         "events": len(scenario.events),
         "results": [_metrics(r, scenario, other_watts, end_s) for r in runs],
     }
+    baseline_runs: list[PolicyRun] = []
+    if causal_baselines:
+        for rest in TIMEOUT_SWEEP_STATES:
+            for idle_s in TIMEOUT_SWEEP_S:
+                swept = Timeout(params, model, idle_timeout_s=idle_s, rest_state=rest)
+                one = run(swept, timer_for(swept))
+                one.name = f"timeout_{idle_s:g}s_{rest.value}"
+                baseline_runs.append(one)
+        warm = CerebellumFirst(replace(params, deepest_state=AccelState.IDLE), model)
+        one = run(warm, lambda state, now: policy_timer(warm, state, now))
+        one.name = "warm_idle"
+        baseline_runs.append(one)
+        causal = [_metrics(r, scenario, other_watts, end_s) for r in baseline_runs]
+        result["causal_baselines"] = causal
+        contract = result["results"]
+        result["dominated_by"] = dominated_by(contract[0], [*contract[1:3], *causal])
     if resume_failure_probability > 0:
         result["resume_failure_probability"] = resume_failure_probability
-    return Evaluation(result, runs)
+    return Evaluation(result, runs, baseline_runs)
 
 
 def evaluate(config: Config, scenario: Scenario, **kwargs: Any) -> dict[str, Any]:
