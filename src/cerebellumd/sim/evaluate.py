@@ -566,14 +566,15 @@ def run_evaluation(
         _run_oracle(scenario, model, initial, end_s),
     ]
     other_watts = sum(d.watts or 0.0 for d in config.power.domains if d.source == "constant")
-    result = {
+    contract = [_metrics(r, scenario, other_watts, end_s) for r in runs]
+    result: dict[str, Any] = {
         "scenario": scenario.name,
         "cycle": scenario.cycle.name,
         "seed": scenario.seed,
         "duration_s": round(end_s, 3),
         "tick_ms": tick_ms,
         "events": len(scenario.events),
-        "results": [_metrics(r, scenario, other_watts, end_s) for r in runs],
+        "results": contract,
     }
     baseline_runs: list[PolicyRun] = []
     if causal_baselines:
@@ -589,7 +590,6 @@ def run_evaluation(
         baseline_runs.append(one)
         causal = [_metrics(r, scenario, other_watts, end_s) for r in baseline_runs]
         result["causal_baselines"] = causal
-        contract = result["results"]
         result["dominated_by"] = dominated_by(contract[0], [*contract[1:3], *causal])
     if resume_failure_probability > 0:
         result["resume_failure_probability"] = resume_failure_probability
