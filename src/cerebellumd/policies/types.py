@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from .calibration import CalibrationParams
 from .expr import Expression
 from .model import AccelState
 
@@ -84,6 +85,8 @@ class PolicyParams:
     idle_prediction_weight: float = 0.3
     deepest_state: AccelState = AccelState.OFF
     guards: Guards = field(default_factory=Guards)
+    # Self-calibrating readiness (policies/calibration.py): on by default.
+    calibration: CalibrationParams = field(default_factory=CalibrationParams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,10 @@ class Inputs:
     # senders stopped on purpose, not because something failed, so `on_stale` does not apply
     # (a stale signal is simply unknown) and the fail-safe wake stays for real faults.
     quiet_bus: bool = False
+    # Lateness (s) of challenges served late, as reported by whoever owns their real deadline
+    # (the consumer of the accelerator; in evaluation the scenario's ground truth). Each report
+    # belongs to the policy's latest wake; it teaches the calibration what that challenge allowed.
+    late_reports: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
