@@ -18,7 +18,7 @@ from cerebellumd.sim.events_config import (
     load_event_file,
     parse_event_file,
 )
-from cerebellumd.sim.sweep import load_sweep, run_sweep
+from cerebellumd.sim.sweep import load_sweep, per_world, run_sweep
 
 EVENTS_DIR = resources.files("cerebellumd").joinpath("examples", "events")
 
@@ -128,6 +128,10 @@ def test_sweep_crosses_cycles_with_event_files(tmp_path: Path) -> None:
     f.write_text('scenarios = ["us06"]\nevents = ["tight", "calm.toml"]\nseeds = [1]\n', encoding="utf-8")
     rows = run_sweep(load_sweep(f))
     assert sorted(r["scenario"] for r in rows) == ["us06:calm", "us06:tight"]
+    table = {w["scenario"]: w for w in per_world(rows, [])}
+    assert set(table) == {"us06:calm", "us06:tight"}
+    for w in table.values():
+        assert w["runs"] == 1 and w["readiness_min"] <= w["readiness_mean"] and w["vs_oracle"] >= 1.0
     bad = tmp_path / "bad.toml"
     bad.write_text('scenarios = ["us06:tight"]\nevents = ["calm.toml"]\n', encoding="utf-8")
     with pytest.raises(ValueError, match="us06:tight"):

@@ -23,7 +23,7 @@ from .cycles import CycleError, load_cycle
 from .evaluate import EvaluationError, run_evaluation
 from .events import NAMED_MODELS, EventModel, build_scenario, named_scenario
 from .events_config import load_event_file
-from .sweep import aggregate, check_events, load_sweep, pareto, run_sweep, write_rows
+from .sweep import aggregate, check_events, load_sweep, pareto, per_world, run_sweep, write_rows
 
 
 def register(subparsers: Any) -> None:
@@ -181,6 +181,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             *(str(p[k]) for k in keys), f"{p['accelerator_energy_j']:.0f}", f"{p['readiness']:.3f}", str(p["runs"])
         )
     console.print(table)
+    worlds = Table(title="Per scenario: readiness mean / worst, energy, vs oracle, runs dominated by a causal baseline")
+    for col in (*keys, "scenario", "ready mean", "ready min", "accel J", "÷ oracle", "dominated", "runs"):
+        worlds.add_column(col, justify="right")
+    for w in per_world(rows, keys):
+        worlds.add_row(
+            *(str(w[k]) for k in keys), w["scenario"], f"{w['readiness_mean']:.3f}", f"{w['readiness_min']:.3f}",
+            f"{w['accelerator_energy_j']:.0f}", f"{w['vs_oracle']:.2f}", str(w["dominated_runs"]), str(w["runs"]),
+        )
+    console.print(worlds)
     csv_path, json_path = write_rows(rows, args.out)
     console.print(f"{len(rows)} rows written to {csv_path} and {json_path}")
     return 0

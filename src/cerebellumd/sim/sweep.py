@@ -122,6 +122,11 @@ def run_one(
         "wake_cycles": mine["wake_cycles"],
         "false_wakes": mine["false_wakes"],
         "oracle_energy_j": oracle["accelerator_energy_j"],
+        "timeout_readiness": result["results"][2]["readiness"],
+        "timeout_energy_j": result["results"][2]["accelerator_energy_j"],
+        "dominated_by": " ".join(result.get("dominated_by", [])),
+        "learned_budget_s": result["calibration"]["budget_s"],
+        "readiness_after_adaptation": result["calibration"]["readiness_after_adaptation"],
     }
 
 
@@ -138,6 +143,29 @@ def aggregate(rows: Iterable[dict[str, Any]], keys: list[str]) -> list[dict[str,
                 "accelerator_energy_j": sum(r["accelerator_energy_j"] for r in group) / len(group),
                 "readiness": min(r["readiness"] for r in group),
                 "runs": len(group),
+            }
+        )
+    return out
+
+
+def per_world(rows: Iterable[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """Per grid point and scenario (cycle x event model): mean and worst readiness, mean energy
+    and its ratio to the oracle, runs dominated by a causal baseline."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((*(row[k] for k in keys), row["scenario"]), []).append(row)
+    out = []
+    for key, group in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        n = len(group)
+        out.append(
+            {
+                **dict(zip([*keys, "scenario"], key, strict=True)),
+                "readiness_mean": sum(r["readiness"] for r in group) / n,
+                "readiness_min": min(r["readiness"] for r in group),
+                "accelerator_energy_j": sum(r["accelerator_energy_j"] for r in group) / n,
+                "vs_oracle": sum(r["accelerator_energy_j"] / max(r["oracle_energy_j"], 1e-9) for r in group) / n,
+                "dominated_runs": sum(1 for r in group if r.get("dominated_by")),
+                "runs": n,
             }
         )
     return out
