@@ -108,7 +108,11 @@ def test_memory_quick() -> None:
 
 def test_evaluator_quick() -> None:
     r = run_bench("evaluator")
-    assert set(r) == {"cycle", "duration_s", "tick_ms", "setup_s", "policies", "evaluate_all_s"}
+    assert set(r) == {
+        "cycle", "duration_s", "tick_ms", "setup_s", "policies", "evaluate_all_s", "evaluate_contract_s",
+        "per_policy_speedup_all", "per_policy_speedup_contract", "policies_all",
+    }
+    assert r["policies_all"] > 4 and r["per_policy_speedup_contract"] > 0 and r["per_policy_speedup_all"] > 0
     assert r["cycle"] == "udds" and r["tick_ms"] == 10 and r["duration_s"] > 1000
     assert set(r["policies"]) == {"cerebellum_first", "always_on", "timeout", "oracle"}
     for name, row in r["policies"].items():

@@ -67,6 +67,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
+    if args.events:
+        from .sim.events_config import event_schema
+
+        print(json.dumps(event_schema(), indent=2))
+        return 0
     print(json.dumps(Config.model_json_schema(by_alias=True), indent=2))
     return 0
 
@@ -351,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the config")
+    schema.add_argument("--events", action="store_true", help="the schema of an event file (evaluate --events)")
     schema.set_defaults(func=_cmd_schema)
 
     status = sub.add_parser("status", help="show a running daemon's state (metrics endpoint or MQTT)")

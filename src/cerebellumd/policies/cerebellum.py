@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..accel import RESTING_STATES, AcceleratorModel, AccelState
+from .calibration import Calibration, next_relax, relax, tighten
 from .expr import Value
 from .types import (
     Decision,
@@ -49,6 +50,16 @@ class PolicyState:
     # to reverse before it parks), and a warm -> deep -> wake round trip costs more.
     warm_budget_s: float | None = None
     warm_until: float = float("-inf")
+    # Self-calibrating readiness (policies/calibration.py): what the late wakes taught, and the
+    # wake under way (onset of its demand, its deadline, whether it came unannounced, i.e. not
+    # while anticipating), then the latest wake's measured latency for late reports.
+    calibration: Calibration = field(default_factory=Calibration)
+    wake_onset: float | None = None
+    wake_deadline_s: float = 0.0
+    wake_unannounced: bool = False
+    last_wake_latency_s: float | None = None
+    last_wake_unannounced: bool = False
+    last_wake_late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +81,23 @@ class CerebellumFirst:
         self.model = model
         self._specs = {s.name: s for s in params.signals}
 
-    def initial_state(self, now: float, target: AccelState = AccelState.IDLE) -> PolicyState:
+    def initial_state(
+        self, now: float, target: AccelState = AccelState.IDLE, calibration: Calibration | None = None
+    ) -> PolicyState:
+        """`calibration`: a persisted one (`Calibration.from_dict`) to start from."""
         return PolicyState(
             target=target,
             target_since=now,
             started_at=now,
             demands=tuple(DemandStatus() for _ in self.params.demands),
             predicted_idle_s=self.params.initial_idle_prediction_s,
+            calibration=calibration if calibration is not None else Calibration(),
         )
+
+    def unannounced_budget_s(self, state: PolicyState) -> float:
+        """The latency budget in force for unannounced challenges (the learned one when
+        calibration has tightened it, else the configured `latency_budget_s`): export it."""
+        return state.calibration.effective(self.params.latency_budget_s)[0]
 
     # -- evaluation ---------------------------------------------------------------------
 
@@ -161,6 +181,7 @@ class CerebellumFirst:
     def step(self, state: PolicyState, inputs: Inputs, now: float) -> tuple[PolicyState, Decision]:
         p = self.params
         ev = self._evaluate(state, inputs, now)
+        cal, wake = self._calibrate(state, inputs, now)
         # Highest priority decides; at equal priority awake beats sleep (fail-safe, the lease
         # rule), whatever order the hold sources (operator store, leases) listed them in.
         holds = sorted(
@@ -197,7 +218,7 @@ class CerebellumFirst:
         elif inputs.parked:
             want, reason = p.deepest_state, "parked"
         else:
-            want, reason = self._rest_target(state, anticipatory, now, sleep_hold)
+            want, reason = self._rest_target(state, anticipatory, now, sleep_hold, cal)
         # While anticipating, the warm hold has no end; it starts running out at the first
         # step without anticipation (so the result does not depend on how often we step).
         warm_budget, warm_until = state.warm_budget_s, state.warm_until
@@ -214,7 +235,7 @@ class CerebellumFirst:
         if is_wake and not critical and len(wake_times) >= p.max_wake_cycles_per_hour:
             denied = "cap:wake_cycles"
             want, reason = (p.deepest_state, "parked") if inputs.parked else self._rest_target(
-                state, anticipatory, now, sleep_hold)
+                state, anticipatory, now, sleep_hold, cal)
             is_wake = False
 
         # Hysteresis: hold the current target for min_dwell unless a critical demand says go.
@@ -232,6 +253,15 @@ class CerebellumFirst:
             last_end = now
         if is_wake:
             wake_times = (*wake_times, now)
+            if wakers:
+                onset = min(s.pending_since if s.pending_since is not None else now for s in self._statuses(ev, wakers))
+                wake = replace(
+                    wake,
+                    wake_onset=onset,
+                    wake_deadline_s=min(d.deadline_s for d in wakers),
+                    wake_unannounced=not state.reason.startswith("anticipate"),
+                    last_wake_late=False,
+                )
             if state.last_demand_end is not None:
                 gap = now - state.last_demand_end
                 w = p.idle_prediction_weight
@@ -250,6 +280,13 @@ class CerebellumFirst:
             reason=reason,
             warm_budget_s=warm_budget,
             warm_until=warm_until,
+            calibration=cal,
+            wake_onset=wake.wake_onset,
+            wake_deadline_s=wake.wake_deadline_s,
+            wake_unannounced=wake.wake_unannounced,
+            last_wake_latency_s=wake.last_wake_latency_s,
+            last_wake_unannounced=wake.last_wake_unannounced,
+            last_wake_late=wake.last_wake_late,
         )
         decision = Decision(
             target=want,
@@ -278,8 +315,43 @@ class CerebellumFirst:
             times += [state.last_demand_end + self.model.break_even_s(s) for s in RESTING_STATES]
         if state.wake_times:
             times.append(state.wake_times[0] + _HOUR_S)
+        relax_at = next_relax(state.calibration, p.calibration)
+        if relax_at is not None:
+            times.append(relax_at)
         future = [t for t in times if t > now and math.isfinite(t)]
         return min(future) if future else None
+
+    def _calibrate(self, state: PolicyState, inputs: Inputs, now: float) -> tuple[Calibration, PolicyState]:
+        """Relax after a clean stretch; measure the wake under way when the accelerator reports
+        `active` (late against its demand's deadline?); learn from late reports. Returns the
+        calibration and `state` with the wake fields updated (only those are read back)."""
+        cp = self.params.calibration
+        cal = relax(state.calibration, now, self.params.latency_budget_s, cp)
+        wake = state
+        if state.wake_onset is not None and inputs.actual is AccelState.ACTIVE:
+            latency = now - state.wake_onset
+            late = latency - state.wake_deadline_s
+            counted = False
+            if state.wake_unannounced and late > _EPS:
+                cal = tighten(cal, now, state.wake_deadline_s, late, cp)
+                counted = True
+            wake = replace(
+                state,
+                wake_onset=None,
+                last_wake_latency_s=latency,
+                last_wake_unannounced=state.wake_unannounced,
+                last_wake_late=counted,
+            )
+        if inputs.late_reports and wake.last_wake_latency_s is not None and wake.last_wake_unannounced:
+            for lateness in inputs.late_reports:
+                allowed = wake.last_wake_latency_s - lateness
+                cal = tighten(cal, now, allowed, lateness, cp, count=not wake.last_wake_late)
+                wake = replace(wake, last_wake_late=True)
+        return cal, wake
+
+    def _statuses(self, ev: _Evaluated, specs: list[DemandSpec]) -> list[DemandStatus]:
+        names = {d.name for d in specs}
+        return [st for d, st in zip(self.params.demands, ev.statuses, strict=True) if d.name in names]
 
     @staticmethod
     def _demand_reason(spec: DemandSpec, ev: _Evaluated) -> str:
@@ -306,6 +378,7 @@ class CerebellumFirst:
         anticipatory: list[DemandSpec],
         now: float,
         sleep_hold: bool,
+        cal: Calibration,
     ) -> tuple[AccelState, str]:
         p = self.params
         if state.target is AccelState.ACTIVE and not sleep_hold:
@@ -326,5 +399,19 @@ class CerebellumFirst:
             return self.model.deepest_state(predicted, tightest.deadline_s), f"anticipate:{tightest.name}"
         if held is not None:
             return self.model.deepest_state(predicted, held), "anticipate:release"
-        chosen = self.model.deepest_state(predicted, p.latency_budget_s, floor=p.deepest_state)
+        budget, whole_entry = cal.effective(p.latency_budget_s)
+        chosen = self._deepest_unannounced(predicted, budget, whole_entry)
         return chosen, f"rest:{chosen.value}"
+
+    def _deepest_unannounced(self, predicted_idle_s: float, budget_s: float, whole_entry: bool) -> AccelState:
+        """The deepest state for unannounced challenges. With `whole_entry` (calibration has
+        tightened the budget) a challenge may arrive just as the entry starts: it waits for the
+        whole entry and then the exit, and that worst case must fit the budget."""
+        if not whole_entry:
+            return self.model.deepest_state(predicted_idle_s, budget_s, floor=self.params.deepest_state)
+        allowed = RESTING_STATES[RESTING_STATES.index(self.params.deepest_state) :]
+        for state in allowed:
+            worst = self.model.enter[state].latency_s + self.model.exit_latency_s(state)
+            if worst <= budget_s + _EPS and self.model.break_even_s(state) <= predicted_idle_s:
+                return state
+        return AccelState.IDLE

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ..accel import AccelState
+from .calibration import CalibrationParams
 from .expr import Expression
 
 
@@ -84,6 +85,8 @@ class PolicyParams:
     idle_prediction_weight: float = 0.3
     deepest_state: AccelState = AccelState.OFF
     guards: Guards = field(default_factory=Guards)
+    # Self-calibrating readiness (policies/calibration.py): on by default.
+    calibration: CalibrationParams = field(default_factory=CalibrationParams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,10 @@ class Inputs:
     # state at once (no release), and silent signals are quiet as in `quiet_bus`. Critical
     # demands and awake holds (a garage-mode lease) still wake it; min_dwell still applies.
     parked: bool = False
+    # Lateness (s) of challenges served late, as reported by whoever owns their real deadline
+    # (the consumer of the accelerator; in evaluation the scenario's ground truth). Each report
+    # belongs to the policy's latest wake; it teaches the calibration what that challenge allowed.
+    late_reports: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,8 @@
 Scenario names: `--scenario CYCLE[:VARIANT]`, e.g. `udds` (= `udds:default`) or
 `us06:surprise_heavy`; `--cycle PATH` takes any CSV and `--variant` picks the event model.
 The JSON reports them apart: "cycle" is the drive cycle, "scenario" the event-model variant.
+`--events FILE.toml` gives the event model as a file instead of a variant (its name, default the
+file's stem, is reported as "scenario"); it combines with `--scenario CYCLE` or `--cycle PATH`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from ..config import ConfigError, builtin_example, load_config, parse_config
 from ..extras import MissingExtra, require
 from .cycles import CycleError, load_cycle
-from .events import NAMED_MODELS, build_scenario, named_scenario
+from .events import NAMED_MODELS, EventModel, build_scenario, named_scenario
+from .events_config import load_event_file
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -46,11 +49,18 @@ def register(subparsers: Any) -> None:
     )
     where.add_argument("--cycle", metavar="PATH", help="drive cycle CSV (time_s,speed_kmh)")
     ev.add_argument(
-        "--variant", default="default", choices=sorted(NAMED_MODELS), help="event-model variant with --cycle"
+        "--variant", default=None, choices=sorted(NAMED_MODELS), help="event-model variant with --cycle"
+    )
+    ev.add_argument(
+        "--events",
+        metavar="FILE.toml",
+        help="event model file (see `cerebellumd schema --events`) instead of a shipped variant",
     )
     ev.add_argument("--seed", type=int, default=1)
     ev.add_argument("--json", action="store_true", help="print the JSON object only")
-    ev.add_argument("--plot", metavar="FILE.png")
+    ev.add_argument(
+        "--plot", metavar="FILE.png", help="timeline of every policy and the energy/readiness plane (PNG)"
+    )
     ev.add_argument("--profile", metavar="NAME", help="accelerator profile (overrides the config)")
     ev.add_argument(
         "--resume-failure-probability",
@@ -67,6 +77,12 @@ def register(subparsers: Any) -> None:
     sw.add_argument("--workers", type=int, default=1)
     sw.add_argument("--dask", metavar="ADDR", help="dask.distributed scheduler address")
     sw.add_argument("--out", metavar="PREFIX", default="sweep", help="writes PREFIX.csv and PREFIX.json")
+    sw.add_argument(
+        "--events",
+        metavar="FILE.toml",
+        action="append",
+        help="event model file(s) for every scenario (repeatable; replaces the sweep file's `events`)",
+    )
     sw.set_defaults(func=cmd_sweep)
 
 
@@ -76,32 +92,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .evaluate import EvaluationError, run_evaluation
-    from .sweep import split_scenario
 
-    err = Console(stderr=True)
     try:
         config = load_config(args.policy) if args.policy else parse_config(builtin_example(), "demo.toml")
-        if args.scenario:
-            cycle_name, variant = split_scenario(args.scenario)
-        else:
-            cycle_name, variant = args.cycle, args.variant
-        scenario = build_scenario(load_cycle(cycle_name), args.seed, named_scenario(variant), name=variant)
+        cycle_name, variant, model = scenario_args(args.scenario, args.cycle, args.variant, args.events)
+        scenario = build_scenario(load_cycle(cycle_name), args.seed, model, name=variant)
         evaluation = run_evaluation(
             config, scenario, profile=args.profile, resume_failure_probability=args.resume_failure_probability
         )
     except (ConfigError, CycleError, EvaluationError, ValueError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        print(f"error: {exc}", file=sys.stderr)  # unwrapped: file:line stays greppable
         return 2
     result = evaluation.result
     if args.plot:
         from .plot import plot
 
-        plot(evaluation.runs, scenario, args.plot)
+        plot(evaluation.runs, scenario, args.plot, result)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
     Console().print(result_table(result))
     return 0
+
+
+def scenario_args(
+    scenario: str | None, cycle: str | None, variant: str | None, events: str | None
+) -> tuple[str, str, EventModel]:
+    """(cycle, scenario name, event model) from `--scenario`/`--cycle`, `--variant`, `--events`."""
+    if scenario:
+        cycle_name, _, named = scenario.partition(":")
+        if variant is not None:
+            raise ValueError("--variant goes with --cycle; with --scenario write CYCLE:VARIANT")
+    else:
+        cycle_name, named = str(cycle), variant or ""
+    if events is not None:
+        if named:
+            raise ValueError(f"both a variant ({named!r}) and --events {events}: give one event model")
+        name, model = load_event_file(events)
+        return cycle_name, name, model
+    named = named or "default"
+    return cycle_name, named, named_scenario(named)
 
 
 def result_table(result: dict[str, Any]) -> Table:
@@ -151,13 +181,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from .sweep import aggregate, load_sweep, pareto, run_sweep, write_rows
+    from .sweep import aggregate, check_events, load_sweep, pareto, per_world, run_sweep, write_rows
 
     console = Console()
     try:
         spec = load_sweep(args.file)
-    except (OSError, ValueError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        if args.events:
+            spec = spec.model_copy(update={"events": list(args.events)})
+            check_events(spec)
+    except (OSError, ValueError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluating", total=None)
@@ -176,6 +209,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             *(str(p[k]) for k in keys), f"{p['accelerator_energy_j']:.0f}", f"{p['readiness']:.3f}", str(p["runs"])
         )
     console.print(table)
+    worlds = Table(title="Per scenario: readiness mean / worst, energy, vs oracle, runs dominated by a causal baseline")
+    for col in (*keys, "scenario", "ready mean", "ready min", "accel J", "÷ oracle", "dominated", "runs"):
+        worlds.add_column(col, justify="right")
+    for w in per_world(rows, keys):
+        worlds.add_row(
+            *(str(w[k]) for k in keys), w["scenario"], f"{w['readiness_mean']:.3f}", f"{w['readiness_min']:.3f}",
+            f"{w['accelerator_energy_j']:.0f}", f"{w['vs_oracle']:.2f}", str(w["dominated_runs"]), str(w["runs"]),
+        )
+    console.print(worlds)
     csv_path, json_path = write_rows(rows, args.out)
     console.print(f"{len(rows)} rows written to {csv_path} and {json_path}")
     return 0

@@ -29,7 +29,7 @@ import hashlib
 import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -37,6 +37,7 @@ import numpy as np
 from ..accel import AcceleratorModel, AccelState
 from ..config import Config, policy_params
 from ..policies.baselines import AlwaysOn, Timeout
+from ..policies.calibration import Calibration
 from ..policies.cerebellum import CerebellumFirst, PolicyState
 from ..policies.escalation import DEFAULT_LADDERS, LadderSpec
 from ..policies.flapping import TimelinePoint, flap_figures
@@ -238,6 +239,32 @@ class PolicyRun:
     name: str
     accelerator: SimAccelerator
     steps: int = 0
+    final_state: PolicyState | None = None
+    late_reports: list[tuple[float, float]] = field(default_factory=list)  # (time, lateness s)
+
+
+class _LateReporter:
+    """The consumers of the challenges: each knows its real deadline and, when the accelerator
+    it needed comes active after that deadline while the challenge still runs, reports how late
+    (`Inputs.late_reports`). Causal: a report is made when the lateness is known, never before."""
+
+    def __init__(self, events: Sequence[tuple[float, float, float]]) -> None:
+        self._events = sorted(events, key=lambda e: e[1])  # (start, due, end) by due
+        self._next = 0
+        self._seen_period = -1
+
+    def reports(self, acc: SimAccelerator) -> tuple[float, ...]:
+        if acc.state is not AccelState.ACTIVE or len(acc.active) - 1 == self._seen_period:
+            return ()
+        self._seen_period = len(acc.active) - 1
+        arrived = acc.active[-1][0]
+        out: list[float] = []
+        while self._next < len(self._events) and self._events[self._next][1] < arrived - 1e-6:
+            start, due, end = self._events[self._next]
+            self._next += 1
+            if start <= arrived <= end and not acc.is_active_at(due):
+                out.append(arrived - due)
+        return tuple(out)
 
 
 def _run_policy(
@@ -249,8 +276,12 @@ def _run_policy(
     event_driven: bool,
     resume_fails: Callable[[int], bool] | None = None,
     retry_after_s: float = 0.0,
+    events: Sequence[tuple[float, float, float]] = (),
 ) -> PolicyRun:
+    """`events`: (start, due, end) of the challenges, whose late service is reported to the
+    policy (`_LateReporter`); empty: no reports."""
     tick_s = timeline.tick_s
+    reporter = _LateReporter(events) if events else None
     state = policy.initial_state(0.0, initial)
     acc = SimAccelerator(model, state.target, resume_fails=resume_fails, retry_after_s=retry_after_s)
     commanded = state.target
@@ -262,7 +293,10 @@ def _run_policy(
     while k <= timeline.n_ticks:
         now = k * tick_s
         acc.advance(now)
-        inputs = Inputs(samples=timeline.samples_at(k), actual=acc.state)
+        reports = reporter.reports(acc) if reporter is not None else ()
+        if reports:
+            run.late_reports += [(now, r) for r in reports]
+        inputs = Inputs(samples=timeline.samples_at(k), actual=acc.state, late_reports=reports)
         state, decision = policy.step(state, inputs, now)
         run.steps += 1
         if decision.target is not commanded:
@@ -285,6 +319,7 @@ def _run_policy(
             nxt = heap[0]
         k = nxt
     acc.finish(timeline.n_ticks * tick_s)
+    run.final_state = state
     return run
 
 
@@ -365,10 +400,25 @@ def _flaps(acc: SimAccelerator, events: Sequence[tuple[float, float]], end_s: fl
 
 @dataclass
 class Evaluation:
-    """The §8 JSON (`result`) plus what plots need (`runs`)."""
+    """The §8 JSON (`result`) plus what plots need (`runs`; `baseline_runs` the causal ones)."""
 
     result: dict[str, Any]
     runs: list[PolicyRun]
+    baseline_runs: list[PolicyRun] = field(default_factory=list)
+
+
+#: Idle timeouts of the swept `timeout` baselines (s), each to sleep and to idle.
+TIMEOUT_SWEEP_S: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+TIMEOUT_SWEEP_STATES: tuple[AccelState, ...] = (AccelState.SLEEP, AccelState.IDLE)
+
+
+def dominated_by(mine: Mapping[str, Any], causal: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Causal baselines at least as ready as `mine` that use less accelerator energy."""
+    return [
+        r["policy"]
+        for r in causal
+        if r["readiness"] >= mine["readiness"] and r["accelerator_energy_j"] < mine["accelerator_energy_j"]
+    ]
 
 
 def run_evaluation(
@@ -381,9 +431,16 @@ def run_evaluation(
     vehicle: VirtualVehicle | None = None,
     resume_failure_probability: float = 0.0,
     ladder: LadderSpec | None = None,
+    causal_baselines: bool = True,
+    calibration: Calibration | None = None,
 ) -> Evaluation:
     """`resume_failure_probability`: chance that a resume fails and needs the ladder's retry;
-    `ladder`: whose wake deadline that retry waits for (default: the profile's backend)."""
+    `ladder`: whose wake deadline that retry waits for (default: the profile's backend).
+    `causal_baselines`: also run `timeout` swept over `TIMEOUT_SWEEP_S` x `TIMEOUT_SWEEP_STATES`
+    and `warm_idle` (the configured policy never deeper than idle), reported under
+    `causal_baselines`, and list in `dominated_by` those (and `timeout`, `always_on`) at least
+    as ready as the configured policy for less energy. `calibration`: what the configured policy
+    learned before (a persisted `Calibration`, as the daemon restores it); default: nothing."""
     params = policy_params(config)
     model = load_profile(profile or config.accelerator.profile)
     fails = resume_failures(scenario.seed, resume_failure_probability)
@@ -402,17 +459,27 @@ def run_evaluation(
         rest_state=AccelState(config.policy.timeout_state),
     )
 
-    def timeout_timer(state: PolicyState, now: float) -> float | None:
-        extra = [state.last_demand_end + timeout.idle_timeout_s] if state.last_demand_end is not None else []
-        return policy_timer(core, state, now, extra)
+    def timer_for(policy: Timeout) -> Callable[[PolicyState, float], float | None]:
+        def timer(state: PolicyState, now: float) -> float | None:
+            end = state.last_demand_end
+            return policy_timer(core, state, now, [end + policy.idle_timeout_s] if end is not None else [])
+
+        return timer
+
+    timeout_timer = timer_for(timeout)
 
     def core_timer(state: PolicyState, now: float) -> float | None:
         return policy_timer(core, state, now)
 
-    def run(policy: _Policy, timer: Callable[[PolicyState, float], float | None]) -> PolicyRun:
-        return _run_policy(policy, timer, timeline, model, initial, event_driven, fails, retry_after_s)
+    t0 = scenario.cycle.times[0]
+    challenges = [(e.start_s - t0, e.due_s - t0, e.end_s - t0) for e in scenario.events]
 
-    cerebellum = run(core, core_timer)
+    def run(policy: _Policy, timer: Callable[[PolicyState, float], float | None]) -> PolicyRun:
+        return _run_policy(
+            policy, timer, timeline, model, initial, event_driven, fails, retry_after_s, challenges
+        )
+
+    cerebellum = run(_Restored(core, calibration) if calibration is not None else core, core_timer)
     cerebellum.name = config.policy.name
     runs = [
         cerebellum,
@@ -422,18 +489,70 @@ def run_evaluation(
         _run_oracle(scenario, model, initial, end_s),
     ]
     other_watts = sum(d.watts or 0.0 for d in config.power.domains if d.source == "constant")
-    result = {
+    contract = [_metrics(r, scenario, other_watts, end_s) for r in runs]
+    result: dict[str, Any] = {
         "scenario": scenario.name,
         "cycle": scenario.cycle.name,
         "seed": scenario.seed,
         "duration_s": round(end_s, 3),
         "tick_ms": tick_ms,
         "events": len(scenario.events),
-        "results": [_metrics(r, scenario, other_watts, end_s) for r in runs],
+        "results": contract,
     }
+    baseline_runs: list[PolicyRun] = []
+    if causal_baselines:
+        for rest in TIMEOUT_SWEEP_STATES:
+            for idle_s in TIMEOUT_SWEEP_S:
+                swept = Timeout(params, model, idle_timeout_s=idle_s, rest_state=rest)
+                one = run(swept, timer_for(swept))
+                one.name = f"timeout_{idle_s:g}s_{rest.value}"
+                baseline_runs.append(one)
+        warm = CerebellumFirst(replace(params, deepest_state=AccelState.IDLE), model)
+        one = run(warm, lambda state, now: policy_timer(warm, state, now))
+        one.name = "warm_idle"
+        baseline_runs.append(one)
+        causal = [_metrics(r, scenario, other_watts, end_s) for r in baseline_runs]
+        result["causal_baselines"] = causal
+        result["dominated_by"] = dominated_by(contract[0], [*contract[1:3], *causal])
+    result["calibration"] = _calibration_figures(cerebellum, scenario, core)
     if resume_failure_probability > 0:
         result["resume_failure_probability"] = resume_failure_probability
-    return Evaluation(result, runs)
+    return Evaluation(result, runs, baseline_runs)
+
+
+class _Restored:
+    """The configured policy starting from a restored calibration."""
+
+    def __init__(self, core: CerebellumFirst, calibration: Calibration) -> None:
+        self.name = core.name
+        self._core, self._calibration = core, calibration
+        self.step = core.step
+
+    def initial_state(self, now: float, target: AccelState = AccelState.IDLE) -> PolicyState:
+        return self._core.initial_state(now, target, self._calibration)
+
+
+def _calibration_figures(run: PolicyRun, scenario: Scenario, core: CerebellumFirst) -> dict[str, Any]:
+    """What the configured policy learned: its final budget for unannounced challenges, late
+    wakes, and readiness over the events due after adaptation (the first late wake it learned
+    from; all events when it never had one)."""
+    state = run.final_state
+    assert state is not None
+    cal = state.calibration
+    t0 = scenario.cycle.times[0]
+    since = cal.first_late_at if cal.first_late_at is not None else -math.inf
+    after = [e for e in scenario.events if e.due_s - t0 > since]
+    served = sum(run.accelerator.is_active_at(e.due_s - t0) for e in after)
+    return {
+        "budget_s": round(core.unannounced_budget_s(state), 6),
+        "learned": cal.budget_s is not None,
+        "late_wakes": cal.late_wakes,
+        "late_reports": len(run.late_reports),
+        "worst_lateness_s": round(cal.worst_lateness_s, 6),
+        "adapted_at_s": None if cal.first_late_at is None else round(cal.first_late_at, 3),
+        "events_after_adaptation": len(after),
+        "readiness_after_adaptation": round(served / len(after), 6) if after else 1.0,
+    }
 
 
 def evaluate(config: Config, scenario: Scenario, **kwargs: Any) -> dict[str, Any]:

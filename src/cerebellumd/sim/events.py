@@ -12,9 +12,13 @@ import random
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from .cycles import DriveCycle
+from .events_config import NAMED_MODELS, EventModel, named_scenario
+
+__all__ = [  # EventModel, NAMED_MODELS and named_scenario live in events_config (re-exported)
+    "NAMED_MODELS", "ChallengeEvent", "EventKind", "EventModel", "Precursor", "Scenario", "build_scenario",
+    "named_scenario",
+]
 
 GEAR_PARK, GEAR_REVERSE, GEAR_NEUTRAL, GEAR_DRIVE = 0, 1, 2, 3
 _STOP_KMH = 0.5  # below this the vehicle counts as standing
@@ -25,57 +29,6 @@ class EventKind(StrEnum):
     URBAN = "urban"
     PARKING = "parking"
     SURPRISE = "surprise"
-
-
-class EventModel(BaseModel):
-    """Parameters of the event model. Defaults give the `default` scenario."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # highway assist: fast and steady
-    highway_min_speed_kmh: float = Field(70.0, gt=0, description="Highway assist needs at least this speed.")
-    highway_max_accel_mps2: float = Field(0.6, gt=0, description="Steady: |accel| at most this (3 s mean).")
-    highway_steady_s: float = Field(8.0, ge=0, description="Fast and steady this long before assist engages.")
-    highway_exit_speed_kmh: float = Field(60.0, gt=0, description="Assist disengages below this speed.")
-    highway_exit_accel_mps2: float = Field(1.2, gt=0, description="Assist disengages above this |accel|.")
-    highway_min_duration_s: float = Field(5.0, ge=0, description="Shorter engagements are dropped.")
-    highway_deadline_ms: int = Field(1000, gt=0, description="Deadline of a highway event.")
-    # urban perception: pull-away in stop-and-go
-    urban_max_segment_kmh: float = Field(60.0, gt=0, description="Pull-aways into segments slower than this are urban.")
-    urban_min_stop_s: float = Field(1.0, ge=0, description="Only after a stop at least this long.")
-    urban_duration_s: tuple[float, float] = Field((6.0, 12.0), description="Range of an urban event's length.")
-    urban_deadline_ms: int = Field(500, gt=0, description="Deadline of an urban event.")
-    # parking maneuvers: reverse gear at low speed during long stops
-    parking_min_stop_s: float = Field(12.0, gt=0, description="Stops at least this long may hold a maneuver.")
-    parking_stop_probability: float = Field(
-        0.25, ge=0, le=1, description="Chance of a maneuver at a long stop (the last long stop always has one)."
-    )
-    parking_duration_s: tuple[float, float] = Field((8.0, 15.0), description="Range of a maneuver's length.")
-    parking_speed_kmh: float = Field(5.0, ge=0, description="Peak reversing speed during a maneuver.")
-    parking_deadline_ms: int = Field(1500, gt=0, description="Deadline of a parking event.")
-    # surprises: no precursor at all
-    surprise_rate_per_h: float = Field(13.0, ge=0, description="Poisson rate per hour of driving (moving).")
-    surprise_duration_s: tuple[float, float] = Field((2.0, 6.0), description="Range of a surprise's length.")
-    surprise_deadline_ms: int = Field(1500, gt=0, description="Deadline of a surprise event.")
-    # precursors: honest but noisy
-    precursor_lead_s: tuple[float, float] = Field(
-        (3.0, 15.0), description="Range of a precursor's lead time before its event."
-    )
-    precursor_missing_probability: float = Field(0.1, ge=0, le=1, description="Chance an event has no precursor.")
-    false_precursor_rate_per_h: float = Field(6.0, ge=0, description="Precursors with no event, per hour per kind.")
-    false_precursor_duration_s: tuple[float, float] = Field(
-        (5.0, 20.0), description="Range of a false precursor's length."
-    )
-    # slow traces
-    battery_nominal_v: float = Field(13.8, gt=0, description="Charging-system voltage while driving.")
-    accel_temp_c: tuple[float, float] = Field((40.0, 60.0), description="Range of the accelerator temperature walk.")
-
-
-NAMED_MODELS: dict[str, EventModel] = {
-    "default": EventModel(),
-    "surprise_heavy": EventModel(surprise_rate_per_h=60.0),
-    "no_precursors": EventModel(precursor_missing_probability=1.0, false_precursor_rate_per_h=0.0),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +77,6 @@ class Scenario:
                 break
             gear = g
         return gear
-
-
-def named_scenario(name: str) -> EventModel:
-    try:
-        return NAMED_MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown scenario {name!r}; known: {', '.join(NAMED_MODELS)}") from None
 
 
 def build_scenario(cycle: DriveCycle, seed: int, model: EventModel | None = None, name: str = "default") -> Scenario:

@@ -1,9 +1,12 @@
-"""PNG of one evaluation: speed, events by kind, accelerator state and power per policy."""
+"""PNG of one evaluation: speed, events by kind, accelerator state and power per policy; with
+the evaluation's JSON also the Pareto plane (accelerator energy vs readiness) of the
+configured policy, the contract baselines and the causal ones (timeout sweep, warm_idle)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -30,10 +33,20 @@ _LEVEL = {
 }
 
 
-def plot(runs: Sequence[PolicyRun], scenario: Scenario, path: str | Path) -> Path:
-    """Draw the scenario and each policy's accelerator timeline to `path` (PNG)."""
+def plot(
+    runs: Sequence[PolicyRun], scenario: Scenario, path: str | Path, result: Mapping[str, Any] | None = None
+) -> Path:
+    """Draw the scenario and each policy's accelerator timeline to `path` (PNG); with `result`
+    (the evaluation JSON) the Pareto plane beside it."""
     out = Path(path)
-    fig, axes = plt.subplots(3, 1, figsize=(14, 8), sharex=True, height_ratios=[2, 2, 2])
+    if result is not None and result.get("causal_baselines"):
+        fig = plt.figure(figsize=(20, 8))
+        grid = fig.add_gridspec(3, 2, width_ratios=[3, 1])
+        first = fig.add_subplot(grid[0, 0])
+        axes = [first, fig.add_subplot(grid[1, 0], sharex=first), fig.add_subplot(grid[2, 0], sharex=first)]
+        plane(fig.add_subplot(grid[:, 1]), result)
+    else:
+        fig, axes = plt.subplots(3, 1, figsize=(14, 8), sharex=True, height_ratios=[2, 2, 2])
     t0 = scenario.cycle.times[0]
     ax = axes[0]
     ax.plot([t - t0 for t in scenario.cycle.times], scenario.cycle.speeds, color="black", lw=0.8)
@@ -68,6 +81,35 @@ def plot(runs: Sequence[PolicyRun], scenario: Scenario, path: str | Path) -> Pat
     fig.savefig(out, format="png", dpi=100)
     plt.close(fig)
     return out
+
+
+def plane(ax: Any, result: Mapping[str, Any]) -> None:
+    """Accelerator energy vs readiness: the timeout sweeps as lines (one per rest state), the
+    other policies as labelled points; lower right is better."""
+    rows = [*result["results"], *result.get("causal_baselines", [])]
+    sweeps: dict[str, list[tuple[float, float, str]]] = {}
+    for r in rows:
+        name = r["policy"]
+        if name.startswith("timeout_"):
+            rest = name.rsplit("_", 1)[1]
+            sweeps.setdefault(rest, []).append((r["accelerator_energy_j"], r["readiness"], name.split("_")[1]))
+    for rest, pts in sorted(sweeps.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=0.8, label=f"timeout → {rest}")
+        for e, r, label in pts:
+            ax.annotate(label, (e, r), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    mine = result["results"][0]["policy"]
+    for r in rows:
+        if r["policy"].startswith("timeout_"):
+            continue
+        marker = "*" if r["policy"] == mine else "o"
+        ax.scatter([r["accelerator_energy_j"]], [r["readiness"]], marker=marker, s=120 if marker == "*" else 30,
+                   label=r["policy"], zorder=3)
+    ax.set_xlabel("accelerator energy J")
+    ax.set_ylabel("readiness")
+    dominated = result.get("dominated_by") or []
+    ax.set_title(f"dominated by: {', '.join(dominated) if dominated else 'none'}", fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def _transition_power(run: PolicyRun, a: float, b: float) -> float:

@@ -5,6 +5,8 @@ Sweep file (TOML):
 
     policy = "path/to/base.toml"   # optional; default the shipped demo config
     scenarios = ["udds", "hwfet:surprise_heavy"]
+    events = ["tight", "my_world.toml"]  # optional: shipped names or event files; crossed
+                                         # with every scenario (which then names no variant)
     seeds = [1, 2, 3]
     [grid]                         # keys of the [policy] section, each a list of values
     release_ms = [2000, 4000]
@@ -27,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import PolicyConfig, builtin_example, parse_config
 from .cycles import load_cycle
 from .evaluate import evaluate
-from .events import build_scenario, named_scenario
+from .events import EventModel, build_scenario, named_scenario
+from .events_config import NAMED_MODELS, resolve_events
 
 
 class SweepSpec(BaseModel):
@@ -35,6 +38,11 @@ class SweepSpec(BaseModel):
 
     policy: str | None = Field(None, description="Base config file; default: the shipped demo.")
     scenarios: list[str] = Field(["udds"], description="CYCLE[:VARIANT] names or cycle CSV paths.")
+    events: list[str] = Field(
+        default_factory=list,
+        description="Event models (shipped names or event-file paths, relative to the sweep file) crossed "
+        "with every scenario; empty: each scenario's own variant.",
+    )
     seeds: list[int] = Field([1], description="Seeds to evaluate every point on.")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="[policy] key -> values.")
 
@@ -47,7 +55,33 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ValueError(f"{p}: [grid] keys are not [policy] keys: {', '.join(unknown)}")
     if spec.policy is not None and not Path(spec.policy).is_absolute():
         spec = spec.model_copy(update={"policy": str(p.parent / spec.policy)})
+    events = [e if e in NAMED_MODELS or Path(e).is_absolute() else str(p.parent / e) for e in spec.events]
+    spec = spec.model_copy(update={"events": events})
+    check_events(spec)
     return spec
+
+
+def check_events(spec: SweepSpec) -> None:
+    """With `events`, scenarios name cycles only; every event model must load."""
+    if not spec.events:
+        return
+    with_variant = [s for s in spec.scenarios if ":" in s]
+    if with_variant:
+        raise ValueError(f"scenarios name a variant and `events` is set: {', '.join(with_variant)}")
+    for e in spec.events:
+        resolve_events(e)
+
+
+def worlds(spec: SweepSpec) -> list[tuple[str, str, str, EventModel]]:
+    """(scenario label, cycle, event model name, event model) for every scenario x event model."""
+    if not spec.events:
+        out = []
+        for s in spec.scenarios:
+            cycle, variant = split_scenario(s)
+            out.append((s, cycle, variant, named_scenario(variant)))
+        return out
+    models = [resolve_events(e) for e in spec.events]
+    return [(f"{cycle}:{name}", cycle, name, model) for cycle in spec.scenarios for name, model in models]
 
 
 def split_scenario(name: str) -> tuple[str, str]:
@@ -60,12 +94,22 @@ def points(spec: SweepSpec) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(spec.grid[k] for k in keys))]
 
 
-def run_one(base_text: str, params: dict[str, Any], scenario: str, seed: int) -> dict[str, Any]:
-    """One grid point on one scenario and seed (runs in a worker process)."""
+def run_one(
+    base_text: str,
+    params: dict[str, Any],
+    scenario: str,
+    seed: int,
+    world: tuple[str, str, EventModel] | None = None,
+) -> dict[str, Any]:
+    """One grid point on one scenario and seed (runs in a worker process). `world` is
+    (cycle, event model name, event model); default: parsed from `scenario`."""
     config = parse_config(base_text)
     config = config.model_copy(update={"policy": config.policy.model_copy(update=params)})
-    cycle, variant = split_scenario(scenario)
-    sc = build_scenario(load_cycle(cycle), seed, named_scenario(variant), name=variant)
+    if world is None:
+        cycle, variant = split_scenario(scenario)
+        world = (cycle, variant, named_scenario(variant))
+    cycle, variant, model = world
+    sc = build_scenario(load_cycle(cycle), seed, model, name=variant)
     result = evaluate(config, sc)
     mine = result["results"][0]
     oracle = result["results"][-1]
@@ -78,6 +122,11 @@ def run_one(base_text: str, params: dict[str, Any], scenario: str, seed: int) ->
         "wake_cycles": mine["wake_cycles"],
         "false_wakes": mine["false_wakes"],
         "oracle_energy_j": oracle["accelerator_energy_j"],
+        "timeout_readiness": result["results"][2]["readiness"],
+        "timeout_energy_j": result["results"][2]["accelerator_energy_j"],
+        "dominated_by": " ".join(result.get("dominated_by", [])),
+        "learned_budget_s": result["calibration"]["budget_s"],
+        "readiness_after_adaptation": result["calibration"]["readiness_after_adaptation"],
     }
 
 
@@ -94,6 +143,29 @@ def aggregate(rows: Iterable[dict[str, Any]], keys: list[str]) -> list[dict[str,
                 "accelerator_energy_j": sum(r["accelerator_energy_j"] for r in group) / len(group),
                 "readiness": min(r["readiness"] for r in group),
                 "runs": len(group),
+            }
+        )
+    return out
+
+
+def per_world(rows: Iterable[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """Per grid point and scenario (cycle x event model): mean and worst readiness, mean energy
+    and its ratio to the oracle, runs dominated by a causal baseline."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((*(row[k] for k in keys), row["scenario"]), []).append(row)
+    out = []
+    for key, group in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        n = len(group)
+        out.append(
+            {
+                **dict(zip([*keys, "scenario"], key, strict=True)),
+                "readiness_mean": sum(r["readiness"] for r in group) / n,
+                "readiness_min": min(r["readiness"] for r in group),
+                "accelerator_energy_j": sum(r["accelerator_energy_j"] for r in group) / n,
+                "vs_oracle": sum(r["accelerator_energy_j"] / max(r["oracle_energy_j"], 1e-9) for r in group) / n,
+                "dominated_runs": sum(1 for r in group if r.get("dominated_by")),
+                "runs": n,
             }
         )
     return out
@@ -122,7 +194,12 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     base = Path(spec.policy).read_text(encoding="utf-8") if spec.policy else builtin_example()
     parse_config(base)  # fail before fanning out
-    jobs = [(base, p, s, seed) for p in points(spec) for s in spec.scenarios for seed in spec.seeds]
+    jobs = [
+        (base, p, label, seed, (cycle, name, model))
+        for p in points(spec)
+        for label, cycle, name, model in worlds(spec)
+        for seed in spec.seeds
+    ]
     rows: list[dict[str, Any]] = []
     if dask_address is not None:
         from dask.distributed import Client

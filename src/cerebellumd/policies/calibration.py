@@ -1,0 +1,104 @@
+"""Self-calibrating readiness: the latency budget for unannounced challenges, learned from the
+policy's own late wakes (in the spirit of cpuidle's TEO governor, which corrects its state
+choice from the idle durations it mispredicted).
+
+Pure: no I/O, no clock. `CerebellumFirst` keeps a `Calibration` in its state and calls
+`tighten` when a wake for an unannounced challenge came late, `relax` at its timer.
+
+- Untightened (`budget_s is None`): the configured `latency_budget_s` bounds the *exit* latency
+  of the resting state, as before calibration existed.
+- Tightened: the budget is what the late wake showed the challenge allowed (its wake latency
+  minus its lateness) less `margin_s`, and it bounds the *worst case* of a challenge that
+  arrives while the accelerator enters the state: the whole entry plus the exit.
+- After `relax_after_s` without a late wake the budget grows by `relax_step_s`, once per
+  `relax_after_s`; when it reaches the configured budget calibration is back to untightened.
+
+The state is a small frozen value: the daemon can export `budget_s` and persist `to_dict()`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationParams:
+    enabled: bool = True
+    margin_s: float = 0.1  # below what a late wake showed the challenge allowed
+    relax_after_s: float = 900.0  # a clean stretch this long relaxes one step
+    relax_step_s: float = 0.1
+    floor_s: float = 0.0  # never learn a budget below this
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """What the policy learned. `budget_s` None: untightened (the configured budget)."""
+
+    budget_s: float | None = None
+    since: float = -math.inf  # time of the last tighten or relax step (monotonic s)
+    late_wakes: int = 0
+    worst_lateness_s: float = 0.0
+    first_late_at: float | None = None  # when the first late wake was recorded (adaptation start)
+
+    def effective(self, configured_s: float) -> tuple[float, bool]:
+        """(latency budget, whether the worst case of a mid-entry challenge counts)."""
+        if self.budget_s is None:
+            return configured_s, False
+        return self.budget_s, True
+
+    def to_dict(self) -> dict[str, Any]:
+        """Persistable form (times are monotonic seconds of the run that learned them; a
+        restored calibration keeps the budget and counts, and restarts its clean stretch)."""
+        return {"budget_s": self.budget_s, "late_wakes": self.late_wakes, "worst_lateness_s": self.worst_lateness_s}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], now: float) -> Calibration:
+        budget = data.get("budget_s")
+        return cls(
+            budget_s=None if budget is None else float(budget),
+            since=now,
+            late_wakes=int(data.get("late_wakes", 0)),
+            worst_lateness_s=float(data.get("worst_lateness_s", 0.0)),
+        )
+
+
+def tighten(
+    cal: Calibration, now: float, allowed_s: float, lateness_s: float, p: CalibrationParams, count: bool = True
+) -> Calibration:
+    """A wake for an unannounced challenge came `lateness_s` late; the challenge allowed
+    `allowed_s` from its onset. Idempotent for the same evidence (`count`: a new late wake)."""
+    if not p.enabled:
+        return cal
+    learned = max(p.floor_s, allowed_s - p.margin_s)
+    budget = learned if cal.budget_s is None else min(cal.budget_s, learned)
+    return Calibration(
+        budget_s=budget,
+        since=now,
+        late_wakes=cal.late_wakes + (1 if count else 0),
+        worst_lateness_s=max(cal.worst_lateness_s, lateness_s),
+        first_late_at=cal.first_late_at if cal.first_late_at is not None else now,
+    )
+
+
+def relax(cal: Calibration, now: float, configured_s: float, p: CalibrationParams) -> Calibration:
+    """One relax step per clean `relax_after_s` (call at any time; it applies the steps due)."""
+    if cal.budget_s is None:
+        return cal
+    if not math.isfinite(cal.since):  # a budget given without a time: its clean stretch starts now
+        return replace(cal, since=now)
+    if now - cal.since < p.relax_after_s - 1e-9:
+        return cal
+    steps = math.floor((now - cal.since) / p.relax_after_s + 1e-9)
+    budget = cal.budget_s + steps * p.relax_step_s
+    since = cal.since + steps * p.relax_after_s
+    if budget >= configured_s - 1e-9:
+        return replace(cal, budget_s=None, since=since)
+    return replace(cal, budget_s=budget, since=since)
+
+
+def next_relax(cal: Calibration, p: CalibrationParams) -> float | None:
+    if cal.budget_s is None or not p.enabled or not math.isfinite(cal.since):
+        return None
+    return cal.since + p.relax_after_s

@@ -1,0 +1,138 @@
+"""Self-calibrating readiness: late wakes tighten the budget for unannounced challenges, the
+mid-entry worst case counts once tightened, a clean stretch relaxes it, and it persists."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cerebellumd.config import builtin_example, parse_config
+from cerebellumd.policies.calibration import Calibration, CalibrationParams, next_relax, relax, tighten
+from cerebellumd.policies.cerebellum import CerebellumFirst, PolicyState
+from cerebellumd.policies.model import AccelState
+from cerebellumd.policies.types import Inputs
+from cerebellumd.sim.cycles import load_cycle
+from cerebellumd.sim.evaluate import evaluate, run_evaluation
+from cerebellumd.sim.events import EventModel, build_scenario
+
+from .policy_helpers import model, params, samples
+
+P = CalibrationParams()
+
+
+def test_tighten_learns_what_the_challenge_allowed_less_a_margin() -> None:
+    cal = tighten(Calibration(), 10.0, allowed_s=0.8, lateness_s=0.3, p=P)
+    assert cal.budget_s == pytest.approx(0.7) and cal.late_wakes == 1 and cal.first_late_at == 10.0
+    assert cal.effective(1.5) == (pytest.approx(0.7), True)
+    looser = tighten(cal, 20.0, allowed_s=1.2, lateness_s=0.1, p=P, count=False)
+    assert looser.budget_s == pytest.approx(0.7) and looser.late_wakes == 1 and looser.first_late_at == 10.0
+    assert Calibration().effective(1.5) == (1.5, False)
+    assert tighten(Calibration(), 1.0, 0.8, 0.3, CalibrationParams(enabled=False)) == Calibration()
+
+
+def test_relax_steps_after_clean_stretches_back_to_untightened() -> None:
+    cal = tighten(Calibration(), 0.0, allowed_s=1.3, lateness_s=0.5, p=P)  # budget 1.2
+    assert relax(cal, 899.0, 1.5, P) == cal
+    assert next_relax(cal, P) == 900.0
+    one = relax(cal, 900.0, 1.5, P)
+    assert one.budget_s == pytest.approx(1.3) and one.since == 900.0
+    assert relax(cal, 2 * 900.0 + 5, 1.5, P).budget_s == pytest.approx(1.4)
+    back = relax(cal, 3 * 900.0, 1.5, P)
+    assert back.budget_s is None and back.late_wakes == 1  # the history stays
+    assert next_relax(back, P) is None
+
+
+def test_persisted_form_round_trips() -> None:
+    cal = tighten(Calibration(), 5.0, 0.8, 0.25, P)
+    restored = Calibration.from_dict(cal.to_dict(), now=100.0)
+    assert restored.budget_s == cal.budget_s and restored.late_wakes == 1 and restored.since == 100.0
+    core = CerebellumFirst(params(), model())
+    assert core.unannounced_budget_s(core.initial_state(0.0, calibration=restored)) == pytest.approx(0.7)
+    assert core.unannounced_budget_s(core.initial_state(0.0)) == 1.5
+
+
+def _step(core: CerebellumFirst, state: PolicyState, t: float, actual: AccelState, **kw: object) -> PolicyState:
+    reports = kw.pop("late_reports", ())
+    inputs = Inputs(samples=samples(t, **kw), actual=actual, late_reports=reports)  # type: ignore[arg-type]
+    return core.step(state, inputs, t)[0]
+
+
+def test_a_late_unannounced_wake_tightens_and_then_sleep_is_not_chosen() -> None:
+    core = CerebellumFirst(params(release_s=1.0), model())
+    state = core.initial_state(0.0, AccelState.IDLE)
+    for t in (0.0, 100.0):  # a long quiet spell: sleep pays off
+        state = _step(core, state, t, AccelState.IDLE)
+    state = _step(core, state, 200.0, AccelState.SLEEP)
+    assert state.target is AccelState.SLEEP
+    state = _step(core, state, 210.0, AccelState.SLEEP, crit=1.0)  # a surprise: wake (deadline 1.5 s)
+    assert state.target is AccelState.ACTIVE and state.wake_onset == 210.0 and state.wake_unannounced
+    state = _step(core, state, 212.0, AccelState.ACTIVE, crit=1.0)  # active 2.0 s after: 0.5 s late
+    assert state.calibration.budget_s == pytest.approx(1.4) and state.calibration.late_wakes == 1
+    assert state.last_wake_latency_s == pytest.approx(2.0)
+    # The same wake reported late by its consumer (real deadline 0.8 s): 1.2 s late.
+    state = _step(core, state, 212.01, AccelState.ACTIVE, crit=1.0, late_reports=(1.2,))
+    assert state.calibration.budget_s == pytest.approx(0.7) and state.calibration.late_wakes == 1
+    state = _step(core, state, 215.0, AccelState.ACTIVE)
+    state = _step(core, state, 400.0, AccelState.IDLE)
+    # Sleep's exit (1.0 s) alone fits neither 0.7 s nor its entry + exit (2.5 s): idle.
+    assert state.target is AccelState.IDLE and state.reason == "rest:idle"
+    assert core.unannounced_budget_s(state) == pytest.approx(0.7)
+    assert core.next_timer(state, 400.0) is not None
+
+
+def test_mid_entry_worst_case_counts_once_tightened() -> None:
+    core = CerebellumFirst(params(), model())
+    # 1.4 s: sleep's exit (1.0 s) fits, its entry + exit (2.5 s) does not.
+    assert core._deepest_unannounced(1000.0, 1.4, whole_entry=False) is AccelState.SLEEP
+    assert core._deepest_unannounced(1000.0, 1.4, whole_entry=True) is AccelState.IDLE
+    assert core._deepest_unannounced(1000.0, 2.6, whole_entry=True) is AccelState.SLEEP
+
+
+def test_anticipated_wakes_teach_nothing() -> None:
+    core = CerebellumFirst(params(), model())
+    state = core.initial_state(0.0, AccelState.IDLE)
+    state = _step(core, state, 0.0, AccelState.IDLE, ant=1.0)
+    assert state.reason.startswith("anticipate")
+    state = _step(core, state, 1.0, AccelState.IDLE, ant=1.0, crit=1.0)
+    assert not state.wake_unannounced
+    state = _step(core, state, 5.0, AccelState.ACTIVE, ant=1.0, crit=1.0, late_reports=(2.0,))
+    assert state.calibration == Calibration()
+
+
+@pytest.fixture(scope="module")
+def config():  # type: ignore[no-untyped-def]
+    return parse_config(builtin_example())
+
+
+def test_tight_world_is_learned_and_served_after_adaptation(config) -> None:  # type: ignore[no-untyped-def]
+    tight = EventModel(surprise_rate_per_h=30.0, surprise_deadline_ms=800)
+    result = evaluate(config, build_scenario(load_cycle("udds"), 101, tight, name="tight"), causal_baselines=False)
+    cal = result["calibration"]
+    assert cal["learned"] and cal["budget_s"] < 1.0  # below sleep's exit: idle while unannounced
+    assert cal["late_reports"] >= 1 and cal["adapted_at_s"] is not None
+    assert cal["events_after_adaptation"] > 10 and cal["readiness_after_adaptation"] == 1.0
+    # A restored calibration (as the daemon persists it) serves the drive from the start.
+    learned = Calibration(budget_s=cal["budget_s"])
+    warm = run_evaluation(
+        config, build_scenario(load_cycle("udds"), 102, tight, name="tight"), causal_baselines=False,
+        calibration=learned,
+    ).result
+    assert warm["results"][0]["readiness"] == 1.0
+
+
+def test_default_world_without_late_wakes_learns_nothing(config) -> None:  # type: ignore[no-untyped-def]
+    result = evaluate(config, build_scenario(load_cycle("hwfet"), 101), causal_baselines=False)
+    assert result["calibration"]["late_wakes"] == 0 and not result["calibration"]["learned"]
+    assert result["calibration"]["adapted_at_s"] is None
+    assert math.isclose(result["calibration"]["budget_s"], 1.5)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_event_driven_equals_plain_loop_with_late_reports(config, seed: int) -> None:  # type: ignore[no-untyped-def]
+    from .test_evaluate import _short_cycle
+
+    model_ = EventModel(surprise_rate_per_h=240.0, surprise_deadline_ms=300, false_precursor_rate_per_h=60.0)
+    scenario = build_scenario(_short_cycle(), seed, model_)
+    fast = evaluate(config, scenario, causal_baselines=False)
+    assert fast == evaluate(config, scenario, event_driven=False, causal_baselines=False)
