@@ -8,7 +8,8 @@ Start order (stop is its reverse):
  3. file checks, persistence (restores the totals), leases, NM (taps its bus before it opens);
  4. one CAN ingest per bus; SOME/IP endpoints; the MCU link; power readers; the rail map; the
     vehicle power state and battery budget (built before NM, which takes its fused ignition);
- 5. the wake watchdog (lifecycle); MQTT (told the parts that add to its state);
+ 5. the wake watchdog (lifecycle); the policy's calibration (exported, persisted); MQTT (told the
+    parts that add to its state);
  6. the tickers.
 
 Each part gets its config section, the peers it needs as arguments, and the daemon only through
@@ -38,6 +39,7 @@ from ..config.reload import ReloadPlan, plan_reload
 from ..drivers.accel_mcu import McuAccelerator
 from ..drivers.dbc import load_dbc
 from ..drivers.mcu_link import McuLink
+from .calibration import CalibrationPart
 from .core import DaemonCore, PolicyCore
 from .host import Part, StateExtra
 from .ingest import CanIngest
@@ -124,13 +126,14 @@ class Assembly:
         self.lifecycle: Lifecycle | None = None
         self.mqtt: MqttBridge | None = None
         self.vehicle_power: VehiclePower | None = None
+        self.calibration: CalibrationPart | None = None
         self.scrape_timer = ScrapeTimer(daemon.metrics.registry)
 
     @property
     def parts(self) -> tuple[object, ...]:
         ordered: list[object | None] = [
             self.file_check, self.persistence, self.leases, self.nm, *self.ingests.values(), *self.someip,
-            self.mcu, self.power_readers, self.rails, self.vehicle_power, self.lifecycle, self.mqtt]
+            self.mcu, self.power_readers, self.rails, self.vehicle_power, self.lifecycle, self.calibration, self.mqtt]
         return tuple(p for p in ordered if p is not None)
 
     # -- building (nothing runs or registers until started) ------------------------------------
@@ -170,7 +173,8 @@ class Assembly:
         if not config.mqtt.enabled:
             return None
         d = self.daemon
-        extras: list[StateExtra] = [p for p in (self.lifecycle, self.leases, self.nm, self.vehicle_power)
+        extras: list[StateExtra] = [p for p in (self.lifecycle, self.leases, self.nm, self.vehicle_power,
+                                                self.calibration)
                                     if p is not None]
         return MqttBridge(config.mqtt, node=config.daemon.node, domains=[dm.name for dm in config.power.domains],
                           host=d, commands=d.commands, clock=d.clock, metrics=d.metrics, extras=extras)
@@ -254,6 +258,8 @@ class Assembly:
             self.lifecycle = Lifecycle(cfg.accelerator.escalation, actuator=d.actuator, driver=d.driver, host=d,
                                        clock=d.clock, metrics=d.metrics)
             await self._start("wake watchdog", self.lifecycle)
+            self.calibration = CalibrationPart(host=d, clock=d.clock, metrics=d.metrics, persistence=self.persistence)
+            await self._start("calibration", self.calibration)
             self.mqtt = self._build_mqtt(cfg)
             await self._start_role("MQTT", lambda: [self.mqtt])
             undo_tickers = d.start_tickers()

@@ -11,6 +11,7 @@ knows which parts exist.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from ..accel import AcceleratorModel, AccelState
 from ..config import Config, policy_params, rail_fed_domains
 from ..drivers import registry
 from ..drivers.base import AcceleratorDriver
+from ..policies.calibration import Calibration
 from ..policies.cerebellum import CerebellumFirst, PolicyState
 from ..policies.types import DemandClass, Hold, Inputs, PolicyParams, Sample
 from ..profiles import load_profile
@@ -207,7 +209,7 @@ class DaemonCore:
         self.commands.reconfigure(operators=frozenset(config.mqtt.operators),
                                   rate_per_minute=config.mqtt.command_rate_per_minute)
         if self._state is not None:
-            self._state = self.policy.initial_state(now, self._state.target)
+            self._state = self.policy.initial_state(now, self._state.target, self._state.calibration)
         if self._tickers and (old.daemon.tick_ms, old.daemon.telemetry_interval_ms) != (
                 config.daemon.tick_ms, config.daemon.telemetry_interval_ms):
             self.stop_tickers()
@@ -304,6 +306,23 @@ class DaemonCore:
         self.wakes += totals.wakes
         self.sleeps += totals.sleeps
 
+    # -- host interface: the policy's calibration ------------------------------------------------
+
+    def calibration(self) -> Calibration | None:
+        """What the policy learned about late wakes (None before the policy began)."""
+        return self._state.calibration if self._state is not None else None
+
+    def restore_calibration(self, calibration: Calibration) -> None:
+        """A calibration persisted by an earlier run, applied to the running policy state."""
+        if self._state is not None:
+            self._state = dataclasses.replace(self._state, calibration=calibration)
+
+    def unannounced_budget_s(self) -> float:
+        """The latency budget for unannounced challenges in force (learned or configured)."""
+        if self._state is None:
+            return self.params.latency_budget_s
+        return self.policy.unannounced_budget_s(self._state)
+
     # -- host interface: the bus (network management) -------------------------------------------
 
     def pause(self) -> None:
@@ -329,7 +348,7 @@ class DaemonCore:
         self.ledger.integrate(now)
         if reset and self._state is not None:
             self.samples.clear()
-            self._state = self.policy.initial_state(now, self._state.target)
+            self._state = self.policy.initial_state(now, self._state.target, self._state.calibration)
         self.start_tickers()
         log.info("daemon resumed")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..accel import AccelState
+from ..policies.calibration import Calibration
 from ..policies.types import Hold, Sample
 
 #: Undoes one registration; calling it twice is harmless.
@@ -158,6 +159,14 @@ class VehicleHost(Protocol):
     def latency_budget_s(self) -> float: ...
 
 
+class CalibrationHost(Protocol):
+    """The policy's self-calibrating readiness, as its exporter and persistence see it."""
+
+    def calibration(self) -> Calibration | None: ...
+    def restore_calibration(self, calibration: Calibration) -> None: ...
+    def unannounced_budget_s(self) -> float: ...
+
+
 class StateExtra(Protocol):
     """A part that adds a section to MQTT `state` (watchdog, leases, NM)."""
 
@@ -173,7 +182,7 @@ class Part(Protocol):
 
 
 __all__ = [
-    "AcceleratorHost", "BusHost", "CoreTotals", "EnergyHost", "Events", "HoldSource", "HoldsHost", "Hooks", "Inputs",
-    "Part", "PowerSource", "SampleSink", "Snapshot", "StateExtra", "TotalsHost", "Undo",
+    "AcceleratorHost", "BusHost", "CalibrationHost", "CoreTotals", "EnergyHost", "Events", "HoldSource",
+    "HoldsHost", "Hooks", "Inputs", "Part", "PowerSource", "SampleSink", "Snapshot", "StateExtra", "TotalsHost", "Undo",
     "VehicleHost",
 ]

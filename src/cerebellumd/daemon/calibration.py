@@ -1,0 +1,99 @@
+"""The policy's self-calibrating readiness (policies/calibration.py) in the daemon: the learned
+latency budget for unannounced challenges is exported (`cerebellumd_unannounced_budget_seconds`,
+`cerebellumd_late_wakes`), shown in MQTT `state` under `calibration`, and persisted in the state
+file's `calibration` section so that a restart does not forget what late wakes taught.
+
+A saved calibration that does not read back (not an object, a budget that is no finite
+non-negative number) is ignored and counted (`cerebellumd_state_file_errors_total{kind="corrupt"}`
+through persistence's own counter); the policy then starts from its configured budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Protocol
+
+from ..policies.calibration import Calibration
+from .clock import Clock
+from .host import CalibrationHost, Events, Undo
+from .metrics import Metrics
+from .persist import CORRUPT, MISSING, Persistence
+
+log = logging.getLogger(__name__)
+SECTION = "calibration"
+
+
+class CalibrationPartHost(CalibrationHost, Events, Protocol):
+    """The calibration accessors and the telemetry tick."""
+
+
+class CalibrationPart:
+    def __init__(self, *, host: CalibrationPartHost, clock: Clock, metrics: Metrics,
+                 persistence: Persistence | None = None) -> None:
+        self._host = host
+        self._clock = clock
+        self._persistence = persistence
+        self._undo: list[Undo] = []
+        self.restored = False
+        self.m_budget = metrics.gauge(
+            "cerebellumd_unannounced_budget_seconds",
+            "Latency budget in force for unannounced challenges (learned from late wakes, or configured).")
+        self.m_late = metrics.gauge("cerebellumd_late_wakes", "Wakes that came after their challenge's deadline.")
+        self.m_errors = metrics.counter(
+            "cerebellumd_state_file_errors", "State file problems by kind (corrupt, schema, unreadable, write).",
+            ["kind"])
+
+    async def async_start(self) -> None:
+        if self._persistence is not None:
+            self._restore(self._persistence.restored_section(SECTION))
+            self._undo.append(self._persistence.add_section(SECTION, self._dump))
+        self._undo.append(self._host.on_telemetry(self._on_telemetry))
+        self._on_telemetry(self._clock.now())
+
+    async def async_stop(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def _restore(self, raw: Any) -> None:
+        if raw is MISSING:
+            return
+        calibration = _parse(raw, self._clock.now()) if raw is not CORRUPT else None
+        if calibration is None:
+            self.m_errors.labels("corrupt").inc()
+            log.error("state file: the saved calibration does not read back (%r); starting from the configured "
+                      "latency budget", raw)
+            return
+        self._host.restore_calibration(calibration)
+        self.restored = True
+        log.info("calibration restored: unannounced budget %s, %d late wakes so far",
+                 "configured" if calibration.budget_s is None else f"{calibration.budget_s:.3f} s",
+                 calibration.late_wakes)
+
+    def _dump(self) -> dict[str, Any] | None:
+        calibration = self._host.calibration()
+        return calibration.to_dict() if calibration is not None else None
+
+    def _on_telemetry(self, _now: float) -> None:
+        self.m_budget.set(self._host.unannounced_budget_s())
+        calibration = self._host.calibration()
+        self.m_late.set(calibration.late_wakes if calibration is not None else 0)
+
+    def state_extra(self) -> dict[str, Any]:
+        calibration = self._host.calibration()
+        learned = calibration.to_dict() if calibration is not None else {}
+        return {"calibration": {"unannounced_budget_s": round(self._host.unannounced_budget_s(), 3), **learned}}
+
+
+def _parse(raw: Any, now: float) -> Calibration | None:
+    if not isinstance(raw, dict):
+        return None
+    budget = raw.get("budget_s")
+    late = raw.get("late_wakes", 0)
+    worst = raw.get("worst_lateness_s", 0.0)
+    numbers = [v for v in (budget, worst) if v is not None]
+    if any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 for v in numbers):
+        return None
+    if isinstance(late, bool) or not isinstance(late, int) or late < 0:
+        return None
+    return Calibration.from_dict(raw, now)

@@ -1,0 +1,94 @@
+"""The policy's self-calibration in the daemon: a wake that comes after its demand's deadline
+tightens the budget for unannounced challenges; the budget is exported, shown in the MQTT state
+document, persisted in the state file and restored at the next start; a corrupt saved one is
+counted and ignored."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from cerebellumd.accel import AccelState
+from cerebellumd.config import parse_config
+from cerebellumd.daemon.calibration import CalibrationPart
+from cerebellumd.daemon.clock import Clock
+from cerebellumd.daemon.mqtt import state_payload
+from cerebellumd.daemon.runtime import Daemon
+from cerebellumd.drivers.accel_simulated import SimulatedAccelerator
+from cerebellumd.profiles import load_profile
+from tests.test_faults import DEMO_TEXT, Rig, _channels
+
+from .helpers import until
+
+CONFIGURED_S = 1.5  # the demo's latency_budget_ms
+
+
+async def start(tmp_path: Path, state_file: Path) -> Rig:
+    channel = f"test-calibration-{next(_channels)}"
+    text = DEMO_TEXT.replace('channel = "cerebellumd-demo"', f'channel = "{channel}"')
+    text = text.replace('initial_state = "idle"', 'initial_state = "sleep"')
+    text = text.replace('[daemon]\n', f'[daemon]\nstate_file = "{state_file}"\n', 1)
+    text = text.replace("[prometheus]\n", "[prometheus]\nenabled = false\n", 1)
+    # The collision demand must be served within 300 ms; from sleep the accelerator needs 1 s.
+    old = 'when = "collision_risk == 1"\nclass = "critical"\ndeadline_ms = 1500\n'
+    assert old in text
+    text = text.replace(old, old.replace("1500", "300"))
+    config = await asyncio.to_thread(parse_config, text)
+    model = await asyncio.to_thread(load_profile, "orin_nano")
+    driver = SimulatedAccelerator(model, initial=AccelState.SLEEP, time_scale=1.0)
+    daemon = await Daemon.async_create(config, clock=Clock(), driver=driver, model=model)
+    rig = Rig(daemon, driver, channel)
+    rig.start_vehicle()
+    await daemon.async_start()
+    return rig
+
+
+def part(daemon: Daemon) -> CalibrationPart:
+    return next(p for p in daemon.parts if isinstance(p, CalibrationPart))
+
+
+async def test_a_late_wake_tightens_exports_persists_and_is_restored(tmp_path: Path) -> None:
+    state_file = tmp_path / "state.json"
+    rig = await start(tmp_path, state_file)
+    try:
+        await until(lambda: rig.metric("cerebellumd_unannounced_budget_seconds") == CONFIGURED_S, 5,
+                    "the configured budget exported")
+        await until(lambda: rig.daemon.actuator.state is AccelState.SLEEP, 10, "the accelerator asleep")
+        rig.values["AdasStatus"]["CollisionRisk"] = 1  # unannounced: nothing anticipated it
+        await until(lambda: rig.daemon.actuator.state is AccelState.ACTIVE, 10, "the wake")
+        await until(lambda: rig.metric("cerebellumd_late_wakes") == 1, 5, "the late wake counted")
+        learned = rig.metric("cerebellumd_unannounced_budget_seconds")
+        assert learned < 1.0  # below sleep's 1 s exit: unannounced challenges now need idle
+        body = json.loads(state_payload(rig.daemon.snapshot(), part(rig.daemon).state_extra()))
+        assert body["calibration"]["unannounced_budget_s"] == round(learned, 3)
+        assert body["calibration"]["late_wakes"] == 1
+    finally:
+        await rig.close()
+    saved = json.loads(await asyncio.to_thread(state_file.read_text))
+    assert saved["sections"]["calibration"]["budget_s"] == learned
+
+    again = await start(tmp_path, state_file)  # a restart: what was learned is kept
+    try:
+        assert part(again.daemon).restored
+        await until(lambda: again.metric("cerebellumd_unannounced_budget_seconds") == learned, 5,
+                    "the restored budget exported before any wake")
+    finally:
+        await again.close()
+
+
+async def test_a_corrupt_saved_calibration_is_counted_and_ignored(tmp_path: Path) -> None:
+    state_file = tmp_path / "state.json"
+    rig = await start(tmp_path, state_file)
+    await rig.close()
+    body = json.loads(await asyncio.to_thread(state_file.read_text))
+    body["sections"]["calibration"] = {"budget_s": -3, "late_wakes": "many"}
+    await asyncio.to_thread(state_file.write_text, json.dumps(body))
+    again = await start(tmp_path, state_file)
+    try:
+        assert not part(again.daemon).restored
+        assert again.metric("cerebellumd_state_file_errors_total", kind="corrupt") == 1
+        await until(lambda: again.metric("cerebellumd_unannounced_budget_seconds") == CONFIGURED_S, 5,
+                    "the configured budget")
+    finally:
+        await again.close()
