@@ -77,7 +77,7 @@ def operator(daemon: Daemon, command: str, cid: str) -> None:
 async def test_an_awake_lease_keeps_the_accelerator_active_and_shows_everywhere(daemon: Daemon) -> None:
     path = daemon.config.leases.path
     app = await App.connect(path)
-    reply = await app.ask(op="acquire", app="lane_assist", reason="highway", ttl_s=60)
+    reply = await app.ask(op="acquire", max_duration_s=600, app="lane_assist", reason="highway", ttl_s=60)
     assert reply["ok"]
     await until(lambda: daemon.actuator.state is AccelState.ACTIVE)
     snap = daemon.snapshot()
@@ -95,13 +95,13 @@ async def test_an_awake_lease_keeps_the_accelerator_active_and_shows_everywhere(
 async def test_operator_override_defers_normal_leases_but_not_safety_ones(daemon: Daemon) -> None:
     path = daemon.config.leases.path
     normal = await App.connect(path)
-    assert (await normal.ask(op="acquire", app="infotainment", ttl_s=60))["ok"]
+    assert (await normal.ask(op="acquire", max_duration_s=600, app="infotainment", ttl_s=60))["ok"]
     await until(lambda: daemon.actuator.goal is AccelState.ACTIVE)
     operator(daemon, "sleep", "s1")  # the operator wants it resting: the normal lease waits
     await until(lambda: daemon.actuator.goal is not AccelState.ACTIVE)
     assert (await normal.ask(op="status"))["override_grace_s"] > 0
     safety = await App.connect(path)
-    assert (await safety.ask(op="acquire", app="pedestrian", priority="safety", ttl_s=60))["ok"]
+    assert (await safety.ask(op="acquire", max_duration_s=600, app="pedestrian", priority="safety", ttl_s=60))["ok"]
     await until(lambda: daemon.actuator.goal is AccelState.ACTIVE)
     assert daemon.snapshot().reason == "hold:app:pedestrian"
     overrides = daemon.metrics.registry.get_sample_value("cerebellumd_lease_overrides_total")
@@ -119,7 +119,7 @@ def remote(daemon: Daemon, command: str, cid: str, priority: str, owner: str = "
 async def test_a_remote_tools_hold_takes_part_in_the_lease_priority_rule(daemon: Daemon) -> None:
     path = daemon.config.leases.path
     app = await App.connect(path)
-    assert (await app.ask(op="acquire", app="infotainment", ttl_s=60, priority="normal"))["ok"]
+    assert (await app.ask(op="acquire", max_duration_s=600, app="infotainment", ttl_s=60, priority="normal"))["ok"]
     await until(lambda: daemon.actuator.goal is AccelState.ACTIVE)
     # power_saver sleep < normal awake lease: the lease keeps it awake.
     remote(daemon, "sleep", "p1", "power_saver")

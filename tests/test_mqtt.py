@@ -644,7 +644,7 @@ async def test_state_carries_watchdog_and_leases(broker: Broker, password_file: 
     try:
         await asyncio.wait_for(bridge_of(daemon).connected.wait(), DEADLINE_S)
         reader, writer = await asyncio.open_unix_connection(str(sock))
-        writer.write(b'{"op":"acquire","app":"lane_keeper","ttl_s":30,"priority":"safety"}\n')
+        writer.write(b'{"op":"acquire","app":"lane_keeper","ttl_s":30,"priority":"safety","max_duration_s":60}\n')
         await writer.drain()
         reply = json.loads(await reader.readline())
         assert reply.get("ok") is True, reply
