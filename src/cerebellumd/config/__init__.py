@@ -187,6 +187,10 @@ class McuConfig(McuLinkOptions):
         None, gt=0,
         description="wake_request falls back to 0 this long after the last WAKE_REQUEST "
                     "(default: it stays 1 until a SLEEP_REQUEST).")
+    power_down_after_s: int = Field(
+        30, ge=0, le=65535,
+        description="POWER_DOWN_ALLOWED: the MCU cuts the gateway's supply this long after its ACK "
+                    "(time for the OS to shut down).")
 
     def link_options(self) -> McuLinkOptions:
         return McuLinkOptions.model_validate(self.model_dump(include=set(McuLinkOptions.model_fields)))
@@ -216,6 +220,18 @@ LeasePriorityName = Literal["safety", "normal", "power_saver"]
 LeaseModeName = Literal["awake", "sleep"]
 
 
+def _unprivileged_priorities() -> list[LeasePriorityName]:
+    return ["normal", "power_saver"]
+
+
+def _all_modes() -> list[LeaseModeName]:
+    return ["awake", "sleep"]
+
+
+def _awake_only() -> list[LeaseModeName]:
+    return ["awake"]
+
+
 class LeaseRuleConfig(Section):
     """One `[[leases.rules]]` entry: which peers (by the uid/gid the kernel reports for the socket,
     SO_PEERCRED) may claim what. The first rule that matches a peer decides; a rule naming neither
@@ -226,9 +242,9 @@ class LeaseRuleConfig(Section):
     gid: int | None = Field(None, ge=0, description="Peer group id (the peer's own gid as SO_PEERCRED reports it).")
     group: str | None = Field(None, min_length=1, description="Peer group name (resolved to a gid at start).")
     priorities: list[LeasePriorityName] = Field(
-        default_factory=lambda: ["normal", "power_saver"], description="Lease priorities the peer may claim.")
+        default_factory=_unprivileged_priorities, description="Lease priorities the peer may claim.")
     modes: list[LeaseModeName] = Field(
-        default_factory=lambda: ["awake", "sleep"], description="Lease modes the peer may claim.")
+        default_factory=_all_modes, description="Lease modes the peer may claim.")
     max_duration_s: float | None = Field(
         None, gt=0, description="Longest hard cap (max_duration_s) the peer may ask for (default: [leases] "
                                 "max_duration_s).")
@@ -260,7 +276,7 @@ class LeaseConfig(Section):
     override_grace_s: float = Field(
         30.0, ge=0, description="After a manual operator command, non-safety leases wait this long.")
     cap_required_modes: list[LeaseModeName] = Field(
-        default_factory=lambda: ["awake"],
+        default_factory=_awake_only,
         description="Lease modes that must carry a hard cap (max_duration_s); one without is refused "
                     "(error no_cap). Awake leases keep the accelerator, and the car, awake.")
     max_duration_s: float = Field(
