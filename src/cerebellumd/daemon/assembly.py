@@ -238,7 +238,8 @@ class Assembly:
             if cfg.leases.enabled:
                 self.leases = LeaseService(cfg.leases, host=d, clock=d.clock, metrics=d.metrics,
                                            energy_j=self._accelerator_joules(cfg),
-                                           wake_at=self._async_wake_at if cfg.mcu is not None else None)
+                                           wake_at=self._async_wake_at if cfg.mcu is not None else None,
+                                           commands=d.commands)
                 await self._start("leases", self.leases)
             self.ingests = await self._async_build_ingests(cfg)
             if cfg.nm.enabled and cfg.can:

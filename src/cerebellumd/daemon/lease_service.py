@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from ..config import LeaseConfig
 from ..policies.types import Hold
 from .clock import Clock
-from .control import is_lease_priority
+from .control import DEFAULT_TTL_S, Command, CommandProcessor, is_lease_priority
 from .host import Events, HoldsHost, Hooks, Undo
 from .leases import HOLD_PRIORITY, BudgetSource, EndReason, EnergySource, LeasePriority, LeaseServer, WakeAt
 from .metrics import Metrics
@@ -45,10 +45,11 @@ class LeaseHost(Events, HoldsHost, Protocol):
 class LeaseService:
     def __init__(self, config: LeaseConfig, *, host: LeaseHost, clock: Clock, metrics: Metrics,
                  energy_j: EnergySource | None = None, budget_wh: BudgetSource | None = None,
-                 wake_at: WakeAt | None = None) -> None:
+                 wake_at: WakeAt | None = None, commands: CommandProcessor | None = None) -> None:
         self.config = config
         self._host = host
         self._clock = clock
+        self._commands = commands
         self.server = LeaseServer(config, clock=clock.now, energy_j=energy_j, budget_wh=budget_wh, wake_at=wake_at,
                                   wall_seconds=clock.wall_seconds)
         self._listeners: Hooks[Callable[[], None]] = Hooks()  # told on every lease-table change
@@ -75,6 +76,8 @@ class LeaseService:
     async def async_start(self) -> None:
         self._undo += [self._host.add_hold_source(self.holds), self._host.on_telemetry(self._on_telemetry),
                        self._host.on_tick(self.server.enforce)]
+        if self._commands is not None:
+            self._undo.append(self._commands.set_lease_handler(self._on_capped_command))
         await self.server.start()
         self._watch = asyncio.create_task(self._watch_changes(), name="lease-changes")
         log.info("lease socket on %s", self.config.path)
@@ -91,6 +94,22 @@ class LeaseService:
             await self.server.wait_changed()
             for listener in self._listeners:
                 listener()
+
+    def _on_capped_command(self, cmd: Command, now: float) -> str | None:
+        """An MQTT command with a cap becomes a lease named `mqtt:<owner>`; `release` ends them."""
+        app = f"mqtt:{cmd.owner}"[:64]
+        if cmd.command == "release":
+            self.server.release_remote(app)
+            return None
+        request: dict[str, Any] = {
+            "app": app, "reason": cmd.reason, "mode": "sleep" if cmd.command == "sleep" else "awake",
+            "priority": (cmd.priority or LeasePriority.NORMAL).value,
+            "ttl_s": cmd.ttl_s if cmd.ttl_s is not None else DEFAULT_TTL_S[cmd.command],
+            "max_duration_s": cmd.max_duration_s, "max_energy_wh": cmd.max_energy_wh,
+            "min_budget_wh": cmd.min_budget_wh,
+        }
+        reply = self.server.acquire_remote(request, now)
+        return None if reply["ok"] else f"{reply['error']}: {reply['detail']}"
 
     def holds(self, now: float) -> tuple[Hold, ...]:
         """The hold source: lease holds, after noticing operator commands."""

@@ -118,6 +118,8 @@ HOLD_PRIORITY: dict[LeasePriority, int] = {
 }
 
 _MAX_NAME = 64
+#: The "client" of leases that came as MQTT commands (socket clients count from 1).
+REMOTE_CLIENT = 0
 _E = TypeVar("_E", bound=StrEnum)
 _MAX_REASON = 200
 
@@ -497,7 +499,8 @@ class LeaseServer:
             raise RequestError("not_permitted", "the server has no access policy yet")
         return self._access
 
-    def _acquire(self, client: int, request: dict[str, Any], now: float) -> dict[str, Any]:
+    def _acquire(self, client: int, request: dict[str, Any], now: float, *,
+                 check_access: bool = True) -> dict[str, Any]:
         cfg = self.config
         app = _text(request, "app", _MAX_NAME, required=True)
         reason = _text(request, "reason", _MAX_REASON, required=False)
@@ -508,18 +511,21 @@ class LeaseServer:
         energy = _positive(request, "max_energy_wh")
         min_budget = _positive(request, "min_budget_wh", allow_zero=True)
         peer = self._peers.get(client, Peer(None, None, None))
-        try:
-            rule = self._access_policy().check(peer, priority=priority.value, mode=mode.value,
-                                               max_duration_s=duration, max_energy_wh=energy)
-        except AccessError as exc:
-            raise RequestError("not_permitted", str(exc)) from None
+        rule_energy: float | None = None
+        if check_access:
+            try:
+                rule = self._access_policy().check(peer, priority=priority.value, mode=mode.value,
+                                                   max_duration_s=duration, max_energy_wh=energy)
+            except AccessError as exc:
+                raise RequestError("not_permitted", str(exc)) from None
+            rule_energy = rule.max_energy_wh
         if duration is None and mode.value in cfg.cap_required_modes:
             raise RequestError("no_cap", f"a {mode.value} lease needs max_duration_s (a hard cap, at most "
                                          f"{cfg.max_duration_s:g} s): parked-time work must end")
         if duration is not None and duration > cfg.max_duration_s:
             raise RequestError("bad_cap", f"max_duration_s must be in (0, {cfg.max_duration_s:g}]")
         if energy is None and mode is HoldMode.AWAKE:
-            energy = rule.max_energy_wh
+            energy = rule_energy
         if energy is not None and self._energy_j is None:
             raise RequestError("bad_cap", "max_energy_wh: the daemon measures no accelerator energy")
         floor = max(cfg.min_budget_wh, min_budget or 0.0) if mode is HoldMode.AWAKE else 0.0
@@ -577,6 +583,31 @@ class LeaseServer:
         if not math.isfinite(ttl) or ttl <= 0 or ttl > self.config.max_ttl_s:
             raise RequestError("bad_ttl", f"ttl_s must be in (0, {self.config.max_ttl_s}]")
         return ttl
+
+    # -- remote tools (MQTT commands with caps) ----------------------------------------------
+
+    def acquire_remote(self, request: dict[str, Any], now: float) -> dict[str, Any]:
+        """A capped command from a remote tool (MQTT `set`), as a lease of no connection: the same
+        caps, checks and end reasons, no unsolicited lines (the MQTT state and the counters show
+        the end). It replaces that app's previous remote lease of the same mode. Not subject to
+        `rules`: MQTT commands are authorised by `[mqtt] operators` and the broker's ACL.
+        Returns the reply; an error is counted as for a socket request."""
+        self.enforce(now)
+        try:
+            app, mode = request.get("app"), request.get("mode", HoldMode.AWAKE.value)
+            for old in [x for x in self._leases.values()
+                        if x.client == REMOTE_CLIENT and x.app == app and x.mode.value == mode]:
+                self._end(old, EndReason.RELEASED, "replaced by a newer command")
+            return self._acquire(REMOTE_CLIENT, request, now, check_access=False)
+        except RequestError as exc:
+            self.errors[exc.kind] += 1
+            return _error(exc.kind, exc.detail)
+
+    def release_remote(self, app: str) -> int:
+        gone = [x for x in self._leases.values() if x.client == REMOTE_CLIENT and x.app == app]
+        for lease in gone:
+            self._end(lease, EndReason.RELEASED, "released by the remote tool")
+        return len(gone)
 
     # -- next wake --------------------------------------------------------------------------
 
