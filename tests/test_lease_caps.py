@@ -324,3 +324,16 @@ async def test_rules_in_toml_are_validated() -> None:
 async def _until(srv: LeaseServer, predicate: Any) -> None:
     async with asyncio.timeout(WAIT_S):
         await srv.wait_until(predicate)
+
+
+def test_a_capped_command_without_the_lease_part_is_refused() -> None:
+    from cerebellumd.daemon.control import CommandProcessor, HoldStore
+
+    processor = CommandProcessor(HoldStore())
+    result = processor.handle_payload(json.dumps(
+        {"command": "hold", "owner": "tool", "id": "c1", "max_duration_s": 60}), 0.0)
+    assert not result.ok and "need [leases] enabled" in (result.error or "")
+    assert processor.holds.active(0.0) == ()  # and no uncapped hold instead
+    bad = processor.handle_payload(json.dumps(
+        {"command": "hold", "owner": "tool", "id": "c2", "max_energy_wh": -1}), 0.0)
+    assert not bad.ok and "max_energy_wh" in (bad.error or "")
