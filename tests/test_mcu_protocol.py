@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 
 from cerebellumd.drivers.mcu_protocol import (
     MAX_FRAME,
+    MAX_WAKE_IN_S,
     SOF,
     Ack,
     Body,
     FrameParser,
     Heartbeat,
-    MAX_WAKE_IN_S,
     Message,
     Nack,
     NextWake,
