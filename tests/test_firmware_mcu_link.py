@@ -44,6 +44,8 @@ from cerebellumd.drivers.mcu_protocol import (
     MsgType,
     Nack,
     NackCode,
+    NextWake,
+    PowerDownAllowed,
     RailAction,
     RailCommand,
     Readings,
@@ -109,7 +111,8 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Build:
 # -- the vectors in docs/mcu-protocol.md -------------------------------------------------------------
 
 BODY_OF: dict[str, type] = {"HEARTBEAT": Heartbeat, "WAKE_REQUEST": WakeRequest, "SLEEP_REQUEST": SleepRequest,
-                            "READINGS": Readings, "RAIL_COMMAND": RailCommand, "ACK": Ack, "NACK": Nack}
+                            "READINGS": Readings, "RAIL_COMMAND": RailCommand, "POWER_DOWN_ALLOWED": PowerDownAllowed,
+                            "NEXT_WAKE": NextWake, "ACK": Ack, "NACK": Nack}
 
 
 def doc_table(name: str) -> list[list[str]]:
@@ -143,6 +146,8 @@ def make_body(name: str, fields: dict[str, int]) -> Body:
         values["rail_on"] = bool(values["rail_on"])
     if cls is RailCommand:
         values["action"] = RailAction(values["action"])
+    if cls is PowerDownAllowed:
+        values["allow"] = bool(values["allow"])
     return cls(**values)  # type: ignore[no-any-return]
 
 
@@ -257,6 +262,8 @@ def _random_stream(rng: random.Random) -> bytes:
         Readings(rng.getrandbits(16), rng.randint(-32768, 32767), rng.randint(-32768, 32767), rng.getrandbits(16),
                  rng.getrandbits(16), rng.getrandbits(32), rng.random() < 0.5),
         RailCommand(rng.choice(list(RailAction))), Ack(rng.getrandbits(8), rng.getrandbits(8)),
+        PowerDownAllowed(rng.random() < 0.5, rng.getrandbits(16), rng.getrandbits(8)),
+        NextWake(rng.choice([0, rng.randint(0, 2_000_000), rng.getrandbits(32)]), rng.getrandbits(8)),
         Nack(rng.getrandbits(8), rng.getrandbits(8), rng.getrandbits(8)),
     ]
     out = bytearray()
@@ -272,7 +279,8 @@ def _random_stream(rng: random.Random) -> bytes:
             out += frame[: rng.randrange(1, len(frame))]
         elif kind < 0.75:  # good CRC, content we do not understand
             payload = rng.randbytes(rng.randint(0, MAX_PAYLOAD))
-            inner = bytes((1, rng.choice([0x01, 0x04, 0x10, 0x55, 0x7E]), rng.getrandbits(8), len(payload))) + payload
+            inner = bytes((1, rng.choice([0x01, 0x04, 0x10, 0x11, 0x12, 0x55, 0x7E]), rng.getrandbits(8),
+                           len(payload))) + payload
             out += SOF + inner + crc16(inner).to_bytes(2, "big")
         elif kind < 0.85:  # a header claiming a long payload, swallowing what follows
             out += SOF + bytes((rng.choice([1, 1, 2]), 1, 0, rng.randint(0, 255)))
@@ -499,6 +507,77 @@ def test_firmware_speaks_the_protocol_to_the_python_codec(pty_firmware: tuple[Fi
     assert after["garbage_bytes"] - before["garbage_bytes"] == 80
     assert after["frames"] - before["frames"] == 1
     assert gw.parser.counters["garbage_bytes"] == 0 and gw.parser.counters["crc"] == 0
+
+
+def test_firmware_power_down_and_next_wake(pty_firmware: tuple[Firmware, GatewaySide]) -> None:
+    fw, gw = pty_firmware
+    gw.wait(_is(Heartbeat), 5, "HEARTBEAT")
+    fw.command("ignition 0")  # parked: the key would cancel a power-down
+
+    # POWER_DOWN_ALLOWED: ACKed at once; a repeat (same seq, same payload: our ACK was "lost") is
+    # ACKed again and does not restart the delay; the gateway's supply is cut after after_s.
+    t0 = time.monotonic()
+    body = PowerDownAllowed(True, 1, 8)
+    seq = gw.send(body)
+    gw.wait(_is(Ack, acked_seq=seq, acked_type=MsgType.POWER_DOWN_ALLOWED), 5, "ACK of POWER_DOWN_ALLOWED")
+    event = fw.expect(lambda e: e["event"] == "power_down", 5, "power_down")
+    assert (event["allow"], event["after_s"], event["reason"], event["seq"]) == (1, 1, 8, seq)
+    os.write(gw.fd, encode(body, seq))
+    gw.wait(_is(Ack, acked_seq=seq, acked_type=MsgType.POWER_DOWN_ALLOWED), 5, "ACK of the repeat")
+    cut = fw.expect(lambda e: e["event"] == "gateway_power", 5, "the gateway's supply cut")
+    assert (cut["on"], cut["reason"]) == (False, 8)
+    assert 1.0 - 0.002 <= time.monotonic() - t0 < 1.5  # from the first frame, not the repeat
+    stats = fw.stats()
+    assert (stats["power_commands"], stats["command_repeats"], stats["gateway_cuts"]) == (2, 1, 1)
+    assert stats["gateway_on"] is False and stats["unknown_type"] == 0
+
+    # NEXT_WAKE: ACKed; at its time the MCU powers the gateway and asks for a wake (reason timer),
+    # repeated until ACKed like any request.
+    t0 = time.monotonic()
+    seq = gw.send(NextWake(1, 4))
+    gw.wait(_is(Ack, acked_seq=seq, acked_type=MsgType.NEXT_WAKE), 5, "ACK of NEXT_WAKE")
+    event = fw.expect(lambda e: e["event"] == "next_wake", 5, "next_wake")
+    assert (event["wake_in_s"], event["reason"]) == (1, 4)
+    on = fw.expect(lambda e: e["event"] == "gateway_power", 5, "the gateway powered again")
+    assert (on["on"], on["reason"]) == (True, 4) and time.monotonic() - t0 >= 1.0 - 0.002
+    wake = gw.wait(_is(WakeRequest, reason=4), 5, "WAKE_REQUEST reason timer")
+    gw.send(Ack(wake.seq, MsgType.WAKE_REQUEST))
+    fw.expect(lambda e: e["event"] == "request_acked" and e["kind"] == "wake", 5, "request_acked")
+
+    # A cancelled wake and a cancelled power-down change nothing.
+    seq = gw.send(NextWake(1, 4))
+    gw.wait(_is(Ack, acked_seq=seq), 5, "ACK")
+    seq = gw.send(NextWake(0, 0))
+    gw.wait(_is(Ack, acked_seq=seq), 5, "ACK of the cancel")
+    seq = gw.send(PowerDownAllowed(True, 1, 9))
+    gw.wait(_is(Ack, acked_seq=seq), 5, "ACK")
+    seq = gw.send(PowerDownAllowed(False, 0, 0))
+    gw.wait(_is(Ack, acked_seq=seq), 5, "ACK of the revoke")
+    t_cancel = time.monotonic()
+    # Ignition on powers a cut gateway and cancels a pending cut.
+    seq = gw.send(PowerDownAllowed(True, 0, 8))
+    gw.wait(_is(Ack, acked_seq=seq), 5, "ACK")
+    fw.expect(lambda e: e["event"] == "gateway_power" and e["on"] is False, 5, "an immediate cut")
+    seq = gw.send(PowerDownAllowed(True, 1, 8))
+    gw.wait(_is(Ack, acked_seq=seq), 5, "ACK")
+    fw.command("ignition 1")
+    back = fw.expect(lambda e: e["event"] == "gateway_power", 5, "the key powers the gateway")
+    assert (back["on"], back["reason"]) == (True, 1)
+    # Past every delay: nothing else happened (no cut, no timer wake).
+    gw.wait(_is(Heartbeat, status=0x0001), 5, "HEARTBEAT with the key on")
+    while time.monotonic() - t_cancel < 1.3:
+        gw.wait(_is(Heartbeat), 5, "HEARTBEAT")
+    stats = fw.stats()
+    assert (stats["gateway_cuts"], stats["timer_wakes"], stats["gateway_on"]) == (2, 1, True)
+    assert not [e for e in fw.events if e["event"] == "gateway_power"][4:]
+
+    # Good CRC, bad field: NACK BAD_ARGUMENT at once (the gateway need not wait for its timeout).
+    for mtype, payload in ((MsgType.POWER_DOWN_ALLOWED, bytes((2, 0, 30, 8))),
+                           (MsgType.NEXT_WAKE, (2_000_001).to_bytes(4, "big") + b"\x04"),
+                           (MsgType.NEXT_WAKE, b"\x00\x00\x01")):
+        inner = bytes((1, mtype, (gw.seq + 1) & 0xFF, len(payload))) + payload
+        seq = gw.send(Ack(0, 0), raw=SOF + inner + crc16(inner).to_bytes(2, "big"))
+        gw.wait(_is(Nack, acked_seq=seq, acked_type=mtype, code=NackCode.BAD_ARGUMENT), 5, f"NACK of {mtype.name}")
 
 
 # -- against `cerebellumd run` -----------------------------------------------------------------------

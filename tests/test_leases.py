@@ -67,6 +67,7 @@ async def server(sock_dir: Path, clock: Clock) -> AsyncIterator[LeaseServer]:
 class Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.events: list[dict[str, Any]] = []  # unsolicited lines (a lease ended), in order
 
     @classmethod
     async def connect(cls, path: Path) -> Client:
@@ -75,10 +76,27 @@ class Client:
     async def raw(self, line: bytes) -> dict[str, Any]:
         self.writer.write(line)
         await self.writer.drain()
+        return await self.next_reply()
+
+    async def next_line(self) -> dict[str, Any]:
         async with asyncio.timeout(WAIT_S):
-            reply = await self.reader.readline()
-        assert reply, "server closed the connection"
-        return json.loads(reply)
+            line = await self.reader.readline()
+        assert line, "server closed the connection"
+        body: dict[str, Any] = json.loads(line)
+        return body
+
+    async def next_reply(self) -> dict[str, Any]:
+        """The next reply, keeping the unsolicited event lines met on the way."""
+        while "event" in (body := await self.next_line()):
+            self.events.append(body)
+        return body
+
+    async def next_event(self) -> dict[str, Any]:
+        if self.events:
+            return self.events.pop(0)
+        body = await self.next_line()
+        assert "event" in body, body
+        return body
 
     async def send(self, **request: Any) -> dict[str, Any]:
         return await self.raw(json.dumps(request).encode() + b"\n")
@@ -95,7 +113,7 @@ async def until(srv: LeaseServer, predicate: Any) -> None:
 
 async def test_acquire_renew_release(server: LeaseServer, clock: Clock) -> None:
     c = await Client.connect(server.config.path)
-    r = await c.send(op="acquire", app="lane_assist", reason="highway", ttl_s=30,
+    r = await c.send(op="acquire", max_duration_s=600, app="lane_assist", reason="highway", ttl_s=30,
                      priority="safety", mode="awake", seq=7)
     assert r["ok"] and r["seq"] == 7 and r["expires_in_s"] == 30
     (hold,) = server.holds(clock.t)
@@ -117,7 +135,7 @@ async def test_acquire_renew_release(server: LeaseServer, clock: Clock) -> None:
 
 async def test_lease_expires_after_ttl(server: LeaseServer, clock: Clock) -> None:
     c = await Client.connect(server.config.path)
-    r = await c.send(op="acquire", app="a", ttl_s=5)
+    r = await c.send(op="acquire", max_duration_s=600, app="a", ttl_s=5)
     assert server.holds(clock.t + 4.999)
     assert server.holds(clock.t + 5.0) == ()
     # An expired lease cannot be renewed.
@@ -128,9 +146,9 @@ async def test_lease_expires_after_ttl(server: LeaseServer, clock: Clock) -> Non
 
 async def test_disconnect_releases_the_clients_leases_only(server: LeaseServer, clock: Clock) -> None:
     stays, goes = await Client.connect(server.config.path), await Client.connect(server.config.path)
-    kept = (await stays.send(op="acquire", app="keeper", ttl_s=60))["id"]
+    kept = (await stays.send(op="acquire", max_duration_s=600, app="keeper", ttl_s=60))["id"]
     for _ in range(2):
-        assert (await goes.send(op="acquire", app="leaver", ttl_s=60))["ok"]
+        assert (await goes.send(op="acquire", max_duration_s=600, app="leaver", ttl_s=60))["ok"]
     assert len(server.holds(clock.t)) == 3
     await goes.close()
     await until(server, lambda: len(server.leases(clock.t)) == 1)
@@ -143,7 +161,7 @@ CLIENT_PROCESS = textwrap.dedent(
     import json, socket, sys
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(sys.argv[1])
-    req = {"op": "acquire", "app": "perception", "ttl_s": 300, "priority": "normal"}
+    req = {"op": "acquire", "app": "perception", "ttl_s": 300, "priority": "normal", "max_duration_s": 600}
     s.sendall(json.dumps(req).encode() + b"\\n")
     print(s.makefile().readline().strip(), flush=True)
     sys.stdin.read()  # hold the connection until killed
@@ -203,13 +221,13 @@ async def test_bad_requests_get_error_replies_and_counters(server: LeaseServer) 
         expected[kind] = expected.get(kind, 0) + 1
     assert dict(server.errors) == expected
     # The connection survives all of it.
-    assert (await c.send(op="acquire", app="x", ttl_s=3))["ok"]
+    assert (await c.send(op="acquire", max_duration_s=600, app="x", ttl_s=3))["ok"]
     await c.close()
 
 
 async def test_overlong_line_is_refused_and_the_connection_closed(server: LeaseServer) -> None:
     c = await Client.connect(server.config.path)
-    assert (await c.send(op="acquire", app="x", ttl_s=30))["ok"]
+    assert (await c.send(op="acquire", max_duration_s=600, app="x", ttl_s=30))["ok"]
     reply = await c.raw(b'{"op": "acquire", "app": "' + b"x" * 1000 + b'"}\n')
     assert reply["error"] == "line_too_long"
     async with asyncio.timeout(WAIT_S):
@@ -221,16 +239,16 @@ async def test_overlong_line_is_refused_and_the_connection_closed(server: LeaseS
 async def test_leases_per_client_are_bounded(server: LeaseServer) -> None:
     a, b = await Client.connect(server.config.path), await Client.connect(server.config.path)
     for _ in range(3):
-        assert (await a.send(op="acquire", app="a", ttl_s=30))["ok"]
-    assert (await a.send(op="acquire", app="a", ttl_s=30))["error"] == "too_many_leases"
-    assert (await b.send(op="acquire", app="b", ttl_s=30))["ok"]  # the bound is per client
+        assert (await a.send(op="acquire", max_duration_s=600, app="a", ttl_s=30))["ok"]
+    assert (await a.send(op="acquire", max_duration_s=600, app="a", ttl_s=30))["error"] == "too_many_leases"
+    assert (await b.send(op="acquire", max_duration_s=600, app="b", ttl_s=30))["ok"]  # the bound is per client
     await a.close()
     await b.close()
 
 
 async def test_client_cannot_release_another_clients_lease(server: LeaseServer, clock: Clock) -> None:
     a, b = await Client.connect(server.config.path), await Client.connect(server.config.path)
-    lid = (await a.send(op="acquire", app="a", ttl_s=30))["id"]
+    lid = (await a.send(op="acquire", max_duration_s=600, app="a", ttl_s=30))["id"]
     assert (await b.send(op="release", id=lid))["error"] == "unknown_id"
     assert [h.id for h in server.holds(clock.t)] == [lid]
     await a.close()
@@ -251,7 +269,7 @@ async def test_priority_order_of_holds(
 ) -> None:
     c = await Client.connect(server.config.path)
     for priority, mode in leases:
-        assert (await c.send(op="acquire", app=priority, ttl_s=30, priority=priority,
+        assert (await c.send(op="acquire", max_duration_s=600, app=priority, ttl_s=30, priority=priority,
                              mode=mode))["ok"]
     first = server.holds(clock.t)[0]
     assert (first.priority, first.mode) == (HOLD_PRIORITY[LeasePriority(top[0])], top[1])
@@ -269,8 +287,8 @@ async def test_safety_awake_lease_beats_power_saver_sleep_in_the_policy(
     policy = CerebellumFirst(PolicyParams(signals=(), demands=(), min_dwell_s=0.0), orin_model)
     state = policy.initial_state(clock.t, AccelState.SLEEP)
     c = await Client.connect(server.config.path)
-    await c.send(op="acquire", app="saver", ttl_s=30, priority="power_saver", mode="sleep")
-    await c.send(op="acquire", app="pedestrian_guard", ttl_s=30, priority="safety", mode="awake")
+    await c.send(op="acquire", max_duration_s=600, app="saver", ttl_s=30, priority="power_saver", mode="sleep")
+    await c.send(op="acquire", max_duration_s=600, app="pedestrian_guard", ttl_s=30, priority="safety", mode="awake")
     clock.t += 1
     _, decision = policy.step(state, Inputs(samples={}, holds=server.holds(clock.t)), clock.t)
     assert decision.target is AccelState.ACTIVE
@@ -282,15 +300,15 @@ async def test_manual_override_grace_defers_non_safety_leases(
     server: LeaseServer, clock: Clock
 ) -> None:
     c = await Client.connect(server.config.path)
-    await c.send(op="acquire", app="normal_app", ttl_s=100, priority="normal")
+    await c.send(op="acquire", max_duration_s=600, app="normal_app", ttl_s=100, priority="normal")
     assert server.automatic_allowed(clock.t)
     end = server.manual_override(clock.t, owner="bench")
     assert end == clock.t + 20
     assert not server.automatic_allowed(clock.t + 19.9)
     assert server.holds(clock.t) == ()  # deferred
-    r = await c.send(op="acquire", app="safety_app", ttl_s=100, priority="safety")
+    r = await c.send(op="acquire", max_duration_s=600, app="safety_app", ttl_s=100, priority="safety")
     assert r["override_grace_s"] == 20 and "deferred_s" not in r
-    r = await c.send(op="acquire", app="late_app", ttl_s=100, priority="power_saver")
+    r = await c.send(op="acquire", max_duration_s=600, app="late_app", ttl_s=100, priority="power_saver")
     assert r["deferred_s"] == 20
     assert [h.owner for h in server.holds(clock.t)] == ["app:safety_app"]
     snap = server.snapshot(clock.t + 5)

@@ -3,6 +3,7 @@ pyserial, the emulator drives the master)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,8 +18,11 @@ from cerebellumd.drivers.mcu_protocol import (
     Message,
     MsgType,
     NackCode,
+    NextWake,
+    PowerDownAllowed,
     RailAction,
     Readings,
+    Reason,
     SleepRequest,
     WakeRequest,
     encode,
@@ -178,3 +182,46 @@ async def test_reconnects_after_hangup_with_backoff(tmp_path: Path) -> None:
     finally:
         await lk.async_close()
         await emu.stop()
+
+
+# -- gateway commands: power-down permission and next wake -----------------------------------------
+
+
+async def test_power_down_and_next_wake_are_acknowledged(emulator: McuEmulator, link: McuLink) -> None:
+    assert await link.async_allow_power_down(True, 30, Reason.ENERGY_BUDGET) == 1
+    assert emulator.power_down == PowerDownAllowed(True, 30, Reason.ENERGY_BUDGET)
+    assert await link.async_set_next_wake(3600, Reason.TIMER) == 1
+    assert emulator.next_wake == NextWake(3600, Reason.TIMER)
+    assert link.counters["ack_timeouts"] == 0 and link.counters["command_repeats"] == 0
+
+
+async def test_a_lost_ack_is_repeated_with_the_same_seq(emulator: McuEmulator, link: McuLink) -> None:
+    emulator.misbehave.drop_power_acks = 2  # the first two ACKs are lost on the line
+    frames = await link.async_allow_power_down(True, 10, Reason.PARKED_TIME, timeout=0.2)
+    assert frames == 3
+    sent = [m for m in emulator.stats.received if isinstance(m.body, PowerDownAllowed)]
+    assert len(sent) == 3 and len({m.seq for m in sent}) == 1  # one command, repeated
+    assert emulator.power_commands_applied == 1  # applied once
+    assert link.counters["command_repeats"] == 2 and link.counters["ack_timeouts"] == 2
+
+
+async def test_firmware_without_the_commands_gets_no_ack_and_the_caller_is_told(
+        emulator: McuEmulator, link: McuLink) -> None:
+    emulator.misbehave.legacy_firmware = True  # a version-1 MCU from before these types
+    with pytest.raises(DriverError, match="did not acknowledge POWER_DOWN_ALLOWED after 3 frame"):
+        await link.async_allow_power_down(True, 10, Reason.ENERGY_BUDGET, timeout=0.1)
+    assert link.counters["ack_timeouts"] == 3 and link.counters["command_repeats"] == 2
+    assert emulator.power_down is None
+    # A rail command still works: nothing that worked before changed.
+    await link.async_send_rail_command(True)
+    assert emulator.rail_on
+
+
+async def test_an_ack_of_another_type_does_not_answer_a_command(emulator: McuEmulator, link: McuLink) -> None:
+    emulator.misbehave.legacy_firmware = True
+    task = asyncio.create_task(link.async_set_next_wake(60, Reason.TIMER, attempts=1, timeout=0.3))
+    await wait_until(lambda: any(isinstance(m.body, NextWake) for m in emulator.stats.received))
+    seq = next(m.seq for m in emulator.stats.received if isinstance(m.body, NextWake))
+    emulator.send(Ack(seq, MsgType.RAIL_COMMAND))  # right seq, wrong type
+    with pytest.raises(DriverError, match="NEXT_WAKE"):
+        await task

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from cerebellumd.drivers.mcu_protocol import (
     MAX_FRAME,
+    MAX_WAKE_IN_S,
     SOF,
     Ack,
     Body,
@@ -15,6 +16,8 @@ from cerebellumd.drivers.mcu_protocol import (
     Heartbeat,
     Message,
     Nack,
+    NextWake,
+    PowerDownAllowed,
     RailAction,
     RailCommand,
     Readings,
@@ -32,6 +35,10 @@ BODIES: list[Body] = [
     SleepRequest(reason=1),
     READINGS,
     RailCommand(RailAction.RESET),
+    PowerDownAllowed(allow=True, after_s=65535, reason=8),
+    PowerDownAllowed(allow=False, after_s=0, reason=0),
+    NextWake(wake_in_s=MAX_WAKE_IN_S, reason=4),
+    NextWake(wake_in_s=0, reason=0),
     Ack(acked_seq=9, acked_type=0x10),
     Nack(acked_seq=9, acked_type=0x10, code=3),
 ]
@@ -112,6 +119,20 @@ def test_bad_rail_action_counts_bad_value() -> None:
     parser = FrameParser()
     assert parser.feed(SOF + inner + crc16(inner).to_bytes(2, "big")) == []
     assert parser.counters["bad_value"] == 1
+
+
+@pytest.mark.parametrize(("mtype", "payload", "kind"), [
+    (0x11, bytes((2, 0, 30, 8)), "bad_value"),  # allow is 0 or 1
+    (0x12, (MAX_WAKE_IN_S + 1).to_bytes(4, "big") + b"\x04", "bad_value"),
+    (0x11, bytes((1, 0, 30)), "length"),
+    (0x12, bytes(6), "length"),
+])
+def test_power_commands_out_of_range_are_counted(mtype: int, payload: bytes, kind: str) -> None:
+    inner = bytes((1, mtype, 1, len(payload))) + payload
+    parser = FrameParser()
+    good = encode(NextWake(60, 4), 2)
+    assert parser.feed(SOF + inner + crc16(inner).to_bytes(2, "big") + good) == [Message(2, NextWake(60, 4))]
+    assert parser.counters[kind] == 1 and parser.counters["frames"] == 1
 
 
 def test_reset_drops_a_partial_frame() -> None:

@@ -644,7 +644,7 @@ async def test_state_carries_watchdog_and_leases(broker: Broker, password_file: 
     try:
         await asyncio.wait_for(bridge_of(daemon).connected.wait(), DEADLINE_S)
         reader, writer = await asyncio.open_unix_connection(str(sock))
-        writer.write(b'{"op":"acquire","app":"lane_keeper","ttl_s":30,"priority":"safety"}\n')
+        writer.write(b'{"op":"acquire","app":"lane_keeper","ttl_s":30,"priority":"safety","max_duration_s":60}\n')
         await writer.drain()
         reply = json.loads(await reader.readline())
         assert reply.get("ok") is True, reply
@@ -672,7 +672,7 @@ async def test_remote_tool_hold_with_priority_ranks_as_a_lease(broker: Broker, p
     try:
         await asyncio.wait_for(bridge_of(daemon).connected.wait(), DEADLINE_S)
         reader, writer = await asyncio.open_unix_connection(str(sock))
-        writer.write(b'{"op":"acquire","app":"infotainment","ttl_s":60,"priority":"normal"}\n')
+        writer.write(b'{"op":"acquire","app":"infotainment","ttl_s":60,"priority":"normal","max_duration_s":600}\n')
         await writer.drain()
         assert json.loads(await reader.readline()).get("ok") is True
         await until(lambda: daemon.snapshot().target.value == "active", "the lease to wake the accelerator")
@@ -690,5 +690,42 @@ async def test_remote_tool_hold_with_priority_ranks_as_a_lease(broker: Broker, p
         assert (gauge(daemon, "cerebellumd_lease_overrides_total") or 0) == 0
         writer.close()
         await writer.wait_closed()
+    finally:
+        await daemon.async_stop()
+
+
+async def test_a_capped_command_is_a_lease_ended_at_its_cap(broker: Broker, password_file: Path,
+                                                            tmp_path: Path) -> None:
+    """`set` with max_duration_s: garage-mode work from a remote tool. It becomes a capped lease
+    (shown in the state's leases), the daemon ends it at the cap whatever the tool does, and the
+    end is counted by reason; a bad cap is refused with the reason."""
+    sock = tmp_path / "leases.sock"
+    text = await asyncio.to_thread(daemon_config_text, broker.port, password_file)
+    config = await asyncio.to_thread(parse_config, text + f'\n[leases]\nenabled = true\npath = "{sock}"\n'
+                                     'max_duration_s = 900\n')
+    daemon = await Daemon.async_create(config)
+    await daemon.async_start()
+    try:
+        await asyncio.wait_for(bridge_of(daemon).connected.wait(), DEADLINE_S)
+        async with Peer(broker.port, "operator") as tool:
+            await tool.subscribe(f"cerebellumd/{NODE}/#")
+            await tool.command(command="hold", owner="fleet_tool", reason="model update", max_duration_s=901, id="c0")
+            refused = await tool.response("c0")
+            await tool.command(command="hold", owner="fleet_tool", reason="model update", max_duration_s=1.5,
+                               max_energy_wh=50, id="c1")
+            assert (await tool.response("c1"))["ok"] is True
+            granted = state_of(await tool.expect(STATE, lambda m: bool(state_of(m)["leases"]["leases"])))
+            await until(lambda: daemon.snapshot().target.value == "active", "the capped hold to wake it")
+            ended = state_of(await tool.expect(
+                STATE, lambda m: state_of(m)["leases"]["ended"].get("duration_cap") == 1, within_s=15))
+        assert refused["ok"] is False and refused["error"].startswith("bad_cap: max_duration_s must be in (0, 900]")
+        [lease] = granted["leases"]["leases"]
+        assert (lease["app"], lease["mode"], lease["priority"], lease["max_energy_wh"]) == (
+            "mqtt:fleet_tool", "awake", "normal", 50)
+        assert lease["ends_in_s"] <= 1.5
+        assert ended["leases"]["leases"] == []
+        await until(lambda: (gauge(daemon, "cerebellumd_lease_ended_total", reason="duration_cap") or 0) == 1,
+                    "the end counted")
+        assert (gauge(daemon, "cerebellumd_lease_errors_total", kind="bad_cap") or 0) == 1
     finally:
         await daemon.async_stop()

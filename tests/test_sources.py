@@ -4,8 +4,11 @@ power from a sysfs-like tree, two CAN buses at once; and the config checks that 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import can
@@ -17,7 +20,7 @@ from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.daemon.sources import McuSource, SomeIpSource
 from cerebellumd.drivers.accel_mcu import McuAccelerator
 from cerebellumd.drivers.mcu_emulator import McuEmulator
-from cerebellumd.drivers.mcu_protocol import WakeRequest
+from cerebellumd.drivers.mcu_protocol import PowerDownAllowed, Reason, WakeRequest
 from cerebellumd.drivers.someip import build_notification
 
 from .helpers import until
@@ -252,3 +255,49 @@ def test_mcu_driver_takes_its_link_from_the_mcu_section() -> None:
     config = parse_config(BASE + '[accelerator]\ndriver = "mcu"\n[mcu]\nport = "/dev/ttyX"\nbaudrate = 9600\n')
     link = config.accelerator.options["link"]
     assert link == {"port": "/dev/ttyX", "baudrate": 9600}
+
+
+async def test_the_mcu_source_is_the_power_down_link_and_carries_lease_wake_requests(tmp_path: Path) -> None:
+    emulator = McuEmulator(heartbeat_interval_s=0.05, readings_interval_s=0.1, link_path=tmp_path / "mcu")
+    await emulator.async_open()
+    emulator.start()
+    sock_dir = Path(tempfile.mkdtemp(prefix="cbl-", dir="/tmp"))  # Unix socket paths are short
+    mcu = MCU.format(driver="simulated", port=tmp_path / "mcu").replace(
+        "reconnect_max_ms = 200\n", "reconnect_max_ms = 200\nack_timeout_ms = 150\npower_down_after_s = 20\n", 1)
+    text = BASE + mcu + f'[leases]\nenabled = true\npath = "{sock_dir / "l.sock"}"\n'
+    daemon = await Daemon.async_create(await asyncio.to_thread(parse_config, text))
+    await daemon.async_start()
+    try:
+        link = daemon.assembly.power_down_link
+        assert link is not None
+        await until(lambda: metric(daemon, "cerebellumd_mcu_link_up") == 1, what="the link up")
+        # The budget part's call (not on this branch): acknowledged, with the configured delay.
+        result = await link.async_allow_power_down(Reason.ENERGY_BUDGET)
+        assert result.acked and result.frames == 1
+        assert emulator.power_down == PowerDownAllowed(True, 20, Reason.ENERGY_BUDGET)
+        assert (await link.async_revoke_power_down()).acked and emulator.power_down.allow is False
+        # Garage work asks for a wake over the lease socket; the MCU gets it in seconds.
+        reader, writer = await asyncio.open_unix_connection(str(sock_dir / "l.sock"))
+        writer.write(json.dumps({"op": "wake_at", "app": "model_update", "in_s": 3600}).encode() + b"\n")
+        reply = json.loads(await reader.readline())
+        assert reply["ok"] and reply["earliest_in_s"] == 3600
+        assert emulator.next_wake is not None and emulator.next_wake.reason == Reason.TIMER
+        assert 3599 <= emulator.next_wake.wake_in_s <= 3601
+        # An MCU that never answers: the caller is told (acked False) and it is counted.
+        emulator.misbehave.legacy_firmware = True
+        result = await link.async_allow_power_down(Reason.PARKED_TIME, after_s=5)
+        assert not result.acked and "did not acknowledge" in result.detail
+        writer.write(json.dumps({"op": "wake_at", "app": "log_upload", "in_s": 60}).encode() + b"\n")
+        reply = json.loads(await reader.readline())
+        assert reply["error"] == "wake_failed"
+        writer.close()
+        await writer.wait_closed()
+        for command, result_label, n in (("power_down", "acked", 1), ("revoke", "acked", 1),
+                                         ("next_wake", "acked", 1), ("power_down", "failed", 1),
+                                         ("next_wake", "failed", 1)):
+            assert metric(daemon, "cerebellumd_mcu_commands_total", command=command, result=result_label) == n
+        assert metric(daemon, "cerebellumd_mcu_errors_total", kind="command_repeats") == 4  # 2 x (3 frames - 1)
+    finally:
+        await daemon.async_stop()
+        await emulator.stop()
+        shutil.rmtree(sock_dir, ignore_errors=True)

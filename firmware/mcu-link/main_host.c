@@ -10,7 +10,7 @@
  * stdin commands:
  *   wake R | sleep R           start a WAKE_REQUEST / SLEEP_REQUEST with reason R
  *   wakeline 0|1               set the wake line level (debounced; 1 = WAKE_REQUEST)
- *   ignition 0|1               set the ignition input (HEARTBEAT flag)
+ *   ignition 0|1               set the ignition input (HEARTBEAT flag; on powers the gateway, cancels a cut)
  *   set NAME VALUE             battery_mv, mcu_temp_dc, accel_temp_dc, rail_mv, rail_ma (rail on)
  *   fault 0|1                  the load switch fails to reach the commanded state
  *   sensorfail 0|1             every measurement fails (no READINGS)
@@ -43,6 +43,7 @@ typedef struct {
     bool rail_on;
     bool wake_line;
     bool ignition;
+    bool gateway_on; /* the simulated gateway's supply */
     int32_t battery_mv;
     int32_t mcu_temp_dc;
     int32_t accel_temp_dc;
@@ -126,6 +127,11 @@ static bool hal_ignition(void *ctx)
     return ((board_t *)ctx)->ignition;
 }
 
+static void hal_gateway_power(void *ctx, bool on)
+{
+    ((board_t *)ctx)->gateway_on = on;
+}
+
 /* -- events ------------------------------------------------------------------------------ */
 
 static const char *type_name(uint8_t type)
@@ -163,6 +169,18 @@ static void on_event(void *ctx, const mcu_event_t *ev)
     case MCU_EV_WAKE_LINE:
         printf("{\"event\": \"wake_line\", \"level\": %d}\n", ev->level ? 1 : 0);
         break;
+    case MCU_EV_POWER_DOWN:
+        printf("{\"event\": \"power_down\", \"allow\": %d, \"after_s\": %lu, \"reason\": %u, \"seq\": %u}\n",
+               ev->level ? 1 : 0, (unsigned long)ev->value, ev->reason, ev->seq);
+        break;
+    case MCU_EV_NEXT_WAKE:
+        printf("{\"event\": \"next_wake\", \"wake_in_s\": %lu, \"reason\": %u, \"seq\": %u}\n",
+               (unsigned long)ev->value, ev->reason, ev->seq);
+        break;
+    case MCU_EV_GATEWAY_POWER:
+        printf("{\"event\": \"gateway_power\", \"on\": %s, \"reason\": %u}\n", ev->level ? "true" : "false",
+               ev->reason);
+        break;
     }
     fflush(stdout);
 }
@@ -175,14 +193,18 @@ static void print_stats(const mcu_app_t *app, const board_t *b)
            "\"version\": %lu, \"unknown_type\": %lu, \"bad_value\": %lu, \"garbage_bytes\": %lu, "
            "\"frames_tx\": %lu, \"tx_short\": %lu, \"tx_dropped\": %lu, \"rail_commands\": %lu, "
            "\"nacks_sent\": %lu, \"requests\": %lu, \"request_repeats\": %lu, \"requests_acked\": %lu, "
-           "\"sensor_errors\": %lu, \"acks_unmatched\": %lu, \"ring_overruns\": %lu, \"rail_on\": %s}\n",
+           "\"sensor_errors\": %lu, \"acks_unmatched\": %lu, \"ring_overruns\": %lu, \"rail_on\": %s, "
+           "\"power_commands\": %lu, \"next_wakes\": %lu, \"command_repeats\": %lu, \"gateway_cuts\": %lu, "
+           "\"timer_wakes\": %lu, \"gateway_on\": %s}\n",
            b->rx_bytes, (unsigned long)c->frames, (unsigned long)c->crc, (unsigned long)c->length,
            (unsigned long)c->version, (unsigned long)c->unknown_type, (unsigned long)c->bad_value,
            (unsigned long)c->garbage_bytes, (unsigned long)a->frames_tx, (unsigned long)a->tx_short,
            b->tx_dropped, (unsigned long)a->rail_commands, (unsigned long)a->nacks_sent,
            (unsigned long)a->requests, (unsigned long)a->request_repeats, (unsigned long)a->requests_acked,
            (unsigned long)a->sensor_errors, (unsigned long)a->acks_unmatched,
-           (unsigned long)app->rx.overruns, b->rail_on ? "true" : "false");
+           (unsigned long)app->rx.overruns, b->rail_on ? "true" : "false", (unsigned long)a->power_commands,
+           (unsigned long)a->next_wakes, (unsigned long)a->command_repeats, (unsigned long)a->gateway_cuts,
+           (unsigned long)a->timer_wakes, b->gateway_on ? "true" : "false");
     fflush(stdout);
 }
 
@@ -366,6 +388,7 @@ int main(int argc, char **argv)
     board.rail_mv = 5000;
     board.rail_ma = 1200;
     board.ignition = true;
+    board.gateway_on = true;
     mcu_app_default_config(&cfg);
 
     for (i = 1; i < argc; i++) {
@@ -416,6 +439,7 @@ int main(int argc, char **argv)
     hal.rail_set = hal_rail_set;
     hal.wake_line = hal_wake_line;
     hal.ignition = hal_ignition;
+    hal.gateway_power = hal_gateway_power;
     mcu_app_init(&app, &hal, &cfg);
     mcu_app_set_event_hook(&app, on_event, NULL);
 

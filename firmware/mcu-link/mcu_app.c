@@ -222,12 +222,116 @@ static void on_ack(mcu_app_t *app, const mcu_msg_t *msg)
     emit(app, &ev);
 }
 
+static void gateway_power(mcu_app_t *app, bool on, uint8_t reason)
+{
+    mcu_event_t ev;
+    app->gateway_off = !on;
+    if (!on) {
+        app->counters.gateway_cuts++;
+    }
+    if (app->hal->gateway_power != NULL) {
+        app->hal->gateway_power(app->hal->ctx, on);
+    }
+    memset(&ev, 0, sizeof ev);
+    ev.kind = MCU_EV_GATEWAY_POWER;
+    ev.level = on;
+    ev.reason = reason;
+    emit(app, &ev);
+}
+
+/* POWER_DOWN_ALLOWED: ACK; allow schedules the cut after after_s, 0 cancels it. A repeat (same seq
+ * and payload: the gateway did not see our ACK) is ACKed again and changes nothing. */
+static void on_power_down(mcu_app_t *app, const mcu_msg_t *msg)
+{
+    const mcu_power_down_t *pd = &msg->u.power_down;
+    mcu_event_t ev;
+    app->counters.power_commands++;
+    send_reply(app, msg->seq, MCU_T_POWER_DOWN_ALLOWED, true, 0);
+    if (app->pd_seen && app->pd_seq == msg->seq && app->pd_last.allow == pd->allow
+        && app->pd_last.after_s == pd->after_s && app->pd_last.reason == pd->reason) {
+        app->counters.command_repeats++;
+        return;
+    }
+    app->pd_seen = true;
+    app->pd_seq = msg->seq;
+    app->pd_last = *pd;
+    app->pd_pending = pd->allow != 0u;
+    app->pd_reason = pd->reason;
+    app->pd_at = now_ms(app) + (uint32_t)pd->after_s * 1000u;
+    memset(&ev, 0, sizeof ev);
+    ev.kind = MCU_EV_POWER_DOWN;
+    ev.seq = msg->seq;
+    ev.level = pd->allow != 0u;
+    ev.value = pd->after_s;
+    ev.reason = pd->reason;
+    emit(app, &ev);
+}
+
+/* NEXT_WAKE: ACK; schedule (or with 0 cancel) the wake. Repeats as for POWER_DOWN_ALLOWED. */
+static void on_next_wake(mcu_app_t *app, const mcu_msg_t *msg)
+{
+    const mcu_next_wake_t *nw = &msg->u.next_wake;
+    mcu_event_t ev;
+    app->counters.next_wakes++;
+    send_reply(app, msg->seq, MCU_T_NEXT_WAKE, true, 0);
+    if (app->nw_seen && app->nw_seq == msg->seq && app->nw_last.wake_in_s == nw->wake_in_s
+        && app->nw_last.reason == nw->reason) {
+        app->counters.command_repeats++;
+        return;
+    }
+    app->nw_seen = true;
+    app->nw_seq = msg->seq;
+    app->nw_last = *nw;
+    app->wake_pending = nw->wake_in_s != 0u;
+    /* wake_in_s <= MCU_MAX_WAKE_IN_S (the decoder checks): the product stays below 2^31. */
+    app->wake_at = now_ms(app) + nw->wake_in_s * 1000u;
+    memset(&ev, 0, sizeof ev);
+    ev.kind = MCU_EV_NEXT_WAKE;
+    ev.seq = msg->seq;
+    ev.value = nw->wake_in_s;
+    ev.reason = nw->reason;
+    emit(app, &ev);
+}
+
+static void poll_power(mcu_app_t *app, uint32_t now)
+{
+    const mcu_hal_t *hal = app->hal;
+    bool ignition = hal->ignition != NULL && hal->ignition(hal->ctx);
+    if (ignition) {
+        /* The key is on: the gateway must run, whatever it allowed before. */
+        app->pd_pending = false;
+        if (app->gateway_off) {
+            gateway_power(app, true, MCU_REASON_IGNITION);
+        }
+    }
+    if (app->pd_pending && due(now, app->pd_at)) {
+        app->pd_pending = false;
+        if (!app->gateway_off) {
+            gateway_power(app, false, app->pd_reason);
+        }
+    }
+    if (app->wake_pending && due(now, app->wake_at)) {
+        app->wake_pending = false;
+        app->counters.timer_wakes++;
+        if (app->gateway_off) {
+            gateway_power(app, true, MCU_REASON_TIMER);
+        }
+        mcu_app_request(app, true, MCU_REASON_TIMER);
+    }
+}
+
 static void on_msg(void *ctx, const mcu_msg_t *msg)
 {
     mcu_app_t *app = (mcu_app_t *)ctx;
     switch (msg->type) {
     case MCU_T_RAIL_COMMAND:
         on_rail_command(app, msg->seq, msg->u.rail.action);
+        break;
+    case MCU_T_POWER_DOWN_ALLOWED:
+        on_power_down(app, msg);
+        break;
+    case MCU_T_NEXT_WAKE:
+        on_next_wake(app, msg);
         break;
     case MCU_T_ACK:
     case MCU_T_NACK:
@@ -243,8 +347,9 @@ static void on_reject(void *ctx, mcu_result_t kind, uint8_t type, uint8_t seq)
     mcu_app_t *app = (mcu_app_t *)ctx;
     /* A RAIL_COMMAND with a good CRC but a bad action or size: tell the gateway at once
      * instead of letting it wait for its ACK timeout. */
-    if (type == MCU_T_RAIL_COMMAND && (kind == MCU_ERR_BAD_VALUE || kind == MCU_ERR_LENGTH)) {
-        send_reply(app, seq, MCU_T_RAIL_COMMAND, false, MCU_NACK_BAD_ARGUMENT);
+    if ((type == MCU_T_RAIL_COMMAND || type == MCU_T_POWER_DOWN_ALLOWED || type == MCU_T_NEXT_WAKE)
+        && (kind == MCU_ERR_BAD_VALUE || kind == MCU_ERR_LENGTH)) {
+        send_reply(app, seq, type, false, MCU_NACK_BAD_ARGUMENT);
     }
 }
 
@@ -370,6 +475,7 @@ void mcu_app_poll(mcu_app_t *app)
         }
     }
     poll_wake_line(app, now);
+    poll_power(app, now);
     if (due(now, app->next_readings)) {
         send_readings(app); /* first, so the first HEARTBEAT already has the flags */
         app->next_readings += app->cfg.readings_interval_ms;
@@ -398,6 +504,12 @@ uint32_t mcu_app_idle_ms(const mcu_app_t *app)
         idle = t;
     }
     if (app->resetting && (t = until(now, app->reset_until)) < idle) {
+        idle = t;
+    }
+    if (app->pd_pending && (t = until(now, app->pd_at)) < idle) {
+        idle = t;
+    }
+    if (app->wake_pending && (t = until(now, app->wake_at)) < idle) {
         idle = t;
     }
     if (app->hal->wake_line != NULL) {

@@ -3,7 +3,8 @@
  * The companion-MCU side of docs/mcu-protocol.md: periodic HEARTBEAT and READINGS, the
  * accelerator rail switched on RAIL_COMMAND (ACK/NACK, then READINGS), WAKE_REQUEST and
  * SLEEP_REQUEST (from the wake line or the caller) repeated with the same seq until the gateway
- * ACKs them. Bare-metal: no heap, no OS, no blocking; the UART receive interrupt calls
+ * ACKs them; POWER_DOWN_ALLOWED (cut the gateway's supply after a delay) and NEXT_WAKE (power it
+ * and send WAKE_REQUEST reason timer at a time), both ACKed. Bare-metal: no heap, no OS, no blocking; the UART receive interrupt calls
  * mcu_app_rx_byte() and the main loop calls mcu_app_poll().
  */
 #ifndef MCU_APP_H
@@ -39,7 +40,10 @@ typedef enum {
     MCU_EV_REQUEST_SENT,   /* a wake/sleep request went out: type, seq, reason, tries */
     MCU_EV_REQUEST_ACKED,  /* the gateway ACKed it: type, seq, tries */
     MCU_EV_REQUEST_GIVEN_UP,
-    MCU_EV_WAKE_LINE       /* the debounced wake line changed: level */
+    MCU_EV_WAKE_LINE,      /* the debounced wake line changed: level */
+    MCU_EV_POWER_DOWN,     /* POWER_DOWN_ALLOWED taken: level = allow, value = after_s, reason, seq */
+    MCU_EV_NEXT_WAKE,      /* NEXT_WAKE taken: value = wake_in_s (0 = cancelled), reason, seq */
+    MCU_EV_GATEWAY_POWER   /* the gateway's supply switched: level = on, reason */
 } mcu_event_kind_t;
 
 typedef struct {
@@ -52,6 +56,7 @@ typedef struct {
     bool level;
     bool rail_on;   /* rail state after the event */
     uint32_t tries;
+    uint32_t value; /* after_s / wake_in_s */
 } mcu_event_t;
 
 typedef void (*mcu_on_event_t)(void *ctx, const mcu_event_t *ev);
@@ -68,6 +73,11 @@ typedef struct {
     uint32_t requests_given_up;
     uint32_t sensor_errors;   /* READINGS not sent because a measurement failed */
     uint32_t acks_unmatched;  /* ACK/NACK for nothing we wait for */
+    uint32_t power_commands;  /* POWER_DOWN_ALLOWED frames received (repeats included) */
+    uint32_t next_wakes;      /* NEXT_WAKE frames received (repeats included) */
+    uint32_t command_repeats; /* of those, repeats (same seq and payload): ACKed, not re-applied */
+    uint32_t gateway_cuts;    /* times the gateway's supply was cut */
+    uint32_t timer_wakes;     /* NEXT_WAKE times reached */
 } mcu_app_counters_t;
 
 typedef struct {
@@ -101,6 +111,19 @@ typedef struct {
     bool wl_stable;
     bool wl_candidate;
     uint32_t wl_since;
+
+    bool gateway_off;        /* we cut the gateway's supply */
+    bool pd_pending;         /* a cut is scheduled at pd_at */
+    uint32_t pd_at;
+    uint8_t pd_reason;
+    bool pd_seen;            /* the last POWER_DOWN_ALLOWED (to ACK a repeat without re-applying) */
+    uint8_t pd_seq;
+    mcu_power_down_t pd_last;
+    bool wake_pending;       /* a NEXT_WAKE is due at wake_at */
+    uint32_t wake_at;
+    bool nw_seen;
+    uint8_t nw_seq;
+    mcu_next_wake_t nw_last;
 } mcu_app_t;
 
 /* `cfg` may be NULL for the defaults. The rail starts off (rail_set(false) is called). */

@@ -46,6 +46,11 @@ typedef struct mcu_hal {
 
     /* Ignition (KL15) input, for the HEARTBEAT status. May be NULL (reported off). */
     bool (*ignition)(void *ctx);
+
+    /* Switch the gateway's own supply (the enable of its regulator or a load switch): off after
+     * POWER_DOWN_ALLOWED's delay, on again at ignition or at the NEXT_WAKE time. May be NULL:
+     * the MCU cannot cut the gateway, and the commands are only ACKed and reported as events. */
+    void (*gateway_power)(void *ctx, bool on);
 } mcu_hal_t;
 
 #endif /* MCU_HAL_H */

@@ -36,6 +36,8 @@ size_t mcu_payload_size(uint8_t type)
     case MCU_T_SLEEP_REQUEST: return MCU_LEN_REQUEST;
     case MCU_T_READINGS: return MCU_LEN_READINGS;
     case MCU_T_RAIL_COMMAND: return MCU_LEN_RAIL_COMMAND;
+    case MCU_T_POWER_DOWN_ALLOWED: return MCU_LEN_POWER_DOWN_ALLOWED;
+    case MCU_T_NEXT_WAKE: return MCU_LEN_NEXT_WAKE;
     case MCU_T_ACK: return MCU_LEN_ACK;
     case MCU_T_NACK: return MCU_LEN_NACK;
     default: return 0;
@@ -125,6 +127,15 @@ size_t mcu_encode(uint8_t out[MCU_MAX_FRAME], const mcu_msg_t *msg)
     case MCU_T_RAIL_COMMAND:
         p[0] = msg->u.rail.action;
         break;
+    case MCU_T_POWER_DOWN_ALLOWED:
+        p[0] = msg->u.power_down.allow ? 1u : 0u;
+        put16(&p[1], msg->u.power_down.after_s);
+        p[3] = msg->u.power_down.reason;
+        break;
+    case MCU_T_NEXT_WAKE:
+        put32(&p[0], msg->u.next_wake.wake_in_s);
+        p[4] = msg->u.next_wake.reason;
+        break;
     case MCU_T_ACK:
     case MCU_T_NACK:
         p[0] = msg->u.ack.acked_seq;
@@ -173,6 +184,21 @@ mcu_result_t mcu_decode_payload(uint8_t type, uint8_t seq, const uint8_t *p, siz
             return MCU_ERR_BAD_VALUE;
         }
         out->u.rail.action = p[0];
+        break;
+    case MCU_T_POWER_DOWN_ALLOWED:
+        if (p[0] > 1u) {
+            return MCU_ERR_BAD_VALUE;
+        }
+        out->u.power_down.allow = p[0];
+        out->u.power_down.after_s = get16(&p[1]);
+        out->u.power_down.reason = p[3];
+        break;
+    case MCU_T_NEXT_WAKE:
+        out->u.next_wake.wake_in_s = get32(&p[0]);
+        if (out->u.next_wake.wake_in_s > MCU_MAX_WAKE_IN_S) {
+            return MCU_ERR_BAD_VALUE;
+        }
+        out->u.next_wake.reason = p[4];
         break;
     case MCU_T_ACK:
         out->u.ack.acked_seq = p[0];

@@ -30,6 +30,8 @@
 #define MCU_T_SLEEP_REQUEST 0x03u
 #define MCU_T_READINGS 0x04u
 #define MCU_T_RAIL_COMMAND 0x10u
+#define MCU_T_POWER_DOWN_ALLOWED 0x11u
+#define MCU_T_NEXT_WAKE 0x12u
 #define MCU_T_ACK 0x7Eu
 #define MCU_T_NACK 0x7Fu
 
@@ -49,6 +51,11 @@
 #define MCU_REASON_DIAGNOSTICS 5u
 #define MCU_REASON_LOW_BATTERY 6u
 #define MCU_REASON_OVER_TEMPERATURE 7u
+#define MCU_REASON_ENERGY_BUDGET 8u
+#define MCU_REASON_PARKED_TIME 9u
+
+/* NEXT_WAKE: wake_in_s above this is out of range (millisecond timers compare modulo 2^32). */
+#define MCU_MAX_WAKE_IN_S 2000000ul
 
 /* RAIL_COMMAND actions. */
 #define MCU_RAIL_OFF 0u
@@ -66,6 +73,8 @@
 #define MCU_LEN_REQUEST 1u
 #define MCU_LEN_READINGS 15u
 #define MCU_LEN_RAIL_COMMAND 1u
+#define MCU_LEN_POWER_DOWN_ALLOWED 4u
+#define MCU_LEN_NEXT_WAKE 5u
 #define MCU_LEN_ACK 2u
 #define MCU_LEN_NACK 3u
 
@@ -103,6 +112,17 @@ typedef struct {
 } mcu_rail_command_t;
 
 typedef struct {
+    uint8_t allow; /* 0/1 (other values do not decode) */
+    uint16_t after_s;
+    uint8_t reason;
+} mcu_power_down_t;
+
+typedef struct {
+    uint32_t wake_in_s; /* 0 cancels */
+    uint8_t reason;
+} mcu_next_wake_t;
+
+typedef struct {
     uint8_t acked_seq;
     uint8_t acked_type;
     uint8_t code; /* NACK only */
@@ -116,6 +136,8 @@ typedef struct {
         mcu_request_t request;
         mcu_readings_t readings;
         mcu_rail_command_t rail;
+        mcu_power_down_t power_down;
+        mcu_next_wake_t next_wake;
         mcu_ack_t ack;
     } u;
 } mcu_msg_t;

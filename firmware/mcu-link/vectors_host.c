@@ -72,6 +72,12 @@ static void print_msg(void *ctx, const mcu_msg_t *m)
     case MCU_T_RAIL_COMMAND:
         printf(" %u", m->u.rail.action);
         break;
+    case MCU_T_POWER_DOWN_ALLOWED:
+        printf(" %u %u %u", m->u.power_down.allow, m->u.power_down.after_s, m->u.power_down.reason);
+        break;
+    case MCU_T_NEXT_WAKE:
+        printf(" %lu %u", (unsigned long)m->u.next_wake.wake_in_s, m->u.next_wake.reason);
+        break;
     case MCU_T_ACK:
         printf(" %u %u", m->u.ack.acked_seq, m->u.ack.acked_type);
         break;
@@ -117,6 +123,17 @@ static int encode(char **tok, int ntok)
         m.u.readings.rail_on = (uint8_t)(f[6] != 0);
         break;
     case MCU_T_RAIL_COMMAND: want = 1; m.u.rail.action = (uint8_t)f[0]; break;
+    case MCU_T_POWER_DOWN_ALLOWED:
+        want = 3;
+        m.u.power_down.allow = (uint8_t)f[0];
+        m.u.power_down.after_s = (uint16_t)f[1];
+        m.u.power_down.reason = (uint8_t)f[2];
+        break;
+    case MCU_T_NEXT_WAKE:
+        want = 2;
+        m.u.next_wake.wake_in_s = (uint32_t)strtoul(tok[2 < ntok ? 2 : 0], NULL, 0);
+        m.u.next_wake.reason = (uint8_t)f[1];
+        break;
     case MCU_T_ACK: want = 2; m.u.ack.acked_seq = (uint8_t)f[0]; m.u.ack.acked_type = (uint8_t)f[1]; break;
     case MCU_T_NACK:
         want = 3;

@@ -204,6 +204,10 @@ class McuConfig(McuLinkOptions):
         None, gt=0,
         description="wake_request falls back to 0 this long after the last WAKE_REQUEST "
                     "(default: it stays 1 until a SLEEP_REQUEST).")
+    power_down_after_s: int = Field(
+        30, ge=0, le=65535,
+        description="POWER_DOWN_ALLOWED: the MCU cuts the gateway's supply this long after its ACK "
+                    "(time for the OS to shut down).")
 
     def link_options(self) -> McuLinkOptions:
         return McuLinkOptions.model_validate(self.model_dump(include=set(McuLinkOptions.model_fields)))
@@ -229,6 +233,52 @@ class PowerConfig(Section):
     rail_interval_ms: PositiveMs = Field(1000, description="How often the rail sensors are read.")
 
 
+LeasePriorityName = Literal["safety", "normal", "power_saver"]
+LeaseModeName = Literal["awake", "sleep"]
+
+
+def _unprivileged_priorities() -> list[LeasePriorityName]:
+    return ["normal", "power_saver"]
+
+
+def _all_modes() -> list[LeaseModeName]:
+    return ["awake", "sleep"]
+
+
+def _awake_only() -> list[LeaseModeName]:
+    return ["awake"]
+
+
+class LeaseRuleConfig(Section):
+    """One `[[leases.rules]]` entry: which peers (by the uid/gid the kernel reports for the socket,
+    SO_PEERCRED) may claim what. The first rule that matches a peer decides; a rule naming neither
+    uid/user nor gid/group matches everyone."""
+
+    uid: int | None = Field(None, ge=0, description="Peer user id this rule applies to.")
+    user: str | None = Field(None, min_length=1, description="Peer user name (resolved to a uid at start).")
+    gid: int | None = Field(None, ge=0, description="Peer group id (the peer's own gid as SO_PEERCRED reports it).")
+    group: str | None = Field(None, min_length=1, description="Peer group name (resolved to a gid at start).")
+    priorities: list[LeasePriorityName] = Field(
+        default_factory=_unprivileged_priorities, description="Lease priorities the peer may claim.")
+    modes: list[LeaseModeName] = Field(
+        default_factory=_all_modes, description="Lease modes the peer may claim.")
+    max_duration_s: float | None = Field(
+        None, gt=0, description="Longest hard cap (max_duration_s) the peer may ask for (default: [leases] "
+                                "max_duration_s).")
+    max_energy_wh: float | None = Field(
+        None, gt=0, description="Largest energy cap the peer may ask for; its awake leases get this cap "
+                                "when they name none (default: no energy limit).")
+    next_wake: bool = Field(True, description="The peer may ask the MCU for a next wake (op wake_at).")
+
+    @model_validator(mode="after")
+    def _one_name_each(self) -> LeaseRuleConfig:
+        if self.uid is not None and self.user is not None:
+            raise ValueError("give uid or user, not both")
+        if self.gid is not None and self.group is not None:
+            raise ValueError("give gid or group, not both")
+        return self
+
+
 class LeaseConfig(Section):
     """`[leases]`: the local lease socket for inference applications."""
 
@@ -242,6 +292,21 @@ class LeaseConfig(Section):
     max_ttl_s: float = Field(3600.0, gt=0, description="Longest lease (s); apps renew beyond it.")
     override_grace_s: float = Field(
         30.0, ge=0, description="After a manual operator command, non-safety leases wait this long.")
+    cap_required_modes: list[LeaseModeName] = Field(
+        default_factory=_awake_only,
+        description="Lease modes that must carry a hard cap (max_duration_s); one without is refused "
+                    "(error no_cap). Awake leases keep the accelerator, and the car, awake.")
+    max_duration_s: float = Field(
+        3600.0, gt=0, description="Longest hard cap a lease may ask for (s): the lease ends then, renewed or not.")
+    min_budget_wh: float = Field(
+        0.0, ge=0, description="Awake leases are granted, and kept, only while the 12 V energy budget is at "
+                               "least this (Wh); a lease may ask for more (min_budget_wh). No budget known: granted.")
+    max_wake_requests: int = Field(
+        16, ge=1, le=1024, description="Next-wake requests (op wake_at) held at once, one per app.")
+    rules: list[LeaseRuleConfig] | None = Field(
+        None, description="Who may claim what, by peer uid/gid (SO_PEERCRED); first match wins. Absent: uid 0 "
+                          "may claim every priority, everyone else normal and power_saver. An empty list refuses "
+                          "everyone.")
 
 
 class PrometheusConfig(Section):

@@ -41,7 +41,7 @@ from ..drivers.dbc import load_dbc
 from ..drivers.mcu_link import McuLink
 from .calibration import CalibrationPart
 from .core import DaemonCore, PolicyCore
-from .host import Part, StateExtra
+from .host import Part, PowerDownLink, StateExtra
 from .ingest import CanIngest
 from .lease_service import LeaseService
 from .lifecycle import Lifecycle
@@ -56,6 +56,8 @@ from .vehicle_power import VehiclePower
 
 log = logging.getLogger(__name__)
 
+#: The power domain whose energy lease energy caps count.
+ACCELERATOR_DOMAIN = "accelerator"
 #: A stop step that takes longer is abandoned (and counted as failed) so the rest still run.
 STOP_STEP_TIMEOUT_S = 10.0
 
@@ -145,6 +147,25 @@ class Assembly:
             return driver.link
         return self.mcu.link if self.mcu is not None else None
 
+    @property
+    def power_down_link(self) -> PowerDownLink | None:
+        """The gateway's supply through the MCU, for the part that decides to power down (None
+        without `[mcu]`)."""
+        return self.mcu
+
+    def _accelerator_joules(self, config: Config) -> Callable[[], float] | None:
+        """The accelerator domain's energy for lease energy caps (None without such a domain)."""
+        if not any(dm.name == ACCELERATOR_DOMAIN for dm in config.power.domains):
+            return None
+        d = self.daemon  # read at each call: a reload of [power] gives the ledger a new dict
+        return lambda: d.joules.get(ACCELERATOR_DOMAIN, 0.0)
+
+    async def _async_wake_at(self, when: float | None) -> None:
+        """A next-wake request from the lease socket, to the MCU link (started after the leases)."""
+        if self.mcu is None:
+            raise RuntimeError("the MCU link is not running")
+        await self.mcu.async_request_wake_at(when)
+
     def _build_someip(self, config: Config) -> list[SomeIpSource]:
         d = self.daemon
         routes = signal_routes(config, "someip")
@@ -223,7 +244,10 @@ class Assembly:
                                                cfg.daemon.node, d, d.metrics)
                 await self._start("persistence", self.persistence)
             if cfg.leases.enabled:
-                self.leases = LeaseService(cfg.leases, host=d, clock=d.clock, metrics=d.metrics)
+                self.leases = LeaseService(cfg.leases, host=d, clock=d.clock, metrics=d.metrics,
+                                           energy_j=self._accelerator_joules(cfg),
+                                           wake_at=self._async_wake_at if cfg.mcu is not None else None,
+                                           commands=d.commands)
                 await self._start("leases", self.leases)
             self.ingests = await self._async_build_ingests(cfg)
             if cfg.vehicle_power.enabled:  # built before NM (NM takes its ignition), started after the sources

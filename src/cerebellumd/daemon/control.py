@@ -1,10 +1,15 @@
 """Operator control: holds and commands (`hold`, `release`, `wake`, `sleep`), schema-checked,
-deduplicated by id, rate-limited. Shared by MQTT, the CLI and the lease server."""
+deduplicated by id, rate-limited. Shared by MQTT, the CLI and the lease server.
+
+A command with a cap (`max_duration_s`, `max_energy_wh`, `min_budget_wh`) is garage-mode work
+from a remote tool: it becomes a lease of the lease part (the handler it registers with
+`set_lease_handler`), capped and ended like a socket lease; without `[leases]` it is refused."""
 
 from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,6 +49,21 @@ class Command(BaseModel):
     priority: LeasePriority | None = Field(
         None, description="safety | normal | power_saver: the hold ranks as a Unix-socket lease of "
         "that priority (a remote tool). Absent: an operator hold, below every lease.")
+    max_duration_s: float | None = Field(
+        None, gt=0, description="Hard cap (s): the command becomes a capped lease (priority normal unless given), "
+                                "ended at the cap by the daemon.")
+    max_energy_wh: float | None = Field(
+        None, gt=0, description="Energy cap (Wh of the accelerator domain) of the capped lease.")
+    min_budget_wh: float | None = Field(
+        None, ge=0, description="Grant and keep the capped lease only while the 12 V budget is at least this (Wh).")
+
+    @property
+    def capped(self) -> bool:
+        return any(v is not None for v in (self.max_duration_s, self.max_energy_wh, self.min_budget_wh))
+
+
+#: The lease part's handler of capped commands: None when applied, else the error text.
+LeaseHandler = Callable[[Command, float], str | None]
 
 
 @dataclass(frozen=True)
@@ -114,6 +134,17 @@ class CommandProcessor:
         self._recent: collections.OrderedDict[str, CommandResult] = collections.OrderedDict()
         self._remember = remember
         self._times: collections.deque[float] = collections.deque()
+        self._lease_handler: LeaseHandler | None = None
+
+    def set_lease_handler(self, handler: LeaseHandler) -> Callable[[], None]:
+        """The lease part takes capped commands (and `release`) while it runs; returns the undo."""
+        self._lease_handler = handler
+
+        def undo() -> None:
+            if self._lease_handler is handler:
+                self._lease_handler = None
+
+        return undo
 
     def reconfigure(self, *, operators: frozenset[str], rate_per_minute: int) -> None:
         """A reloaded `[mqtt]`: who may command and how often (ids already seen stay remembered)."""
@@ -155,6 +186,15 @@ class CommandProcessor:
         self._times.append(now)
         if cmd.command == "release":
             self.holds.remove_owner(cmd.owner)
+            if self._lease_handler is not None:
+                self._lease_handler(cmd, now)  # and the owner's capped leases
+        elif cmd.capped:
+            if self._lease_handler is None:
+                return self._remember_result(CommandResult(
+                    cmd.id, False, "max_duration_s, max_energy_wh and min_budget_wh need [leases] enabled"))
+            error = self._lease_handler(cmd, now)
+            if error is not None:
+                return self._remember_result(CommandResult(cmd.id, False, error))
         else:
             ttl = cmd.ttl_s if cmd.ttl_s is not None else DEFAULT_TTL_S[cmd.command]
             mode = HoldMode.SLEEP if cmd.command == "sleep" else HoldMode.AWAKE

@@ -186,3 +186,27 @@ __all__ = [
     "HoldsHost", "Hooks", "Inputs", "Part", "PowerSource", "SampleSink", "Snapshot", "StateExtra", "TotalsHost", "Undo",
     "VehicleHost",
 ]
+
+
+@dataclass(frozen=True)
+class PowerDownResult:
+    """The answer to a power-down permission: `acked` False means the MCU never acknowledged it
+    (after the link's repeats) or refused it; the caller escalates (e.g. shuts the gateway down
+    by its own means). `frames`: how many frames were sent (repeats included)."""
+
+    acked: bool
+    frames: int
+    detail: str
+
+
+class PowerDownLink(Protocol):
+    """The gateway's own supply, through the companion MCU (docs/mcu-protocol.md: POWER_DOWN_ALLOWED,
+    NEXT_WAKE). Implemented by the MCU source part; the assembly hands it to whoever decides
+    (the 12 V budget part) and to the lease part for next-wake requests."""
+
+    async def async_allow_power_down(self, reason: int, after_s: float | None = None) -> PowerDownResult: ...
+    async def async_revoke_power_down(self) -> PowerDownResult: ...
+    async def async_request_wake_at(self, when: float | None, reason: int = 4) -> None:
+        """Wake the gateway at wall time `when` (time.time() scale); None cancels. Raises when the
+        MCU did not acknowledge it."""
+        ...

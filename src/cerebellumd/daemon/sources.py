@@ -8,8 +8,11 @@ The assembly (`daemon/assembly.py`) builds, from the config:
   names a reading (`battery_v`, `accel_temp_c`, `rail_w`, ...), every HEARTBEAT refreshes
   `ignition` and the latched request (`wake_request`: 1 after WAKE_REQUEST, 0 after
   SLEEP_REQUEST; `request_reason`), and a request is fed at once so a demand on it acts on the
-  fast path. Nothing is fed while the link is silent, so its signals go stale by their own
-  `max_age_ms`: no second staleness rule to keep in step with the policy's;
+  fast path. It is also the daemon's `PowerDownLink` (`daemon/host.py`): the power-down
+  permission and the next wake, sent as acknowledged, repeated MCU commands and counted in
+  `cerebellumd_mcu_commands_total{command,result}`. Nothing is fed while the link is silent, so
+  its signals go stale by their own `max_age_ms`: no second staleness rule to keep in step with
+  the policy's;
 - one `PowerReaders` service reading each `hwmon`/`mcu` power domain's sensor every
   `interval_ms`, registered as the ledger's power source of that domain;
 - a collector exporting their counters (`cerebellumd_someip_*`, `cerebellumd_mcu_*`,
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,24 +38,34 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from ..config import Config, DomainConfig, McuConfig, SomeIpEndpointConfig, hwmon_options
 from ..drivers.accel_mcu import McuPowerSensor
-from ..drivers.base import PowerSensor
+from ..drivers.base import DriverError, PowerSensor
 from ..drivers.hwmon import HwmonSensor
 from ..drivers.mcu_link import McuLink
 from ..drivers.mcu_protocol import ERROR_KINDS as MCU_PARSER_ERRORS
-from ..drivers.mcu_protocol import Heartbeat, Message, Readings, SleepRequest, StatusFlags, WakeRequest
+from ..drivers.mcu_protocol import (
+    MAX_WAKE_IN_S,
+    Heartbeat,
+    Message,
+    Readings,
+    Reason,
+    SleepRequest,
+    StatusFlags,
+    WakeRequest,
+)
 from ..drivers.someip import ERROR_KINDS as SOMEIP_DECODE_ERRORS
 from ..drivers.someip import SomeIpReceiver
 from ..drivers.someip_sd import SD_ERROR_KINDS, SdClient
 from ..drivers.someip_sd_udp import SdTransport
 from .clock import Clock
-from .host import EnergyHost, SampleSink, Undo
+from .host import EnergyHost, PowerDownResult, SampleSink, Undo
 from .metrics import Metrics
 from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 SOMEIP_ERROR_KINDS = (*SOMEIP_DECODE_ERRORS, "socket_errors", "callback_errors")
-MCU_LINK_ERROR_KINDS = ("open_failures", "connections_lost", "stale", "ack_timeouts", "nacks", "listener_errors")
+MCU_LINK_ERROR_KINDS = ("open_failures", "connections_lost", "stale", "ack_timeouts", "nacks", "listener_errors",
+                        "command_repeats")
 
 
 def signal_routes(config: Config, source: str) -> dict[str, tuple[str, ...]]:
@@ -144,6 +158,10 @@ class McuSource:
         self.requests: dict[str, int] = {"wake": 0, "sleep": 0}
         self._last_request: tuple[type, int] | None = None
         self._remove_listener: Callable[[], None] = lambda: None
+        self._power_down_after_s = config.power_down_after_s
+        #: (command, result) -> count: power_down / revoke / next_wake, acked / failed.
+        self.commands: dict[tuple[str, str], int] = {
+            (c, r): 0 for c in ("power_down", "revoke", "next_wake") for r in ("acked", "failed")}
 
     def set_routes(self, routes: Mapping[str, tuple[str, ...]]) -> None:
         """A reloaded `[signals]`: which readings feed which signals, from the next message on."""
@@ -182,6 +200,45 @@ class McuSource:
         samples = _route(values, self._routes)
         if samples:
             self._sink(samples, self._clock.from_monotonic(mono))
+
+    # -- PowerDownLink ------------------------------------------------------------------------
+
+    async def async_allow_power_down(self, reason: int = Reason.ENERGY_BUDGET,
+                                     after_s: float | None = None) -> PowerDownResult:
+        """POWER_DOWN_ALLOWED; never raises: an unanswered or refused permission comes back with
+        acked=False for the caller to escalate."""
+        delay = self._power_down_after_s if after_s is None else min(65535, max(0, round(after_s)))
+        return await self._power_command("power_down", True, delay, reason)
+
+    async def async_revoke_power_down(self) -> PowerDownResult:
+        return await self._power_command("revoke", False, 0, Reason.UNSPECIFIED)
+
+    async def _power_command(self, name: str, allow: bool, after_s: int, reason: int) -> PowerDownResult:
+        try:
+            frames = await self.link.async_allow_power_down(allow, after_s, reason)
+        except DriverError as exc:
+            self.commands[(name, "failed")] += 1
+            log.error("MCU: %s not acknowledged: %s", name, exc)
+            return PowerDownResult(False, self.link.options.command_attempts, str(exc))
+        self.commands[(name, "acked")] += 1
+        log.info("MCU acknowledged %s (after %d s, reason %d)", name, after_s, reason)
+        return PowerDownResult(True, frames, "acknowledged")
+
+    async def async_request_wake_at(self, when: float | None, reason: int = Reason.TIMER) -> None:
+        """NEXT_WAKE for wall time `when` (None cancels); DriverError if the MCU did not take it."""
+        if when is None:
+            wake_in_s = 0
+        else:
+            wake_in_s = max(1, math.ceil(when - time.time()))
+            if wake_in_s > MAX_WAKE_IN_S:
+                raise DriverError(f"next wake in {wake_in_s} s is beyond the MCU's {MAX_WAKE_IN_S} s")
+        try:
+            await self.link.async_set_next_wake(wake_in_s, reason)
+        except DriverError:
+            self.commands[("next_wake", "failed")] += 1
+            raise
+        self.commands[("next_wake", "acked")] += 1
+        log.info("MCU will wake the gateway in %d s", wake_in_s) if wake_in_s else log.info("MCU next wake cancelled")
 
     async def async_start(self) -> None:
         self._remove_listener = self.link.add_listener(self._on_message)
@@ -356,7 +413,12 @@ class SourcesCollector:
             requests.add_metric([kind], n)
         up = GaugeMetricFamily("cerebellumd_mcu_link_up", "1 while the MCU link is connected and not stale.")
         up.add_metric([], 0.0 if link.stale else 1.0)
-        yield from (frames, errors, connects, requests, up)
+        commands = CounterMetricFamily("cerebellumd_mcu_commands",
+                                       "Power-down permissions and next wakes sent to the MCU, by result.",
+                                       labels=["command", "result"])
+        for (command, result), n in dict(self._mcu.commands).items():
+            commands.add_metric([command, result], n)
+        yield from (frames, errors, connects, requests, up, commands)
 
 
 

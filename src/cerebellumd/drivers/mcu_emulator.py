@@ -2,7 +2,9 @@
 
 The gateway side (McuLink) opens the slave path with pyserial exactly as it would open a real
 UART. The emulator sends heartbeats and readings, switches its simulated accelerator rail on
-RAIL_COMMAND and answers ACK/NACK, and can misbehave on purpose (garbage, bad CRC, silence,
+RAIL_COMMAND and answers ACK/NACK, takes POWER_DOWN_ALLOWED and NEXT_WAKE (ACKed, remembered
+for tests; a repeat with the same seq and payload is ACKed without being re-applied), and can
+misbehave on purpose (garbage, bad CRC, silence,
 hang-up) for tests and for `cerebellumd sim`.
 
 All pty I/O is non-blocking on the event loop (add_reader + os.read/os.write on an O_NONBLOCK
@@ -29,6 +31,8 @@ from .mcu_protocol import (
     MsgType,
     Nack,
     NackCode,
+    NextWake,
+    PowerDownAllowed,
     RailAction,
     RailCommand,
     Readings,
@@ -60,6 +64,8 @@ class Misbehaviour:
     ignore_rail_commands: bool = False  # no ACK, no change
     nack_rail_commands: NackCode | None = None  # refuse with this code
     rail_stuck: bool = False  # ACK but the rail does not change
+    legacy_firmware: bool = False  # predates POWER_DOWN_ALLOWED/NEXT_WAKE: skips them, no answer
+    drop_power_acks: int = 0  # the next N ACKs of those commands are lost on the line
 
 
 @dataclass
@@ -98,6 +104,11 @@ class McuEmulator:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._reading = False
+        #: The latest POWER_DOWN_ALLOWED / NEXT_WAKE taken (repeats not counted), for tests.
+        self.power_down: PowerDownAllowed | None = None
+        self.next_wake: NextWake | None = None
+        self.power_commands_applied = 0
+        self._last_command: dict[type, tuple[int, object]] = {}
 
     # -- pty -----------------------------------------------------------------------------------
 
@@ -251,6 +262,28 @@ class McuEmulator:
             self.stats.received.append(message)
             if isinstance(message.body, RailCommand):
                 self._on_rail_command(message.seq, message.body.action)
+            elif isinstance(message.body, PowerDownAllowed | NextWake):
+                self._on_power_command(message)
+
+    def _on_power_command(self, message: Message) -> None:
+        body = message.body
+        assert isinstance(body, PowerDownAllowed | NextWake)
+        m = self.misbehave
+        if m.legacy_firmware:
+            return  # what a firmware without these types does: count unknown_type, say nothing
+        kind = MsgType.POWER_DOWN_ALLOWED if isinstance(body, PowerDownAllowed) else MsgType.NEXT_WAKE
+        if self._last_command.get(type(body)) != (message.seq, body):
+            self._last_command[type(body)] = (message.seq, body)
+            self.power_commands_applied += 1
+            if isinstance(body, PowerDownAllowed):
+                self.power_down = body
+            else:
+                self.next_wake = body
+        if m.drop_power_acks > 0:
+            m.drop_power_acks -= 1
+            self._seq = (self._seq + 1) & 0xFF  # sent, and lost on the way
+            return
+        self.send(Ack(message.seq, kind))
 
     def _on_rail_command(self, seq: int, action: RailAction) -> None:
         m = self.misbehave

@@ -3,7 +3,9 @@
 The link owns the port: it opens it (in an executor, as serial_asyncio_fast does), reconnects
 with exponential backoff after an open failure or a lost connection, watches the MCU's
 heartbeat (no valid frame for `heartbeat_timeout_ms` = stale), keeps the latest HEARTBEAT and
-READINGS, ACKs the MCU's wake/sleep requests and sends rail commands that await their ACK.
+READINGS, ACKs the MCU's wake/sleep requests and sends commands that await their ACK: rail
+commands, and the power-down permission and next wake, which are repeated with the same seq
+when no ACK comes (`command_attempts`).
 It decides nothing: listeners (the daemon, McuAccelerator, McuPowerSensor) get every message.
 """
 
@@ -29,12 +31,15 @@ from .mcu_protocol import (
     MsgType,
     Nack,
     NackCode,
+    NextWake,
+    PowerDownAllowed,
     RailAction,
     RailCommand,
     Readings,
     SleepRequest,
     WakeRequest,
     encode,
+    message_type,
 )
 
 _LOG = logging.getLogger(__name__)
@@ -60,6 +65,9 @@ class McuLinkOptions(BaseModel):
     heartbeat_timeout_ms: int = Field(
         1500, gt=0, description="No valid frame for this long = link stale.")
     ack_timeout_ms: int = Field(500, gt=0, description="Default wait for the ACK of a command.")
+    command_attempts: int = Field(
+        3, ge=1, le=20, description="POWER_DOWN_ALLOWED and NEXT_WAKE are sent this many times (same seq, "
+                                    "one ACK timeout apart) before the link gives up.")
     reconnect_initial_ms: int = Field(200, gt=0, description="First reconnect delay.")
     reconnect_max_ms: int = Field(30_000, gt=0, description="Reconnect delay cap (doubles up to it).")
 
@@ -97,7 +105,7 @@ class McuLink:
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "frames_tx", "connects", "open_failures", "connections_lost", "stale",
-                "ack_timeouts", "nacks", "listener_errors",
+                "ack_timeouts", "nacks", "listener_errors", "command_repeats",
             ),
             0,
         )
@@ -108,7 +116,7 @@ class McuLink:
         self._listeners: list[MessageListener] = [on_message] if on_message else []
         self._transport: asyncio.Transport | None = None
         self._seq = 0
-        self._pending: dict[int, asyncio.Future[Ack | Nack]] = {}
+        self._pending: dict[int, tuple[int, asyncio.Future[Ack | Nack]]] = {}  # seq -> (type, future)
         self._stale = True
         self._rx = asyncio.Event()
         self._connected = asyncio.Event()
@@ -238,9 +246,9 @@ class McuLink:
             self.last_readings = body
             self.last_readings_time = time.monotonic()
         elif isinstance(body, Ack | Nack):
-            future = self._pending.get(body.acked_seq)
-            if future is not None and not future.done() and body.acked_type == MsgType.RAIL_COMMAND:
-                future.set_result(body)
+            pending = self._pending.get(body.acked_seq)
+            if pending is not None and pending[0] == body.acked_type and not pending[1].done():
+                pending[1].set_result(body)
         elif isinstance(body, WakeRequest | SleepRequest):
             # Acknowledge receipt (the MCU retries until it sees the ACK); deciding what to do
             # about it is the daemon's job, through the listeners.
@@ -266,6 +274,58 @@ class McuLink:
         self.counters["frames_tx"] += 1
         return self._seq
 
+    def _resend(self, body: Body, seq: int) -> None:
+        """The same frame again, with its seq (a repeat the MCU recognises)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise DriverError(f"MCU link on {self.options.port} is not connected")
+        transport.write(encode(body, seq))
+        self.counters["frames_tx"] += 1
+        self.counters["command_repeats"] += 1
+
+    async def async_command(
+        self, body: Body, *, attempts: int | None = None, timeout: float | None = None  # noqa: ASYNC109
+    ) -> int:
+        """Send a gateway command and wait for its ACK, repeating it (same seq) after each ACK
+        timeout, `attempts` times in all (default `command_attempts`). Returns the number of
+        frames sent. DriverError on NACK, on no ACK after the last attempt, or on disconnect."""
+        kind = message_type(body)
+        tries = self.options.command_attempts if attempts is None else attempts
+        wait = self.options.ack_timeout_ms / 1000 if timeout is None else timeout
+        future: asyncio.Future[Ack | Nack] = asyncio.get_running_loop().create_future()
+        seq = self.send(body)
+        self._pending[seq] = (kind, future)
+        sent = 1
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(wait):
+                        reply = await asyncio.shield(future)
+                    break
+                except TimeoutError:
+                    self.counters["ack_timeouts"] += 1
+                    if sent >= tries:
+                        raise DriverError(
+                            f"MCU did not acknowledge {kind.name} after {sent} frame(s), "
+                            f"{wait:.3f} s apart (firmware without it, or the line is down)") from None
+                    self._resend(body, seq)
+                    sent += 1
+        finally:
+            self._pending.pop(seq, None)
+        if isinstance(reply, Nack):
+            self.counters["nacks"] += 1
+            code = next((c.name for c in NackCode if c == reply.code), str(reply.code))
+            raise DriverError(f"MCU refused {kind.name}: {code}")
+        return sent
+
+    async def async_allow_power_down(self, allow: bool, after_s: int, reason: int, **kw: Any) -> int:
+        """POWER_DOWN_ALLOWED (see `async_command`)."""
+        return await self.async_command(PowerDownAllowed(allow, after_s, reason), **kw)
+
+    async def async_set_next_wake(self, wake_in_s: int, reason: int, **kw: Any) -> int:
+        """NEXT_WAKE: wake the gateway in `wake_in_s` seconds, 0 cancels (see `async_command`)."""
+        return await self.async_command(NextWake(wake_in_s, reason), **kw)
+
     async def async_send_rail_command(
         self, on: bool | RailAction, timeout: float | None = None  # noqa: ASYNC109
     ) -> None:
@@ -275,7 +335,7 @@ class McuLink:
         wait = self.options.ack_timeout_ms / 1000 if timeout is None else timeout
         future: asyncio.Future[Ack | Nack] = asyncio.get_running_loop().create_future()
         seq = self.send(RailCommand(action))
-        self._pending[seq] = future
+        self._pending[seq] = (MsgType.RAIL_COMMAND, future)
         try:
             async with asyncio.timeout(wait):
                 reply = await future
@@ -292,7 +352,7 @@ class McuLink:
             raise DriverError(f"MCU refused RAIL_COMMAND {action.name}: {code}")
 
     def _fail_pending(self, reason: str) -> None:
-        for future in self._pending.values():
+        for _, future in self._pending.values():
             if not future.done():
                 future.set_exception(DriverError(reason))
         self._pending.clear()

@@ -45,6 +45,8 @@ class MsgType(IntEnum):
     SLEEP_REQUEST = 0x03
     READINGS = 0x04
     RAIL_COMMAND = 0x10
+    POWER_DOWN_ALLOWED = 0x11
+    NEXT_WAKE = 0x12
     ACK = 0x7E
     NACK = 0x7F
 
@@ -70,6 +72,8 @@ class Reason(IntEnum):
     DIAGNOSTICS = 5
     LOW_BATTERY = 6
     OVER_TEMPERATURE = 7
+    ENERGY_BUDGET = 8  # the 12 V energy budget ran out
+    PARKED_TIME = 9  # the longest time awake while parked ran out
 
 
 class RailAction(IntEnum):
@@ -134,6 +138,29 @@ class RailCommand:
 
 
 @dataclass(frozen=True, slots=True)
+class PowerDownAllowed:
+    """GW -> MCU: the gateway may be powered down `after_s` seconds after the ACK (allow=True),
+    or not any more (allow=False: a pending power-down is cancelled)."""
+
+    allow: bool
+    after_s: int
+    reason: int
+
+
+#: NEXT_WAKE.wake_in_s above this is out of range (the MCU compares millisecond times modulo
+#: 2^32, valid below 2^31 ms, about 24.8 days).
+MAX_WAKE_IN_S = 2_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class NextWake:
+    """GW -> MCU: wake the gateway in `wake_in_s` seconds (0 cancels a scheduled wake)."""
+
+    wake_in_s: int
+    reason: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     acked_seq: int
     acked_type: int
@@ -146,7 +173,8 @@ class Nack:
     code: int
 
 
-Body = Heartbeat | WakeRequest | SleepRequest | Readings | RailCommand | Ack | Nack
+Body = (Heartbeat | WakeRequest | SleepRequest | Readings | RailCommand | PowerDownAllowed | NextWake
+        | Ack | Nack)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +191,8 @@ _LAYOUT: dict[MsgType, struct.Struct] = {
     MsgType.SLEEP_REQUEST: struct.Struct(">B"),
     MsgType.READINGS: struct.Struct(">HhhHHIB"),
     MsgType.RAIL_COMMAND: struct.Struct(">B"),
+    MsgType.POWER_DOWN_ALLOWED: struct.Struct(">BHB"),
+    MsgType.NEXT_WAKE: struct.Struct(">IB"),
     MsgType.ACK: struct.Struct(">BB"),
     MsgType.NACK: struct.Struct(">BBB"),
 }
@@ -172,6 +202,8 @@ _TYPE_OF: dict[type, MsgType] = {
     SleepRequest: MsgType.SLEEP_REQUEST,
     Readings: MsgType.READINGS,
     RailCommand: MsgType.RAIL_COMMAND,
+    PowerDownAllowed: MsgType.POWER_DOWN_ALLOWED,
+    NextWake: MsgType.NEXT_WAKE,
     Ack: MsgType.ACK,
     Nack: MsgType.NACK,
 }
@@ -198,6 +230,10 @@ def encode_payload(body: Body) -> bytes:
             return layout.pack(bat, t_mcu, t_acc, mv, ma, mw, 1 if on else 0)
         case RailCommand(action):
             return layout.pack(int(action))
+        case PowerDownAllowed(allow, after_s, reason):
+            return layout.pack(1 if allow else 0, after_s, reason)
+        case NextWake(wake_in_s, reason):
+            return layout.pack(wake_in_s, reason)
         case Ack(seq, mtype):
             return layout.pack(seq, mtype)
         case Nack(seq, mtype, code):
@@ -236,6 +272,15 @@ def decode_payload(mtype: int, payload: bytes) -> Body:
             return RailCommand(RailAction(values[0]))
         except ValueError:
             raise ProtocolError("bad_value", f"rail action {values[0]} out of range") from None
+    if kind is MsgType.POWER_DOWN_ALLOWED:
+        allow, after_s, reason = values
+        if allow > 1:
+            raise ProtocolError("bad_value", f"POWER_DOWN_ALLOWED allow {allow} out of range")
+        return PowerDownAllowed(bool(allow), after_s, reason)
+    if kind is MsgType.NEXT_WAKE:
+        if values[0] > MAX_WAKE_IN_S:
+            raise ProtocolError("bad_value", f"NEXT_WAKE wake_in_s {values[0]} over {MAX_WAKE_IN_S}")
+        return NextWake(*values)
     if kind is MsgType.ACK:
         return Ack(*values)
     return Nack(*values)
