@@ -342,3 +342,31 @@ def test_labels_load_without_a_recording(tmp_path: Path) -> None:
                       '[[labels]]\nname = "a"\nwhen = "x > 2"\ndeadline_ms = 5\n')
     with pytest.raises(ConfigError, match="duplicate label name 'a'"):
         load_labels(labels, {"x"})
+
+
+def test_sweep_takes_a_recording(tmp_path: Path) -> None:
+    log, dbc, cfg, labels = CORPUS["rav4_2019"].paths
+    spec = tmp_path / "grid.toml"
+    spec.write_text(f'policy = "{cfg}"\n[grid]\nrelease_ms = [2000, 10000]\nlatency_budget_ms = [800, 1500]\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "cerebellumd", "sweep", str(spec), "--log", str(log), "--dbc", str(dbc),
+         "--labels", str(labels), "--out", str(tmp_path / "rows")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert sorted((r["release_ms"], r["latency_budget_ms"]) for r in rows) == [
+        (2000, 800), (2000, 1500), (10000, 800), (10000, 1500)]
+    assert {r["scenario"] for r in rows} == {"drive.log"}
+    # Each row is the evaluation of that grid point: the same numbers as evaluate --log on it.
+    config = load_config(cfg)
+    one = next(r for r in rows if (r["release_ms"], r["latency_budget_ms"]) == (2000, 800))
+    tuned = config.model_copy(update={"policy": config.policy.model_copy(update={"release_ms": 2000,
+                                                                                  "latency_budget_ms": 800})})
+    direct = evaluate_recording(tuned, log, dbc, labels).result["results"][0]
+    assert (one["readiness"], one["accelerator_energy_j"]) == (direct["readiness"], direct["accelerator_energy_j"])
+    # A tighter latency budget never allows a deeper state: at least as ready.
+    for release in (2000, 10000):
+        tight, loose = (next(r for r in rows if (r["release_ms"], r["latency_budget_ms"]) == (release, b))
+                        for b in (800, 1500))
+        assert tight["readiness"] >= loose["readiness"]

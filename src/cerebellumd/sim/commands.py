@@ -91,6 +91,10 @@ def register(subparsers: Any) -> None:
         action="append",
         help="event model file(s) for every scenario (repeatable; replaces the sweep file's `events`)",
     )
+    sw.add_argument("--log", metavar="LOG", help="sweep the grid on a recorded drive instead of the file's scenarios")
+    sw.add_argument("--dbc", metavar="FILE", help="with --log: the DBC of the recorded bus")
+    sw.add_argument("--labels", metavar="FILE.toml", help="with --log: the events of the recording")
+    sw.add_argument("--j1939", default="auto", choices=("auto", "on", "off"), help="with --log: as in replay")
     sw.set_defaults(func=cmd_sweep)
 
 
@@ -269,13 +273,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.log is not None and (not args.dbc or not args.labels or args.dask or args.events):
+        print("error: sweep --log needs --dbc and --labels (and takes no --dask or --events)", file=sys.stderr)
+        return 2
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluating", total=None)
 
         def advance(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        rows = run_sweep(spec, workers=args.workers, dask_address=args.dask, progress=advance)
+        if args.log is not None:
+            # The sweep file's grid and policy on the recording (its scenarios and seeds are not used).
+            from pathlib import Path
+
+            from .recorded import RecordedError, sweep_recording
+            from .sweep import points
+
+            base = Path(spec.policy).read_text(encoding="utf-8") if spec.policy else builtin_example()
+            try:
+                rows = sweep_recording(base, points(spec), args.log, args.dbc, args.labels, workers=args.workers,
+                                       j1939=args.j1939, progress=advance)
+            except (RecordedError, ConfigError, ValueError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+        else:
+            rows = run_sweep(spec, workers=args.workers, dask_address=args.dask, progress=advance)
     keys = sorted(spec.grid)
     front = pareto(aggregate(rows, keys))
     table = Table(title="Pareto front: mean accelerator energy vs worst readiness")

@@ -26,7 +26,7 @@ of the virtual vehicle:
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -345,3 +345,51 @@ def _by_label(
             served = sum(acc.is_active_at(min(e.start_s + e.deadline_ms / 1000, end_s)) for e in mine)
             out[label] = round(served / len(mine), 6)
     return out
+
+
+# -- sweeps over a recording ------------------------------------------------------------------
+
+
+def sweep_row(base_text: str, params: dict[str, Any], log: str, dbc: str, labels: str, j1939: str = "auto") -> dict[
+        str, Any]:
+    """One grid point (`[policy]` overrides) evaluated on the recording: a `sweep` row whose
+    `scenario` is the log's file name (runs in a worker process)."""
+    from ..config import parse_config
+    from .sweep import result_row
+
+    config = parse_config(base_text)
+    config = config.model_copy(update={"policy": config.policy.model_copy(update=params)})
+    result = evaluate_recording(config, log, dbc, labels, j1939=j1939).result
+    return result_row(params, Path(log).name, result["seed"], result)
+
+
+def sweep_recording(
+    base_text: str,
+    grid_points: Sequence[dict[str, Any]],
+    log: str,
+    dbc: str,
+    labels: str,
+    *,
+    workers: int = 1,
+    j1939: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every grid point on the recording, in a process pool when `workers` > 1."""
+    rows: list[dict[str, Any]] = []
+    if workers <= 1:
+        for params in grid_points:
+            rows.append(sweep_row(base_text, params, log, dbc, labels, j1939))
+            if progress:
+                progress(len(rows), len(grid_points))
+        return rows
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(sweep_row, base_text, params, log, dbc, labels, j1939) for params in grid_points]
+        for fut in as_completed(futures):
+            rows.append(fut.result())
+            if progress:
+                progress(len(rows), len(grid_points))
+    keys = sorted(grid_points[0]) if grid_points else []
+    rows.sort(key=lambda r: tuple(r[k] for k in keys))
+    return rows
