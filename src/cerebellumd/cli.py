@@ -67,6 +67,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
+    if args.labels:
+        from .sim.labels import labels_schema
+
+        print(json.dumps(labels_schema(), indent=2))
+        return 0
     if args.events:
         from .sim.events_config import event_schema
 
@@ -330,7 +335,8 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cerebellumd", description=__doc__)
+    # allow_abbrev=False: `evaluate --log` must not read as an abbreviation of the global `--log-level`.
+    parser = argparse.ArgumentParser(prog="cerebellumd", description=__doc__, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"cerebellumd {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="human", choices=["human", "json"])
@@ -357,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the config")
     schema.add_argument("--events", action="store_true", help="the schema of an event file (evaluate --events)")
+    schema.add_argument("--labels", action="store_true", help="the schema of a labels file (evaluate --log --labels)")
     schema.set_defaults(func=_cmd_schema)
 
     status = sub.add_parser("status", help="show a running daemon's state (metrics endpoint or MQTT)")

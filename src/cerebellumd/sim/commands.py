@@ -39,8 +39,9 @@ def _require(*needs: tuple[str, str]) -> bool:
 
 
 def register(subparsers: Any) -> None:
-    ev = subparsers.add_parser("evaluate", help="fast-forward the policies over a scenario")
-    ev.add_argument("--policy", metavar="FILE", help="config file (default: the shipped demo)")
+    ev = subparsers.add_parser("evaluate", help="fast-forward the policies over a scenario or a recorded drive")
+    ev.add_argument("--policy", "--config", dest="policy", metavar="FILE",
+                    help="config file (default: the shipped demo)")
     where = ev.add_mutually_exclusive_group(required=True)
     where.add_argument(
         "--scenario",
@@ -48,6 +49,13 @@ def register(subparsers: Any) -> None:
         help=f"shipped cycle and event-model variant ({', '.join(NAMED_MODELS)})",
     )
     where.add_argument("--cycle", metavar="PATH", help="drive cycle CSV (time_s,speed_kmh)")
+    where.add_argument("--log", metavar="LOG", help="a recorded CAN log (any python-can format); needs --dbc, --labels")
+    ev.add_argument("--dbc", metavar="FILE", help="with --log: the DBC of the recorded bus")
+    ev.add_argument(
+        "--labels", metavar="FILE.toml", help="with --log: the events ([[labels]]; see `cerebellumd schema --labels`)"
+    )
+    ev.add_argument("--j1939", default="auto", choices=("auto", "on", "off"),
+                    help="with --log: match J1939 messages by PGN, as replay does (default auto)")
     ev.add_argument(
         "--variant", default=None, choices=sorted(NAMED_MODELS), help="event-model variant with --cycle"
     )
@@ -83,6 +91,10 @@ def register(subparsers: Any) -> None:
         action="append",
         help="event model file(s) for every scenario (repeatable; replaces the sweep file's `events`)",
     )
+    sw.add_argument("--log", metavar="LOG", help="sweep the grid on a recorded drive instead of the file's scenarios")
+    sw.add_argument("--dbc", metavar="FILE", help="with --log: the DBC of the recorded bus")
+    sw.add_argument("--labels", metavar="FILE.toml", help="with --log: the events of the recording")
+    sw.add_argument("--j1939", default="auto", choices=("auto", "on", "off"), help="with --log: as in replay")
     sw.set_defaults(func=cmd_sweep)
 
 
@@ -93,6 +105,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .evaluate import EvaluationError, run_evaluation
 
+    if args.log is not None:
+        return _evaluate_recording(args)
+    if args.dbc or args.labels:
+        print("error: --dbc and --labels go with --log", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.policy) if args.policy else parse_config(builtin_example(), "demo.toml")
         cycle_name, variant, model = scenario_args(args.scenario, args.cycle, args.variant, args.events)
@@ -113,6 +130,70 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     Console().print(result_table(result))
     return 0
+
+
+def _evaluate_recording(args: argparse.Namespace) -> int:
+    """`evaluate --log LOG --dbc DBC --labels LABELS.toml`: the policies on a recorded drive."""
+    from rich.console import Console
+
+    from .evaluate import EvaluationError
+    from .recorded import RecordedError, evaluate_recording
+    from .replay import ReplayError, load_replay_dbc
+
+    missing = [flag for flag, value in (("--dbc", args.dbc), ("--labels", args.labels)) if not value]
+    if missing or args.variant or args.events:
+        print("error: --log needs --dbc and --labels (and takes no --variant or --events)", file=sys.stderr)
+        return 2
+    try:
+        if args.policy:
+            config = load_config(args.policy)
+            if not _dbc_gate(args.policy, config, load_replay_dbc(args.dbc)):
+                print(f"error: a configured CAN signal is not in {args.dbc}", file=sys.stderr)
+                return 2
+        else:
+            config = parse_config(builtin_example(), "demo.toml")
+        run = evaluate_recording(
+            config, args.log, args.dbc, args.labels, seed=args.seed, profile=args.profile, j1939=args.j1939,
+            resume_failure_probability=args.resume_failure_probability,
+        )
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(f"error: {issue}", file=sys.stderr)
+        return 2
+    except (RecordedError, ReplayError, EvaluationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run.result
+    if args.plot:
+        from .plot import plot
+
+        plot(run.evaluation.runs, run.scenario, args.plot, result)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return 0
+    console = Console()
+    console.print(result_table(result))
+    for label in result["labels"]:
+        console.print(f"label {label['name']}: {label['events']} events (when {label['when']}, "
+                      f"deadline {label['deadline_ms']} ms, at least {label['min_duration_ms']} ms)")
+    if result["never_fed"]:
+        console.print(f"never fed by this recording: {', '.join(result['never_fed'])}")
+    return 0
+
+
+def _dbc_gate(path: str, config: Any, db: Any) -> bool:
+    """Every `can = "Message.Signal"` against the recording's DBC (as `replay` checks it):
+    errors and warnings with file and line on stderr; False if a signal does not resolve."""
+    from pathlib import Path
+
+    from ..config.dbc_check import dbc_issues
+
+    result = dbc_issues(config, dict.fromkeys((b.name for b in config.can), db), Path(path).read_text("utf-8"), path)
+    for issue in result.warnings:
+        print(f"{issue} (warning)", file=sys.stderr)
+    for issue in result.errors:
+        print(f"error: {issue}", file=sys.stderr)
+    return result.ok
 
 
 def scenario_args(
@@ -192,13 +273,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.log is not None and (not args.dbc or not args.labels or args.dask or args.events):
+        print("error: sweep --log needs --dbc and --labels (and takes no --dask or --events)", file=sys.stderr)
+        return 2
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluating", total=None)
 
         def advance(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        rows = run_sweep(spec, workers=args.workers, dask_address=args.dask, progress=advance)
+        if args.log is not None:
+            # The sweep file's grid and policy on the recording (its scenarios and seeds are not used).
+            from pathlib import Path
+
+            from .recorded import RecordedError, sweep_recording
+            from .sweep import points
+
+            base = Path(spec.policy).read_text(encoding="utf-8") if spec.policy else builtin_example()
+            try:
+                rows = sweep_recording(base, points(spec), args.log, args.dbc, args.labels, workers=args.workers,
+                                       j1939=args.j1939, progress=advance)
+            except (RecordedError, ConfigError, ValueError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+        else:
+            rows = run_sweep(spec, workers=args.workers, dask_address=args.dask, progress=advance)
     keys = sorted(spec.grid)
     front = pareto(aggregate(rows, keys))
     table = Table(title="Pareto front: mean accelerator energy vs worst readiness")

@@ -95,11 +95,22 @@ class _Feed:
     values: np.ndarray
 
 
+class SignalSource(Protocol):
+    """What the evaluator reads from a vehicle: the virtual one (`VirtualVehicle`) or a recorded
+    drive (`sim/recorded.py`). `trace(message)`: every frame's time (s, on the scenario's clock)
+    and each signal's decoded values; possibly no frames (a message the recording never sent)."""
+
+    @property
+    def scenario(self) -> Scenario: ...
+    def message_periods(self) -> dict[str, float]: ...
+    def trace(self, name: str) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
+
+
 class _Timeline:
     """Delivered samples of every configured signal over a scenario, and the ticks at which a
     step could decide differently from the tick before (shared by all policies)."""
 
-    def __init__(self, config: Config, params: PolicyParams, vehicle: VirtualVehicle, tick_s: float) -> None:
+    def __init__(self, config: Config, params: PolicyParams, vehicle: SignalSource, tick_s: float) -> None:
         self.tick_s = tick_s
         self.n_ticks = math.floor(vehicle.scenario.duration_s / tick_s + _EPS)
         self.names = [s.name for s in params.signals]
@@ -136,7 +147,7 @@ class _Timeline:
         spec = next(s for s in self._params.signals if s.name == name)
         now = ticks.astype(float) * self.tick_s
         feed = self.feeds.get(name)
-        if feed is None:
+        if feed is None or len(feed.ticks) == 0:
             return np.full(len(ticks), np.nan), now > spec.max_age_s
         i = np.searchsorted(feed.ticks, ticks, side="right") - 1
         have = i >= 0
@@ -428,7 +439,7 @@ def run_evaluation(
     tick_ms: int = DEFAULT_TICK_MS,
     profile: str | None = None,
     event_driven: bool = True,
-    vehicle: VirtualVehicle | None = None,
+    vehicle: SignalSource | None = None,
     resume_failure_probability: float = 0.0,
     ladder: LadderSpec | None = None,
     causal_baselines: bool = True,
@@ -446,8 +457,8 @@ def run_evaluation(
     fails = resume_failures(scenario.seed, resume_failure_probability)
     retry_after_s = (ladder or ladder_for_profile(model)).wake_timeout_s
     tick_s = tick_ms / 1000
-    vehicle = vehicle if vehicle is not None else VirtualVehicle(scenario)
-    timeline = _Timeline(config, params, vehicle, tick_s)
+    source: SignalSource = vehicle if vehicle is not None else VirtualVehicle(scenario)
+    timeline = _Timeline(config, params, source, tick_s)
     end_s = timeline.n_ticks * tick_s
     initial = AccelState(config.daemon.initial_state)
 

@@ -78,6 +78,80 @@ def load_replay_dbc(path: str | Path) -> Database:
     return db
 
 
+class FrameDecoder:
+    """One bus's frames -> the DBC messages they carry, as `replay` decodes them: by exact (ID,
+    extended), or (J1939, `j1939` mode) by PGN with transport-protocol reassembly. `counts`
+    tallies `decoded`, `decode_errors`, `unknown_ids`, `error_frames`, `transport_frames`,
+    `pgn_routed`, `tp_messages`, `tp_decoded`, `tp_decoded_errors`, `tp_unknown_pgn`;
+    `tp_errors` the transport errors by kind."""
+
+    def __init__(self, db: Database, j1939: str = "auto") -> None:
+        if j1939 not in J1939_MODES:
+            raise ReplayError(f"j1939 must be one of {', '.join(J1939_MODES)}, not {j1939!r}")
+        self.by_pgn = [m for m in db.messages if is_j1939_message(m, db, j1939)]
+        routed = {id(m) for m in self.by_pgn}
+        self.by_id: dict[tuple[int, bool], Message] = {
+            (m.frame_id, m.is_extended_frame): m for m in db.messages if id(m) not in routed}
+        self.rx: J1939Receiver[Message] | None = (
+            J1939Receiver(PgnRoutes((m.frame_id, m) for m in self.by_pgn)) if self.by_pgn else None)
+        self.counts: Counter[str] = Counter()
+        self.tp_errors: Counter[str] = Counter()
+
+    def _decode(self, message: Message, data: bytes, counter: str, *,
+                truncated: bool = False) -> Mapping[str, Any] | None:
+        try:
+            # Plain decode (no multiplexer container) returns a dict of numbers.
+            values = cast(Mapping[str, Any], message.decode(data, decode_choices=False, allow_truncated=truncated))
+        except Exception:  # cantools raises several types for bad frames; all are bad input
+            self.counts[f"{counter}_errors" if counter != "decoded" else "decode_errors"] += 1
+            return None
+        self.counts[counter] += 1
+        return values
+
+    def feed(self, msg: can.Message) -> list[tuple[Message, Mapping[str, Any], float]]:
+        """The (message, decoded values, time) this frame completes: none (unknown ID, bad
+        data, error or transport frame), one, or the PGs a transport frame completes."""
+        t = float(msg.timestamp)
+        if msg.is_error_frame:
+            self.counts["error_frames"] += 1
+            return []
+        message = self.by_id.get((msg.arbitration_id, msg.is_extended_id))
+        rx = self.rx
+        if message is None and rx is not None and msg.is_extended_id:
+            message = rx.feed(msg.arbitration_id, bytes(msg.data), t)
+            for error in rx.errors:
+                self.tp_errors[error.kind] += 1
+            rx.errors.clear()
+            if message is not None:
+                self.counts["pgn_routed"] += 1
+            elif rx.consumed:
+                self.counts["transport_frames"] += 1
+                out: list[tuple[Message, Mapping[str, Any], float]] = []
+                for routed, pg in rx.messages:
+                    self.counts["tp_messages"] += 1
+                    if routed is None:
+                        self.counts["tp_unknown_pgn"] += 1
+                        continue
+                    values = self._decode(routed, pg.data, "tp_decoded", truncated=True)
+                    if values is not None:
+                        out.append((routed, values, pg.time))
+                rx.messages.clear()
+                return out
+        if message is None:
+            self.counts["unknown_ids"] += 1
+            return []
+        values = self._decode(message, bytes(msg.data), "decoded")
+        return [] if values is None else [(message, values, t)]
+
+    def close(self) -> None:
+        """End of the log: a transfer still open is a transport error."""
+        if self.rx is not None:
+            self.rx.close()
+            for error in self.rx.errors:
+                self.tp_errors[error.kind] += 1
+            self.rx.errors.clear()
+
+
 @dataclass
 class _Policy:
     core: CerebellumFirst
@@ -204,42 +278,15 @@ def replay(log: str | Path, dbc: str | Path, config: Config | None = None, *,
     if j1939 not in J1939_MODES:
         raise ReplayError(f"j1939 must be one of {', '.join(J1939_MODES)}, not {j1939!r}")
     db = load_replay_dbc(dbc)
-    by_pgn = [m for m in db.messages if is_j1939_message(m, db, j1939)]
-    pgn_routed = {id(m) for m in by_pgn}
-    by_id: dict[tuple[int, bool], Message] = {
-        (m.frame_id, m.is_extended_frame): m for m in db.messages if id(m) not in pgn_routed}
-    rx: J1939Receiver[Message] | None = (
-        J1939Receiver(PgnRoutes((m.frame_id, m) for m in by_pgn)) if by_pgn else None)
+    decoder = FrameDecoder(db, j1939)
     last_values: dict[str, float] = {}
     changes: Counter[str] = Counter()
-    counts: Counter[str] = Counter()
-    tp_errors: Counter[str] = Counter()
+    counts = decoder.counts
     seen: set[str] = set()
     policy: _Policy | None = None
     nm = _nm_replayer(config)
     first: float | None = None
     last: float | None = None
-
-    def apply(message: Message, data: bytes, t: float, counter: str, *, truncated: bool = False) -> None:
-        try:
-            # Plain decode (no multiplexer container) returns a dict of numbers.
-            values = cast(Mapping[str, Any], message.decode(data, decode_choices=False, allow_truncated=truncated))
-        except Exception:  # cantools raises several types for bad frames; all are bad input
-            counts[f"{counter}_errors" if counter != "decoded" else "decode_errors"] += 1
-            return
-        counts[counter] += 1
-        seen.update(values)
-        for name, value in values.items():
-            key = f"{message.name}.{name}"
-            if isinstance(value, int | float) and last_values.get(key, value) != value:
-                changes[key] += 1
-            last_values[key] = value
-        if policy is not None:
-            for dbc_signal, ours in policy.routes.get(message.name, ()):
-                value = values.get(dbc_signal)
-                if isinstance(value, int | float):
-                    policy.feed(ours, float(value), t)
-            policy.step(t)
 
     try:
         reader = can.LogReader(str(log))
@@ -259,31 +306,20 @@ def replay(log: str | Path, dbc: str | Path, config: Config | None = None, *,
             if config is not None and policy is not None:
                 nm.ignition = _ignition(config, policy.samples, t)
             nm.feed(msg)
-        if msg.is_error_frame:
-            counts["error_frames"] += 1
-            continue
-        message = by_id.get((msg.arbitration_id, msg.is_extended_id))
-        if message is None and rx is not None and msg.is_extended_id:
-            message = rx.feed(msg.arbitration_id, bytes(msg.data), t)
-            for error in rx.errors:
-                tp_errors[error.kind] += 1
-            rx.errors.clear()
-            if message is not None:
-                counts["pgn_routed"] += 1
-            elif rx.consumed:
-                counts["transport_frames"] += 1
-                for routed, pg in rx.messages:
-                    counts["tp_messages"] += 1
-                    if routed is None:
-                        counts["tp_unknown_pgn"] += 1
-                    else:
-                        apply(routed, pg.data, pg.time, "tp_decoded", truncated=True)
-                rx.messages.clear()
-                continue
-        if message is None:
-            counts["unknown_ids"] += 1
-            continue
-        apply(message, bytes(msg.data), t, "decoded")
+        for message, values, at in decoder.feed(msg):
+            seen.update(values)
+            for name, value in values.items():
+                key = f"{message.name}.{name}"
+                if isinstance(value, int | float) and last_values.get(key, value) != value:
+                    changes[key] += 1
+                last_values[key] = value
+            if policy is not None:
+                for dbc_signal, ours in policy.routes.get(message.name, ()):
+                    value = values.get(dbc_signal)
+                    if isinstance(value, int | float):
+                        policy.feed(ours, float(value), at)
+                policy.step(at)
+    by_pgn, rx, tp_errors = decoder.by_pgn, decoder.rx, decoder.tp_errors
     result: dict[str, Any] = {
         "log": str(log),
         "dbc": str(dbc),
@@ -318,9 +354,7 @@ def replay(log: str | Path, dbc: str | Path, config: Config | None = None, *,
     if nm is not None:
         result["nm"] = _nm_json(nm.finish(), first if first is not None else 0.0)
     if rx is not None:
-        rx.close()
-        for error in rx.errors:
-            tp_errors[error.kind] += 1
+        decoder.close()
         result["j1939"] = {
             "mode": j1939,
             "pgn_messages": len(by_pgn),

@@ -110,7 +110,11 @@ def run_one(
         world = (cycle, variant, named_scenario(variant))
     cycle, variant, model = world
     sc = build_scenario(load_cycle(cycle), seed, model, name=variant)
-    result = evaluate(config, sc)
+    return result_row(params, scenario, seed, evaluate(config, sc))
+
+
+def result_row(params: dict[str, Any], scenario: str, seed: int, result: dict[str, Any]) -> dict[str, Any]:
+    """One sweep row from one evaluation's JSON (also used for recorded drives, sim/recorded.py)."""
     mine = result["results"][0]
     oracle = result["results"][-1]
     return {
