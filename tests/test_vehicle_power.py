@@ -22,6 +22,8 @@ from cerebellumd.accel import AccelState
 from cerebellumd.config import ConfigError, parse_config
 from cerebellumd.daemon.ingest import LISTEN_ONLY_OPTIONS
 from cerebellumd.daemon.vehicle_power import KEEP_AWAKE_REASONS, VehiclePower
+from cerebellumd.drivers.mcu_emulator import McuEmulator
+from cerebellumd.drivers.mcu_protocol import Reason
 from cerebellumd.policies.cerebellum import CerebellumFirst
 from cerebellumd.policies.types import Hold, HoldMode, Inputs, PolicyParams, Sample
 from cerebellumd.policies.vehicle_power import (
@@ -447,3 +449,30 @@ async def test_replaying_an_ignition_off_log_sends_nothing_and_keeps_nothing_awa
                 assert rig.metric("cerebellumd_vehicle_power_state", state="off") == 1
         finally:
             listener.shutdown()
+
+
+async def test_an_empty_budget_tells_the_mcu_and_key_on_revokes_it(tmp_path: Path) -> None:
+    """With an [mcu] link the power-down permission is a command on the MCU protocol
+    (POWER_DOWN_ALLOWED, acknowledged), and key-on takes it back; the hook is not run."""
+    emulator = McuEmulator(heartbeat_interval_s=0.05, readings_interval_s=0.1, link_path=tmp_path / "mcu")
+    await emulator.async_open()
+    emulator.start()
+    battery = (f'\n[battery]\nenabled = true\nrestore_floor_wh = 0\nmin_parked_s = 0\n'
+               f'[mcu]\nport = "{tmp_path / "mcu"}"\nheartbeat_timeout_ms = 500\n')
+    try:
+        async with parked_rig(battery) as rig:
+            vp = part(rig)
+            rig.values["BodyStatus"]["Ignition"] = 0
+            await until(lambda: vp.power_down_reason == "budget", 10, "power down on an empty budget")
+            await until(lambda: emulator.power_down is not None and emulator.power_down.allow, 10,
+                        "POWER_DOWN_ALLOWED at the MCU")
+            assert emulator.power_down is not None and emulator.power_down.reason == int(Reason.ENERGY_BUDGET)
+            await until(lambda: rig.metric("cerebellumd_battery_power_down_link_total", result="acked") == 1, 10,
+                        "the permission acknowledged")
+            rig.values["BodyStatus"]["Ignition"] = 1
+            await until(lambda: emulator.power_down is not None and not emulator.power_down.allow, 10,
+                        "the permission revoked at key-on")
+            assert rig.metric("cerebellumd_battery_power_down_link_total", result="revoked") == 1
+            assert rig.metric("cerebellumd_battery_power_down_hook_runs_total", result="ok") == 0
+    finally:
+        await emulator.stop()

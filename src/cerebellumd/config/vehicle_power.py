@@ -125,8 +125,9 @@ class BatteryConfig(BaseModel):
                                        "(openpilot MAX_TIME_OFFROAD_S = 30 h).")
     power_down_command: list[str] = Field(
         default_factory=list,
-        description="Hook: argv run once (no shell) when the gateway may power down, e.g. a script that "
-                    "tells the PMIC; empty = only the metric and MQTT state.")
+        description="Hook: argv run once (no shell) when the gateway may power down and no [mcu] link "
+                    "acknowledged it (or there is none), e.g. a script that tells the PMIC; empty = only the "
+                    "metric, the MQTT state and the MCU.")
 
     @model_validator(mode="after")
     def _floor(self) -> BatteryConfig:

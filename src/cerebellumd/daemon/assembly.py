@@ -153,6 +153,10 @@ class Assembly:
         without `[mcu]`)."""
         return self.mcu
 
+    def _budget_wh(self) -> float | None:
+        """The 12 V budget for garage-mode leases (None without [battery]: leases are granted)."""
+        return self.vehicle_power.budget_wh() if self.vehicle_power is not None else None
+
     def _accelerator_joules(self, config: Config) -> Callable[[], float] | None:
         """The accelerator domain's energy for lease energy caps (None without such a domain)."""
         if not any(dm.name == ACCELERATOR_DOMAIN for dm in config.power.domains):
@@ -245,7 +249,7 @@ class Assembly:
                 await self._start("persistence", self.persistence)
             if cfg.leases.enabled:
                 self.leases = LeaseService(cfg.leases, host=d, clock=d.clock, metrics=d.metrics,
-                                           energy_j=self._accelerator_joules(cfg),
+                                           energy_j=self._accelerator_joules(cfg), budget_wh=self._budget_wh,
                                            wake_at=self._async_wake_at if cfg.mcu is not None else None,
                                            commands=d.commands)
                 await self._start("leases", self.leases)
@@ -272,6 +276,8 @@ class Assembly:
                 shared = d.driver.link if isinstance(d.driver, McuAccelerator) else None
                 self.mcu = McuSource(cfg.mcu, signal_routes(cfg, "mcu"), d.publish_samples, d.clock, link=shared)
                 await self._start("MCU link", self.mcu)
+            if self.vehicle_power is not None:
+                self.vehicle_power.attach_power_down(self.power_down_link)
             self._register_sources_collector()
             self.power_readers = self._build_power_readers(cfg)
             await self._start_role("power readers", lambda: [self.power_readers])

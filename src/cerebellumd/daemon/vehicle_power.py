@@ -17,8 +17,8 @@ tick and on its own timer (the decision ticker stops in NM bus sleep; the parked
   accelerator being in a state whose exit latency fits the policy's latency budget.
 - When the budget, the low-passed voltage or the maximum parked time runs out, a target filter
   holds the accelerator `off` and the decision is exported (`cerebellumd_battery_power_down`,
-  MQTT state) and handed to the optional `power_down_command`. The MCU protocol has no
-  power-down command yet (docs/mcu-protocol.md): telling the PMIC is left to that hook.
+  MQTT state), and the MCU is told the gateway may power down (POWER_DOWN_ALLOWED, acknowledged;
+  docs/mcu-protocol.md). Without an MCU, or unacknowledged, the optional `power_down_command` runs.
 - Keep-awake: while parked, each reason that keeps the accelerator or the bus awake (an awake
   hold, a lease, a critical demand, our NM request) is counted once per episode in
   `cerebellumd_keep_awake_total{reason}` and logged with its owner and stated reason.
@@ -29,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from ..accel import AcceleratorModel, AccelState
 from ..config.vehicle_power import BatteryConfig, VehiclePowerConfig
+from ..drivers.mcu_protocol import Reason
 from ..policies.nm import NmMode
 from ..policies.types import HoldMode
 from ..policies.vehicle_power import (
@@ -47,7 +49,7 @@ from ..policies.vehicle_power import (
     PowerState,
 )
 from .clock import Clock
-from .host import AcceleratorHost, EnergyHost, Events, HoldsHost, Inputs, Snapshot, Undo, VehicleHost
+from .host import AcceleratorHost, EnergyHost, Events, HoldsHost, Inputs, PowerDownLink, Snapshot, Undo, VehicleHost
 from .metrics import Metrics
 from .nm_service import NmService
 from .persist import CORRUPT, MISSING, Persistence
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 KEEP_AWAKE_REASONS = ("hold", "lease", "critical_demand", "nm_request")
 INPUT_EVENT_KINDS = ("edge", "debounced", "stale", "bad_value", "flapping")
 POWER_DOWN_REASONS = ("budget", "voltage", "max_parked")
+#: The reason code POWER_DOWN_ALLOWED carries (docs/mcu-protocol.md).
+MCU_REASONS = {"budget": int(Reason.ENERGY_BUDGET), "voltage": int(Reason.LOW_BATTERY),
+               "max_parked": int(Reason.PARKED_TIME)}
 RESTORE_RESULTS = ("ok", "missing", "corrupt")
 _NETWORK_MODES = frozenset({NmMode.REPEAT_MESSAGE, NmMode.NORMAL_OPERATION, NmMode.READY_SLEEP})
 _DRIVING = frozenset({PowerState.ON, PowerState.CRANKING})
@@ -88,6 +93,7 @@ class VehiclePower:
         self.last_ready_s: float | None = None
         self.awake_reasons: dict[str, str] = {}  # reason -> who and why, while parked
         self.power_down_reason: str | None = None
+        self._power_down_link: PowerDownLink | None = None
         self._decision_reason = ""
         self._nm_awake_since: float | None = None
         self._undo: list[Undo] = []
@@ -131,6 +137,11 @@ class VehiclePower:
                                        "floor).", ["result"])
             self.m_hook = m.counter("cerebellumd_battery_power_down_hook_runs",
                                     "Runs of battery.power_down_command, by result.", ["result"])
+            self.m_link = m.counter("cerebellumd_battery_power_down_link",
+                                    "POWER_DOWN_ALLOWED to the MCU, by result (acked, unacked, error, revoked).",
+                                    ["result"])
+            for result in ("acked", "unacked", "error", "revoked"):
+                self.m_link.labels(result)
             for reason in POWER_DOWN_REASONS:
                 self.m_power_down.labels(reason).set(0)
                 self.m_decisions.labels(reason)
@@ -144,6 +155,14 @@ class VehiclePower:
     def attach_nm(self, nm: NmService | None) -> None:
         """NM is built after this part (it takes `ignition` from here): set before start."""
         self.nm = nm
+
+    def attach_power_down(self, link: PowerDownLink | None) -> None:
+        """The gateway's supply through the MCU (built after this part): set before start."""
+        self._power_down_link = link
+
+    def budget_wh(self) -> float | None:
+        """The 12 V budget now (None without `[battery]`): garage-mode leases are granted against it."""
+        return self.budget.budget_wh if self.budget is not None else None
 
     async def async_start(self) -> None:
         if self.budget_model is not None:
@@ -371,17 +390,53 @@ class VehiclePower:
         self.m_decisions.labels(reason).inc()
         log.warning("battery: %s ran out; accelerator off, the gateway may power down", reason)
         self._actuator.reapply(AccelState.OFF)
-        if self.battery_config.power_down_command:
-            task = asyncio.get_running_loop().create_task(self._run_hook(reason), name="power-down-hook")
-            self._hooks.add(task)
-            task.add_done_callback(self._hooks.discard)
+        if self._power_down_link is not None:
+            self._spawn(self._tell_mcu(reason), "power-down-mcu")
+        elif self.battery_config.power_down_command:
+            self._spawn(self._run_hook(reason), "power-down-hook")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._hooks.add(task)
+        task.add_done_callback(self._hooks.discard)
+
+    async def _tell_mcu(self, reason: str) -> None:
+        """POWER_DOWN_ALLOWED to the MCU (acknowledged; the link repeats it). Unacknowledged, the
+        configured power_down_command is the fallback: the gateway must not stay up on a flat battery
+        because one frame was lost."""
+        assert self._power_down_link is not None
+        try:
+            result = await self._power_down_link.async_allow_power_down(MCU_REASONS[reason])
+        except Exception as exc:  # a link down or a bug: counted, and the fallback runs
+            log.error("battery: telling the MCU the gateway may power down failed: %s", exc)
+            self.m_link.labels("error").inc()
+            acked = False
+        else:
+            acked = result.acked
+            self.m_link.labels("acked" if acked else "unacked").inc()
+            if not acked:
+                log.error("battery: the MCU did not acknowledge the power-down permission (%s)", result.detail)
+        if not acked and self.battery_config.power_down_command:
+            await self._run_hook(reason)
 
     def _lift_power_down(self) -> None:
         reason, self.power_down_reason = self.power_down_reason, None
         if reason is not None:
             self.m_power_down.labels(reason).set(0)
+            if self._power_down_link is not None:
+                self._spawn(self._revoke(), "power-down-revoke")
         log.info("battery: key-on, power-down decision lifted")
         self._actuator.reapply(self._host.deepest_state)
+
+    async def _revoke(self) -> None:
+        assert self._power_down_link is not None
+        try:
+            result = await self._power_down_link.async_revoke_power_down()
+        except Exception as exc:  # the MCU will cut the supply after its delay: say so loudly
+            log.error("battery: revoking the power-down permission failed: %s", exc)
+            self.m_link.labels("error").inc()
+            return
+        self.m_link.labels("revoked" if result.acked else "unacked").inc()
 
     def _clamp(self, target: AccelState) -> AccelState:
         return AccelState.OFF if self.power_down_reason is not None else target
