@@ -126,5 +126,14 @@ class SimAccelerator:
         energy = exit_.energy_j + self.model.power_w[current] * (wait - exit_.latency_s) + exit_.energy_j
         return Transition(wait + exit_.latency_s, energy)
 
+    def energy_at(self, t: float) -> float:
+        """Energy spent up to `t` (after `advance(t)`): a running transition counts pro rata."""
+        self.advance(t)
+        tr = self.transition
+        if tr is not None:
+            span = tr.end - tr.start
+            return self.energy_j + (tr.energy_j * (t - tr.start) / span if span > 0 else 0.0)
+        return self.energy_j + self.model.power_w[self.state] * max(0.0, t - self.since)
+
     def is_active_at(self, t: float) -> bool:
         return any(a <= t + 1e-6 and t <= b for a, b in self.active)
