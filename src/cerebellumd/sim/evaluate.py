@@ -102,7 +102,7 @@ class _Timeline:
     step could decide differently from the tick before (shared by all policies)."""
 
     def __init__(self, config: Config, params: PolicyParams, vehicle: VirtualVehicle, tick_s: float,
-                 path_signals: frozenset[str] = frozenset()) -> None:
+                 path_signals: frozenset[str] = frozenset(), timeouts: Sequence[float] = ()) -> None:
         self.tick_s = tick_s
         self.n_ticks = math.floor(vehicle.scenario.duration_s / tick_s + _EPS)
         self.names = [s.name for s in params.signals]
@@ -141,7 +141,9 @@ class _Timeline:
         if path_signals or vehicle.scenario.model.key_off:
             self.bus_spans = self._bus_spans(vehicle)
             edges = [ceil_tick(t, tick_s) + d for span in self.bus_spans for t in span for d in (0, 1)]
-            merged = np.unique(np.concatenate([self.change_ticks, np.asarray(edges, dtype=np.int64)]))
+            silences = [self._silence_ticks(self.feeds[n], x) for n in sorted(path_signals) if n in self.feeds
+                        for x in timeouts]
+            merged = _sorted_unique([self.change_ticks, np.asarray(edges, dtype=np.int64), *silences])
             self.change_ticks = merged[(merged >= 0) & (merged <= self.n_ticks)]
         # Plain lists: bisect on them is ~10x faster per lookup than numpy's searchsorted.
         self._lists = {n: (f.ticks.tolist(), f.times.tolist(), f.values.tolist()) for n, f in self.feeds.items()}
@@ -158,6 +160,16 @@ class _Timeline:
             values = vals[np.clip(np.searchsorted(at, times, side="right") - 1, 0, None)]
         ticks = np.ceil(times / self.tick_s - _EPS).astype(np.int64)
         return _Feed(ticks, times, values)
+
+    def _silence_ticks(self, feed: _Feed, after_s: float) -> np.ndarray:
+        """Ticks around `after_s` past each delivery not followed by another within that time."""
+        if not len(feed.times):
+            return np.zeros(0, dtype=np.int64)
+        nxt = np.append(feed.times[1:], np.inf)
+        gap = feed.times[nxt - feed.times > after_s]
+        onset = np.ceil((gap + after_s) / self.tick_s - _EPS).astype(np.int64)
+        out: np.ndarray = np.concatenate([onset, onset + 1])
+        return out
 
     def _bus_spans(self, vehicle: VirtualVehicle) -> list[tuple[float, float]]:
         """(first, last) frame time of each stretch of continuous traffic on the vehicle bus (any
@@ -230,7 +242,7 @@ class _Timeline:
             checks.append((frozenset([name]), _value_of(name)))
         for names, check in checks:
             points.append(self._check_changes(sorted(names), check))
-        merged = np.unique(np.concatenate(points))
+        merged = _sorted_unique(points)
         return merged[(merged >= 0) & (merged <= self.n_ticks)]
 
     def _check_changes(self, names: list[str], check: Callable[[dict[str, Any]], Any]) -> np.ndarray:
@@ -238,7 +250,7 @@ class _Timeline:
         feeds = [self.feeds[n].ticks for n in names if n in self.feeds]
         if not feeds:
             return np.zeros(0, dtype=np.int64)
-        ticks = np.unique(np.concatenate(feeds))
+        ticks = _sorted_unique(feeds)
         columns = [self._latest(n, ticks)[0] for n in names]
         # Rows equal to the previous row cannot change the result: skip them.
         matrix = np.column_stack(columns)
@@ -264,6 +276,19 @@ class _Timeline:
 
 
 _UNSET = object()
+
+
+def _sorted_unique(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """np.unique of int arrays, by a stable sort (numpy's hash-based unique is slow on the long,
+    mostly sorted tick arrays of a day)."""
+    joined = np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]) if len(arrays) != 1 else \
+        np.asarray(arrays[0], dtype=np.int64)
+    if len(joined) == 0:
+        return joined
+    if len(arrays) != 1 or np.any(joined[1:] < joined[:-1]):
+        joined = np.sort(joined, kind="stable")
+    out: np.ndarray = joined[np.concatenate([[True], joined[1:] != joined[:-1]])]
+    return out
 
 
 def _value_of(name: str) -> Callable[[dict[str, Any]], Any]:
@@ -567,7 +592,8 @@ def run_evaluation(
     whole = (whole_path if whole_path is not None else
              bool(config.nm.enabled or config.vehicle_power.enabled or model_ev.holds or model_ev.key_off))
     path = DecisionPath.build(config, params, model, model_ev.holds) if whole else None
-    timeline = _Timeline(config, params, vehicle, tick_s, frozenset(path.signals_used) if path else frozenset())
+    timeline = _Timeline(config, params, vehicle, tick_s, frozenset(path.signals_used) if path else frozenset(),
+                         path.timeouts() if path else ())
     end_s = timeline.n_ticks * tick_s
     initial = AccelState(config.daemon.initial_state)
 

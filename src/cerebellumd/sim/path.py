@@ -66,6 +66,7 @@ class DecisionPath:
     budget: BatteryBudget | None = None
     ladder: Ladder | None = None
     other_watts: float = 0.0
+    start_budget_wh: float | None = None  # the 12 V budget at t=0 (default: [battery] capacity_wh)
     #: False: the policy alone decides (the day's baselines, "today's cars"): no NM clamp or
     #: pause, no power-down clamp, no watchdog alarm; NM, fusion and the budget still run.
     clamps: bool = True
@@ -95,6 +96,12 @@ class DecisionPath:
         if self.budget is not None:
             names |= {c.battery.voltage_signal, c.battery.current_signal}
         return {n for n in names if n is not None}
+
+    def timeouts(self) -> tuple[float, ...]:
+        """Silences after which a source stops counting (the fusion's CAN and line timeouts)."""
+        if self.fusion is None:
+            return ()
+        return (self.fusion.params.can_timeout_s, self.fusion.params.line_timeout_s)
 
     def hold_times(self) -> list[float]:
         return sorted({t for h in self.holds for t in (h.at_s, h.at_s + h.duration_s)})
@@ -144,7 +151,8 @@ class PathRun:
         if p.fusion is not None:
             self.fusion_state = p.fusion.initial_state()
         if p.budget is not None:
-            self.budget_state = p.budget.initial_state(self.path.config.battery.capacity_wh)
+            start = p.start_budget_wh if p.start_budget_wh is not None else p.config.battery.capacity_wh
+            self.budget_state = p.budget.initial_state(start)
 
     # -- views ----------------------------------------------------------------------------------
 
@@ -187,6 +195,7 @@ class PathRun:
         """Step fusion, NM and the budget at `now`; returns whether the policy steps (not while
         the daemon is paused in bus sleep). Sets `reset_policy` when the daemon resumes."""
         p, cfg = self.path, self.path.config
+        self._budget(now, samples, acc)  # the interval since the last step, in the state it was in
         holds = self.holds(now)
         awake_hold = any(h.mode is HoldMode.AWAKE for h in holds)
         if self.fusion_state is not None and p.fusion is not None:
@@ -236,7 +245,6 @@ class PathRun:
                     self.paused = False
                     self.reset_policy = True
                     self.samples_since = now
-        self._budget(now, samples, acc)
         self._last_t = now
         return not self.paused
 
@@ -356,16 +364,15 @@ class PathRun:
             if f.candidate is not None:
                 need = fp.off_debounce_s if f.candidate is PowerState.OFF else fp.on_debounce_s
                 out.append(f.candidate_since + need)
-            if f.can_last_at is not None:
-                out.append(f.can_last_at + fp.can_timeout_s + 1e-6)
+            # (a CAN source's or the line's timeout: the timeline's silence ticks, `timeouts`)
         b = self.budget_state
         if b is not None and p.budget is not None:
             bp = p.budget.params
             if b.parked_since is not None:
                 out += [b.parked_since + bp.min_parked_s, b.parked_since + bp.max_parked_s]
                 draw = p.other_watts + (p.model.power_w.get(acc.state, 0.0) if acc.transition is None else 0.0)
-                if draw > 0 and b.budget_wh > 0:
-                    out.append(now + b.budget_wh * 3600 / draw)
+                if draw > 0 and b.budget_wh > 0 and b.last_t is not None:
+                    out.append(b.last_t + b.budget_wh * 3600 / draw)
                 if b.low_since is not None:
                     out.append(b.low_since + bp.voltage_delay_s)
         if self.ladder_state.phase is Phase.WATCHING and self.ladder_state.deadline is not None:

@@ -221,7 +221,13 @@ class VirtualVehicle:
         """Cycle speed, plus the reversing speed (its magnitude) during parking maneuvers."""
         v = np.interp(t, self._cycle_t, self._cycle_v)
         peak = self.scenario.model.parking_speed_kmh
+        ordered = len(t) < 2 or bool(np.all(t[1:] >= t[:-1]))
         for a, b in self.scenario.maneuvers:
+            if ordered:  # only the slice inside the maneuver (a day has millions of frames)
+                i, j = np.searchsorted(t, a, side="left"), np.searchsorted(t, b, side="right")
+                if j > i:
+                    v[i:j] = v[i:j] + peak * np.sin(np.pi * (t[i:j] - a) / (b - a))
+                continue
             inside = (t >= a) & (t <= b)
             v = np.where(inside, v + peak * np.sin(np.pi * (t - a) / (b - a)), v)
         out: FloatArray = v
