@@ -67,6 +67,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
+    if args.day:
+        from .sim.day import day_schema
+
+        print(json.dumps(day_schema(), indent=2))
+        return 0
     if args.events:
         from .sim.events_config import event_schema
 
@@ -357,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the config")
     schema.add_argument("--events", action="store_true", help="the schema of an event file (evaluate --events)")
+    schema.add_argument("--day", action="store_true", help="the schema of a day file (evaluate --day)")
     schema.set_defaults(func=_cmd_schema)
 
     status = sub.add_parser("status", help="show a running daemon's state (metrics endpoint or MQTT)")

@@ -18,6 +18,7 @@ watchdog): they are what a car without cerebellumd does.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..accel import AcceleratorModel, AccelState
 from ..config import Config, ConfigError, ConfigIssue, locate, policy_params
@@ -171,10 +172,10 @@ def _check(day: DayFile) -> None:
         except (ValueError, ConfigError) as exc:
             raise _DayError(("trips", i, "cycle"), str(exc)) from None
     spans = _spans(day)
-    for (a0, a1, la), (b0, _, lb) in zip(spans, spans[1:], strict=False):
+    for (a0, a1, _la), (b0, _, lb) in itertools.pairwise(spans):
         if b0 < a1:
             raise _DayError(lb, f"starts at {b0:.0f} s, before the drive at {a0:.0f} s ends ({a1:.0f} s)")
-    for a0, a1, loc in spans:
+    for _, a1, loc in spans:
         if a1 > end:
             raise _DayError(loc, f"ends at {a1:.0f} s, after the day ({end:.0f} s)")
     for i, g in enumerate(day.garage):
@@ -373,7 +374,8 @@ class KeyoffTimeout(IgnitionOn):
 def evaluate_day(config: Config, name: str, day: DayFile, *, profile: str | None = None,
                  tick_ms: int = 10) -> dict[str, Any]:
     """Every policy over the day; the JSON object (with `_runs` for the plot, stripped by the CLI)."""
-    from .evaluate import DecisionPath, PolicyRun, _metrics, _run_policy, _Timeline, policy_timer
+    from .evaluate import PolicyRun, _metrics, _run_policy, _Timeline, policy_timer
+    from .path import DecisionPath
     from .vehicle import VirtualVehicle
 
     if not config.vehicle_power.enabled:
@@ -453,5 +455,13 @@ def budget_curves(result: Mapping[str, Any]) -> dict[str, list[tuple[float, floa
     return {r.name: list(r.path.budget_curve) for r in result["_runs"] if r.path is not None}
 
 
-__all__ = ["DayFile", "build_day", "budget_curves", "day_schema", "evaluate_day", "load_day", "parse_day",
-           "shipped_days"]
+__all__ = [
+    "DayFile",
+    "budget_curves",
+    "build_day",
+    "day_schema",
+    "evaluate_day",
+    "load_day",
+    "parse_day",
+    "shipped_days",
+]

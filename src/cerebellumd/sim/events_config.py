@@ -21,6 +21,7 @@ send, e.g. SOME/IP- or MCU-fed ones: a `constant` or a step `series`, delivered 
 
 from __future__ import annotations
 
+import itertools
 import re
 import tomllib
 from importlib import resources
@@ -84,7 +85,7 @@ class ProvidedSignal(_Part):
             raise ValueError("give exactly one of constant or series")
         if self.series is not None:
             times = [t for t, _ in self.series]
-            if not times or any(b <= a for a, b in zip(times, times[1:], strict=False)):
+            if not times or any(b <= a for a, b in itertools.pairwise(times)):
                 raise ValueError("series: times must be increasing")
         return self
 

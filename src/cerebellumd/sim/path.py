@@ -29,7 +29,7 @@ from ..accel import AcceleratorModel, AccelState
 from ..config import Config
 from ..policies.escalation import Ladder, LadderState, Phase, Rung
 from ..policies.nm import NETWORK_MODES, CanNm, NmInputs, NmMode, NmState
-from ..policies.types import Hold, HoldMode, Inputs, PolicyParams, Sample
+from ..policies.types import Hold, HoldMode, PolicyParams, Sample
 from ..policies.vehicle_power import (
     BatteryBudget,
     BudgetInputs,
