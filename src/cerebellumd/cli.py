@@ -126,10 +126,11 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Even
         loop.add_signal_handler(signal.SIGHUP, reload_cb)  # type: ignore[arg-type]
 
 
-async def _async_run(config: Config, config_path: str | None) -> int:
+async def _async_run(config: Config, config_path: str | None, speedup: float = 1.0) -> int:
+    from .daemon.clock import Clock
     from .daemon.runtime import Daemon
 
-    daemon = await Daemon.async_create(config, config_path=config_path)
+    daemon = await Daemon.async_create(config, config_path=config_path, clock=Clock(scale=speedup))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     reload_tasks: set[asyncio.Task[bool]] = set()
@@ -162,7 +163,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     install_event_loop_policy_if(config.realtime.uvloop)
     apply_realtime(config.realtime)
-    return asyncio.run(_async_run(config, args.config))
+    return asyncio.run(_async_run(config, args.config, args.speedup))
 
 
 async def _async_demo(args: argparse.Namespace, config: Config) -> int:
@@ -354,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", required=True)
+    run.add_argument("--speedup", type=float, default=1.0,
+                     help="policy time runs this many times faster (HIL against `sim --speedup`; default 1)")
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check", help="validate a config file")

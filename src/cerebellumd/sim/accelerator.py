@@ -43,6 +43,7 @@ class SimAccelerator:
     resumes: int = 0
     failed_resumes: int = 0
     _wake_requested: float | None = None
+    commands: list[tuple[float, AccelState]] = field(default_factory=list)  # (time, new target)
 
     def __post_init__(self) -> None:
         self.desired = self.state
@@ -54,6 +55,8 @@ class SimAccelerator:
         self.advance(t)
         if target is AccelState.ACTIVE and self.desired is not AccelState.ACTIVE:
             self._wake_requested = t
+        if target is not self.desired:
+            self.commands.append((t, target))
         self.desired = target
         if self.transition is None:
             self._start(t)
