@@ -72,6 +72,11 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
         print(json.dumps(labels_schema(), indent=2))
         return 0
+    if args.day:
+        from .sim.day import day_schema
+
+        print(json.dumps(day_schema(), indent=2))
+        return 0
     if args.events:
         from .sim.events_config import event_schema
 
@@ -126,10 +131,11 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Even
         loop.add_signal_handler(signal.SIGHUP, reload_cb)  # type: ignore[arg-type]
 
 
-async def _async_run(config: Config, config_path: str | None) -> int:
+async def _async_run(config: Config, config_path: str | None, speedup: float = 1.0) -> int:
+    from .daemon.clock import Clock
     from .daemon.runtime import Daemon
 
-    daemon = await Daemon.async_create(config, config_path=config_path)
+    daemon = await Daemon.async_create(config, config_path=config_path, clock=Clock(scale=speedup))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     reload_tasks: set[asyncio.Task[bool]] = set()
@@ -162,7 +168,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     install_event_loop_policy_if(config.realtime.uvloop)
     apply_realtime(config.realtime)
-    return asyncio.run(_async_run(config, args.config))
+    return asyncio.run(_async_run(config, args.config, args.speedup))
 
 
 async def _async_demo(args: argparse.Namespace, config: Config) -> int:
@@ -355,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", required=True)
+    run.add_argument("--speedup", type=float, default=1.0,
+                     help="policy time runs this many times faster (HIL against `sim --speedup`; default 1)")
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check", help="validate a config file")
@@ -364,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the JSON Schema of the config")
     schema.add_argument("--events", action="store_true", help="the schema of an event file (evaluate --events)")
     schema.add_argument("--labels", action="store_true", help="the schema of a labels file (evaluate --log --labels)")
+    schema.add_argument("--day", action="store_true", help="the schema of a day file (evaluate --day)")
     schema.set_defaults(func=_cmd_schema)
 
     status = sub.add_parser("status", help="show a running daemon's state (metrics endpoint or MQTT)")

@@ -43,6 +43,7 @@ class SimAccelerator:
     resumes: int = 0
     failed_resumes: int = 0
     _wake_requested: float | None = None
+    commands: list[tuple[float, AccelState]] = field(default_factory=list)  # (time, new target)
 
     def __post_init__(self) -> None:
         self.desired = self.state
@@ -54,6 +55,8 @@ class SimAccelerator:
         self.advance(t)
         if target is AccelState.ACTIVE and self.desired is not AccelState.ACTIVE:
             self._wake_requested = t
+        if target is not self.desired:
+            self.commands.append((t, target))
         self.desired = target
         if self.transition is None:
             self._start(t)
@@ -125,6 +128,15 @@ class SimAccelerator:
         wait = max(self.retry_after_s, exit_.latency_s)
         energy = exit_.energy_j + self.model.power_w[current] * (wait - exit_.latency_s) + exit_.energy_j
         return Transition(wait + exit_.latency_s, energy)
+
+    def energy_at(self, t: float) -> float:
+        """Energy spent up to `t` (after `advance(t)`): a running transition counts pro rata."""
+        self.advance(t)
+        tr = self.transition
+        if tr is not None:
+            span = tr.end - tr.start
+            return self.energy_j + (tr.energy_j * (t - tr.start) / span if span > 0 else 0.0)
+        return self.energy_j + self.model.power_w[self.state] * max(0.0, t - self.since)
 
     def is_active_at(self, t: float) -> bool:
         return any(a <= t + 1e-6 and t <= b for a, b in self.active)

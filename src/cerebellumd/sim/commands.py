@@ -56,6 +56,11 @@ def register(subparsers: Any) -> None:
     )
     ev.add_argument("--j1939", default="auto", choices=("auto", "on", "off"),
                     help="with --log: match J1939 messages by PGN, as replay does (default auto)")
+    where.add_argument(
+        "--day", metavar="FILE.toml",
+        help="a day scenario: a shipped one (commuter, delivery_van) or a file (see `cerebellumd schema --day`); "
+        "default policy: the shipped examples/parked.toml",
+    )
     ev.add_argument(
         "--variant", default=None, choices=sorted(NAMED_MODELS), help="event-model variant with --cycle"
     )
@@ -105,6 +110,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .evaluate import EvaluationError, run_evaluation
 
+    if args.day:
+        return _evaluate_day(args)
     if args.log is not None:
         return _evaluate_recording(args)
     if args.dbc or args.labels:
@@ -194,6 +201,64 @@ def _dbc_gate(path: str, config: Any, db: Any) -> bool:
     for issue in result.errors:
         print(f"error: {issue}", file=sys.stderr)
     return result.ok
+
+
+def _evaluate_day(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    from rich.console import Console
+
+    from .day import evaluate_day, load_day
+    from .evaluate import EvaluationError
+
+    try:
+        if args.policy:
+            config = load_config(args.policy)
+        else:
+            text = resources.files("cerebellumd").joinpath("examples", "parked.toml").read_text("utf-8")
+            config = parse_config(text, "builtin:parked.toml")
+        name, day = load_day(args.day)
+        result = evaluate_day(config, name, day, profile=args.profile)
+    except (ConfigError, CycleError, EvaluationError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.plot:
+        from .day_plot import plot_day
+
+        plot_day(result, args.plot)
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    if args.json:
+        sys.stdout.write(json.dumps(public) + "\n")
+        return 0
+    console = Console()
+    if not console.is_terminal:  # piped: do not wrap the wide table at 80 columns
+        console = Console(width=200)
+    console.print(day_table(public))
+    return 0
+
+
+def day_table(result: dict[str, Any]) -> Table:
+    from rich.table import Table
+
+    table = Table(title=f"day {result['day']} ({result['duration_s'] / 3600:.0f} h, {result['trips']} trips, "
+                        f"{result['parked_s'] / 3600:.1f} h parked, {result['events']} events)")
+    domains = list(result["results"][0]["energy_wh"])
+    cols = ["policy", "24 h Wh", *(f"{d} Wh" for d in domains), "parked Wh", *(f"parked {d}" for d in domains),
+            "budget min Wh", "power-downs", "key-on ready s (mean/max)", "keep-awake", "readiness"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for r in result["results"]:
+        ready = r["keyon_ready_s"]
+        table.add_row(
+            r["policy"], f"{r['energy_wh_total']:.1f}", *(f"{r['energy_wh'][d]:.1f}" for d in domains),
+            f"{r['parked_drain_wh_total']:.1f}", *(f"{r['parked_drain_wh'][d]:.2f}" for d in domains),
+            "-" if r["budget_min_wh"] is None else f"{r['budget_min_wh']:.2f}",
+            ", ".join(f"{k} {v}" for k, v in r["power_downs"].items()) or "0",
+            "-" if ready["mean"] is None else f"{ready['mean']:.2f} / {ready['max']:.2f}",
+            ", ".join(f"{k} {v}" for k, v in r["keep_awake"].items() if v) or "0",
+            f"{r['readiness']:.3f}",
+        )
+    return table
 
 
 def scenario_args(

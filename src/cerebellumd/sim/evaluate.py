@@ -46,6 +46,8 @@ from ..policies.types import Decision, Inputs, PolicyParams, Sample
 from ..profiles import load_profile
 from .accelerator import SimAccelerator
 from .events import EventKind, Scenario
+from .events_config import ProvidedSignal
+from .path import DecisionPath, PathRun
 from .vehicle import VirtualVehicle
 
 DEFAULT_TICK_MS = 10
@@ -103,6 +105,7 @@ class SignalSource(Protocol):
     @property
     def scenario(self) -> Scenario: ...
     def message_periods(self) -> dict[str, float]: ...
+    def frame_times(self, name: str) -> np.ndarray: ...
     def trace(self, name: str) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
 
 
@@ -110,15 +113,30 @@ class _Timeline:
     """Delivered samples of every configured signal over a scenario, and the ticks at which a
     step could decide differently from the tick before (shared by all policies)."""
 
-    def __init__(self, config: Config, params: PolicyParams, vehicle: SignalSource, tick_s: float) -> None:
+    def __init__(self, config: Config, params: PolicyParams, vehicle: SignalSource, tick_s: float,
+                 path_signals: frozenset[str] = frozenset(), timeouts: Sequence[float] = ()) -> None:
         self.tick_s = tick_s
         self.n_ticks = math.floor(vehicle.scenario.duration_s / tick_s + _EPS)
         self.names = [s.name for s in params.signals]
         traces: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
         self.feeds: dict[str, _Feed] = {}
+        provided = vehicle.scenario.model.signals
+        for name in provided:
+            if name not in config.signals:
+                raise EvaluationError(f"scenario signal {name!r} is not a configured signal")
+            if config.signals[name].can is not None:
+                raise EvaluationError(
+                    f"scenario signal {name!r}: the virtual vehicle feeds it ({config.signals[name].can}); "
+                    "the scenario may only provide SOME/IP- or MCU-fed signals")
         for name, sig in config.signals.items():
             if sig.can is None:
-                continue  # SOME/IP or MCU sources do not exist in the simulated vehicle
+                if name not in provided:
+                    source = f"someip {sig.someip!r}" if sig.someip else f"mcu {sig.mcu!r}"
+                    raise EvaluationError(
+                        f"signal {name!r} ({source}): the virtual vehicle sends only CAN; give its values in the "
+                        f"scenario's [signals.{name}] (a constant or a series)")
+                self.feeds[name] = self._provided(provided[name], vehicle.scenario.duration_s)
+                continue
             message, signal = sig.can.split(".")
             if message not in vehicle.message_periods():
                 raise EvaluationError(f"signal {name!r}: message {message!r} is not in the vehicle DBC")
@@ -130,9 +148,62 @@ class _Timeline:
             rel = times - vehicle.scenario.cycle.times[0]
             ticks = np.ceil(rel / tick_s - _EPS).astype(np.int64)
             self.feeds[name] = _Feed(ticks, rel, values[signal])
-        self.change_ticks = self._change_ticks(params)
+        self.change_ticks = self._change_ticks(params, path_signals)
+        self.bus_spans: list[tuple[float, float]] = []
+        if path_signals or vehicle.scenario.model.key_off:
+            self.bus_spans = self._bus_spans(vehicle)
+            edges = [ceil_tick(t, tick_s) + d for span in self.bus_spans for t in span for d in (0, 1)]
+            silences = [self._silence_ticks(self.feeds[n], x) for n in sorted(path_signals) if n in self.feeds
+                        for x in timeouts]
+            merged = _sorted_unique([self.change_ticks, np.asarray(edges, dtype=np.int64), *silences])
+            self.change_ticks = merged[(merged >= 0) & (merged <= self.n_ticks)]
         # Plain lists: bisect on them is ~10x faster per lookup than numpy's searchsorted.
         self._lists = {n: (f.ticks.tolist(), f.times.tolist(), f.values.tolist()) for n, f in self.feeds.items()}
+
+    def _provided(self, spec: ProvidedSignal, duration_s: float) -> _Feed:
+        period = spec.period_ms / 1000
+        times = period / 2 + period * np.arange(max(0, math.floor((duration_s - period / 2) / period) + 1))
+        if spec.constant is not None:
+            values = np.full(len(times), float(spec.constant))
+        else:
+            assert spec.series is not None
+            at = np.asarray([t for t, _ in spec.series], dtype=float)
+            vals = np.asarray([v for _, v in spec.series], dtype=float)
+            values = vals[np.clip(np.searchsorted(at, times, side="right") - 1, 0, None)]
+        ticks = np.ceil(times / self.tick_s - _EPS).astype(np.int64)
+        return _Feed(ticks, times, values)
+
+    def _silence_ticks(self, feed: _Feed, after_s: float) -> np.ndarray:
+        """Ticks around `after_s` past each delivery not followed by another within that time."""
+        if not len(feed.times):
+            return np.zeros(0, dtype=np.int64)
+        nxt = np.append(feed.times[1:], np.inf)
+        gap = feed.times[nxt - feed.times > after_s]
+        onset = np.ceil((gap + after_s) / self.tick_s - _EPS).astype(np.int64)
+        out: np.ndarray = np.concatenate([onset, onset + 1])
+        return out
+
+    def _bus_spans(self, vehicle: SignalSource) -> list[tuple[float, float]]:
+        """(first, last) frame time of each stretch of continuous traffic on the vehicle bus (any
+        message of the DBC: NM sees every frame), relative to the scenario start."""
+        t0 = vehicle.scenario.cycle.times[0]
+        spans: list[tuple[float, float]] = []
+        for name, period in vehicle.message_periods().items():
+            times = vehicle.frame_times(name) - t0
+            if not len(times):
+                continue
+            cut = np.nonzero(np.diff(times) > 2.5 * period)[0]
+            starts = np.concatenate([[0], cut + 1])
+            ends = np.concatenate([cut, [len(times) - 1]])
+            spans += zip(times[starts].tolist(), times[ends].tolist(), strict=True)
+        spans.sort()
+        merged: list[tuple[float, float]] = []
+        for a, b in spans:
+            if merged and a <= merged[-1][1] + 0.5:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        return merged
 
     def samples_at(self, k: int) -> dict[str, Sample]:
         out: dict[str, Sample] = {}
@@ -156,7 +227,7 @@ class _Timeline:
         stale = age > spec.max_age_s
         return np.where(stale, np.nan, value), stale
 
-    def _change_ticks(self, params: PolicyParams) -> np.ndarray:
+    def _change_ticks(self, params: PolicyParams, path_signals: frozenset[str] = frozenset()) -> np.ndarray:
         self._params = params
         points: list[np.ndarray] = [np.array([0], dtype=np.int64)]
         # 1. Staleness onsets: a signal goes stale between deliveries (or is never delivered).
@@ -179,9 +250,11 @@ class _Timeline:
             checks.append((frozenset([g.battery_signal]), _below(g.battery_signal, g.battery_min_v)))
         if g.temperature_signal:
             checks.append((frozenset([g.temperature_signal]), _above(g.temperature_signal, g.temperature_max_c)))
+        for name in sorted(path_signals):  # NM, the power fusion and the budget read these
+            checks.append((frozenset([name]), _value_of(name)))
         for names, check in checks:
             points.append(self._check_changes(sorted(names), check))
-        merged = np.unique(np.concatenate(points))
+        merged = _sorted_unique(points)
         return merged[(merged >= 0) & (merged <= self.n_ticks)]
 
     def _check_changes(self, names: list[str], check: Callable[[dict[str, Any]], Any]) -> np.ndarray:
@@ -189,7 +262,7 @@ class _Timeline:
         feeds = [self.feeds[n].ticks for n in names if n in self.feeds]
         if not feeds:
             return np.zeros(0, dtype=np.int64)
-        ticks = np.unique(np.concatenate(feeds))
+        ticks = _sorted_unique(feeds)
         columns = [self._latest(n, ticks)[0] for n in names]
         # Rows equal to the previous row cannot change the result: skip them.
         matrix = np.column_stack(columns)
@@ -215,6 +288,23 @@ class _Timeline:
 
 
 _UNSET = object()
+
+
+def _sorted_unique(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """np.unique of int arrays, by a stable sort (numpy's hash-based unique is slow on the long,
+    mostly sorted tick arrays of a day)."""
+    joined = np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]) if len(arrays) != 1 else \
+        np.asarray(arrays[0], dtype=np.int64)
+    if len(joined) == 0:
+        return joined
+    if len(arrays) != 1 or np.any(joined[1:] < joined[:-1]):
+        joined = np.sort(joined, kind="stable")
+    out: np.ndarray = joined[np.concatenate([[True], joined[1:] != joined[:-1]])]
+    return out
+
+
+def _value_of(name: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda env: env.get(name)
 
 
 def _below(name: str, limit: float) -> Callable[[dict[str, Any]], Any]:
@@ -245,10 +335,20 @@ def policy_timer(core: CerebellumFirst, state: PolicyState, now: float, extra: S
     return min(times) if times else None
 
 
+def _needs_bus(params: PolicyParams, state: PolicyState, decision: Decision) -> bool:
+    """The daemon's `demand_needs_bus`: a demand active on fresh signals (not woken by staleness)."""
+    if not params.demands:
+        return False
+    stale = set(decision.stale_signals)
+    return any(status.active and not (set(spec.expression.names) & stale)
+               for spec, status in zip(params.demands, state.demands, strict=False))
+
+
 @dataclass
 class PolicyRun:
     name: str
     accelerator: SimAccelerator
+    path: PathRun | None = None
     steps: int = 0
     final_state: PolicyState | None = None
     late_reports: list[tuple[float, float]] = field(default_factory=list)  # (time, lateness s)
@@ -288,35 +388,66 @@ def _run_policy(
     resume_fails: Callable[[int], bool] | None = None,
     retry_after_s: float = 0.0,
     events: Sequence[tuple[float, float, float]] = (),
+    path: DecisionPath | None = None,
 ) -> PolicyRun:
     """`events`: (start, due, end) of the challenges, whose late service is reported to the
-    policy (`_LateReporter`); empty: no reports."""
+    policy (`_LateReporter`); empty: no reports. `path`: the rest of the daemon's decision path
+    (sim/path.py) around `step`; None: `step` alone."""
     tick_s = timeline.tick_s
     reporter = _LateReporter(events) if events else None
     state = policy.initial_state(0.0, initial)
     acc = SimAccelerator(model, state.target, resume_fails=resume_fails, retry_after_s=retry_after_s)
     commanded = state.target
     run = PolicyRun(policy.name, acc)
+    shell = None
+    if path is not None:
+        shell = PathRun(path, timeline.bus_spans, {s.name: s.max_age_s for s in path.params.signals})
+        run.path = shell
     change = timeline.change_ticks.tolist()
     heap: list[int] = []
     ci = 0
     k = 0
+    decision: Decision | None = None
     while k <= timeline.n_ticks:
         now = k * tick_s
         acc.advance(now)
-        reports = reporter.reports(acc) if reporter is not None else ()
-        if reports:
-            run.late_reports += [(now, r) for r in reports]
-        inputs = Inputs(samples=timeline.samples_at(k), actual=acc.state, late_reports=reports)
-        state, decision = policy.step(state, inputs, now)
-        run.steps += 1
-        if decision.target is not commanded:
-            acc.command(now, decision.target)
-            commanded = decision.target
+        if shell is None:
+            reports = reporter.reports(acc) if reporter is not None else ()
+            if reports:
+                run.late_reports += [(now, r) for r in reports]
+            inputs = Inputs(samples=timeline.samples_at(k), actual=acc.state, late_reports=reports)
+            state, decision = policy.step(state, inputs, now)
+            run.steps += 1
+            target = decision.target
+        else:
+            samples = timeline.samples_at(k)
+            if shell.samples_since > -math.inf:
+                samples = {n: x for n, x in samples.items() if x.time >= shell.samples_since - _EPS}
+            needs_bus = decision is not None and _needs_bus(shell.path.params, state, decision)
+            target = commanded
+            if shell.before(now, samples, acc, needs_bus):
+                if shell.reset_policy:
+                    shell.reset_policy = False
+                    state = policy.initial_state(now, state.target)
+                reports = reporter.reports(acc) if reporter is not None else ()
+                if reports:
+                    run.late_reports += [(now, r) for r in reports]
+                inputs = Inputs(samples=samples, holds=shell.holds(now), actual=acc.state, quiet_bus=shell.quiet,
+                                parked=shell.parked, late_reports=reports)
+                state, decision = policy.step(state, inputs, now)
+                run.steps += 1
+                target = decision.target
+            target = shell.filter(target)
+        if target is not commanded:
+            acc.command(now, target)
+            commanded = target
+        if shell is not None:
+            shell.after(now, acc, commanded, decision.reason if decision is not None and not shell.paused else "")
         if not event_driven:
             k += 1
             continue
-        for t in (timer(state, now), acc.next_change()):
+        extra = shell.next_times(now, acc) if shell is not None else []
+        for t in (timer(state, now), acc.next_change(), *extra):
             if t is not None:
                 kt = ceil_tick(t, tick_s)
                 heapq.heappush(heap, kt)
@@ -349,6 +480,13 @@ def _run_oracle(scenario: Scenario, model: AcceleratorModel, initial: AccelState
 
 
 def _metrics(run: PolicyRun, scenario: Scenario, other_watts: float, end_s: float) -> dict[str, Any]:
+    out = _contract_metrics(run, scenario, other_watts, end_s)
+    if run.path is not None:
+        out["path"] = run.path.figures()
+    return out
+
+
+def _contract_metrics(run: PolicyRun, scenario: Scenario, other_watts: float, end_s: float) -> dict[str, Any]:
     acc = run.accelerator
     t0 = scenario.cycle.times[0]
     served = 0
@@ -444,6 +582,7 @@ def run_evaluation(
     ladder: LadderSpec | None = None,
     causal_baselines: bool = True,
     calibration: Calibration | None = None,
+    whole_path: bool | None = None,
 ) -> Evaluation:
     """`resume_failure_probability`: chance that a resume fails and needs the ladder's retry;
     `ladder`: whose wake deadline that retry waits for (default: the profile's backend).
@@ -451,14 +590,22 @@ def run_evaluation(
     and `warm_idle` (the configured policy never deeper than idle), reported under
     `causal_baselines`, and list in `dominated_by` those (and `timeout`, `always_on`) at least
     as ready as the configured policy for less energy. `calibration`: what the configured policy
-    learned before (a persisted `Calibration`, as the daemon restores it); default: nothing."""
+    learned before (a persisted `Calibration`, as the daemon restores it); default: nothing.
+    `whole_path`: run the daemon's whole decision path around `step` (sim/path.py: NM clamp,
+    vehicle power state, budget, watchdog, holds); default: when the config enables [nm] or
+    [vehicle_power] or the scenario schedules holds or key-offs. Each result then has `path`."""
     params = policy_params(config)
     model = load_profile(profile or config.accelerator.profile)
     fails = resume_failures(scenario.seed, resume_failure_probability)
     retry_after_s = (ladder or ladder_for_profile(model)).wake_timeout_s
     tick_s = tick_ms / 1000
     source: SignalSource = vehicle if vehicle is not None else VirtualVehicle(scenario)
-    timeline = _Timeline(config, params, source, tick_s)
+    model_ev = scenario.model
+    whole = (whole_path if whole_path is not None else
+             bool(config.nm.enabled or config.vehicle_power.enabled or model_ev.holds or model_ev.key_off))
+    path = DecisionPath.build(config, params, model, model_ev.holds) if whole else None
+    timeline = _Timeline(config, params, source, tick_s, frozenset(path.signals_used) if path else frozenset(),
+                         path.timeouts() if path else ())
     end_s = timeline.n_ticks * tick_s
     initial = AccelState(config.daemon.initial_state)
 
@@ -487,7 +634,7 @@ def run_evaluation(
 
     def run(policy: _Policy, timer: Callable[[PolicyState, float], float | None]) -> PolicyRun:
         return _run_policy(
-            policy, timer, timeline, model, initial, event_driven, fails, retry_after_s, challenges
+            policy, timer, timeline, model, initial, event_driven, fails, retry_after_s, challenges, path
         )
 
     cerebellum = run(_Restored(core, calibration) if calibration is not None else core, core_timer)
@@ -536,6 +683,7 @@ class _Restored:
 
     def __init__(self, core: CerebellumFirst, calibration: Calibration) -> None:
         self.name = core.name
+        self.params = core.params
         self._core, self._calibration = core, calibration
         self.step = core.step
 

@@ -91,6 +91,7 @@ def build_scenario(cycle: DriveCycle, seed: int, model: EventModel | None = None
     events += parking
     events += _surprises(times, speeds, model, rng["evt"])
     events.sort(key=lambda e: (e.start_s, e.kind.value))
+    events = _outside_key_off(events, model, times[0])
     events = [_with_precursor(e, model, rng["pre"], times[0]) for e in events]
     precursors = [
         Precursor(e.kind, e.precursor[0], e.precursor[1], i) for i, e in enumerate(events) if e.precursor is not None
@@ -112,6 +113,21 @@ def build_scenario(cycle: DriveCycle, seed: int, model: EventModel | None = None
 
 
 # -- rules -----------------------------------------------------------------------------------
+
+
+def _outside_key_off(events: list[ChallengeEvent], m: EventModel, t0: float) -> list[ChallengeEvent]:
+    """With the ignition off nothing is asked of the accelerator: events starting in a key-off
+    period are dropped, events running into one end at the key-off."""
+    periods = [(t0 + a, t0 + b) for a, b, _ in m.key_off_intervals()]
+    if not periods:
+        return events
+    out = []
+    for e in events:
+        if any(a <= e.start_s < b for a, b in periods):
+            continue
+        end = min([e.end_s, *(a for a, _ in periods if e.start_s < a < e.end_s)])
+        out.append(ChallengeEvent(e.kind, e.start_s, end, e.deadline_ms, e.precursor))
+    return out
 
 
 def _accel_mps2(times: tuple[float, ...], speeds: tuple[float, ...]) -> list[float]:

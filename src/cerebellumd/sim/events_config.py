@@ -9,10 +9,19 @@ prints the JSON Schema.
 
 The shipped worlds are such files in the package (`examples/events/*.toml`); a scenario's
 variant name (`udds:surprise_heavy`) is one of their names.
+
+Besides the event model, a file may schedule what the daemon's whole decision path sees
+(sim/evaluate.py runs it): `[[holds]]` (operator holds and application leases: `at_s`,
+`duration_s`, `mode`, `owner`, `priority`, `reason`), `[[key_off]]` (ignition off from `at_s`
+for `duration_s`: the vehicle's ECUs keep sending `bus_tail_s` more, with ignition 0, then the
+bus is silent until key-on) and `[signals.NAME]` (values of signals the virtual vehicle cannot
+send, e.g. SOME/IP- or MCU-fed ones: a `constant` or a step `series`, delivered every
+`period_ms`). Times are seconds from the start of the scenario.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import tomllib
 from importlib import resources
@@ -22,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..config import ConfigError, ConfigIssue, locate
+from ..policies.types import HoldMode
 
 _RANGES = (
     "urban_duration_s",
@@ -31,6 +41,53 @@ _RANGES = (
     "false_precursor_duration_s",
     "accel_temp_c",
 )
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HoldAt(_Part):
+    """An operator hold or an application lease in force from `at_s` for `duration_s`."""
+
+    at_s: float = Field(..., ge=0, description="Start (s from the start of the scenario).")
+    duration_s: float = Field(..., gt=0, description="Length; the hold expires then (a lease's max_duration).")
+    mode: HoldMode = Field(HoldMode.AWAKE, description="awake (keep the accelerator active) or sleep.")
+    owner: str = Field(
+        "operator", min_length=1,
+        description="Who holds it; `app:NAME` is an application lease (keep-awake reason `lease`), else `hold`.")
+    priority: int = Field(0, description="Higher wins among holds (safety-critical leases use a high one).")
+    reason: str = Field("", description="The stated reason (reported with keep-awake events).")
+
+
+class KeyOff(_Part):
+    """Ignition off from `at_s` for `duration_s` (then key-on)."""
+
+    at_s: float = Field(..., ge=0, description="Key-off (s from the start of the scenario).")
+    duration_s: float = Field(..., gt=0, description="How long the ignition stays off.")
+    bus_tail_s: float = Field(
+        2.0, ge=0,
+        description="The vehicle's ECUs keep sending this long after key-off (ignition 0), then the bus is "
+                    "silent until key-on.")
+
+
+class ProvidedSignal(_Part):
+    """Values of a configured signal that the virtual vehicle cannot send (SOME/IP, MCU)."""
+
+    constant: float | None = Field(None, description="The same value throughout.")
+    series: tuple[tuple[float, float], ...] | None = Field(
+        None, description="[[t_s, value], ...]: each value holds from its time to the next (times increasing).")
+    period_ms: int = Field(100, gt=0, description="A sample is delivered this often.")
+
+    @model_validator(mode="after")
+    def _one(self) -> ProvidedSignal:
+        if (self.constant is None) == (self.series is None):
+            raise ValueError("give exactly one of constant or series")
+        if self.series is not None:
+            times = [t for t, _ in self.series]
+            if not times or any(b <= a for a, b in itertools.pairwise(times)):
+                raise ValueError("series: times must be increasing")
+        return self
 
 
 class EventModel(BaseModel):
@@ -75,6 +132,11 @@ class EventModel(BaseModel):
     # slow traces
     battery_nominal_v: float = Field(13.8, gt=0, description="Charging-system voltage while driving.")
     accel_temp_c: tuple[float, float] = Field((40.0, 60.0), description="Range of the accelerator temperature walk.")
+    # the schedule of the daemon's whole decision path (sim/evaluate.py)
+    holds: tuple[HoldAt, ...] = Field((), description="Operator holds and application leases, by time.")
+    key_off: tuple[KeyOff, ...] = Field((), description="Ignition-off periods (in time order, not overlapping).")
+    signals: dict[str, ProvidedSignal] = Field(
+        default_factory=dict, description="Signals the evaluator cannot feed from the virtual vehicle, by name.")
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> EventModel:
@@ -82,7 +144,15 @@ class EventModel(BaseModel):
             lo, hi = getattr(self, key)
             if lo > hi or lo < 0:
                 raise ValueError(f"{key}: range [{lo}, {hi}] must be non-negative and ordered low, high")
+        for a, b in zip(self.key_off, self.key_off[1:], strict=False):
+            if b.at_s < a.at_s + a.duration_s:
+                raise ValueError(f"key_off: the period at {b.at_s} s starts before the one at {a.at_s} s ends")
         return self
+
+    def key_off_intervals(self) -> list[tuple[float, float, float]]:
+        """(key-off, key-on, bus silent from) of each key-off period, s from the scenario start."""
+        return [(k.at_s, k.at_s + k.duration_s, min(k.at_s + k.bus_tail_s, k.at_s + k.duration_s))
+                for k in self.key_off]
 
 
 class EventFile(EventModel):
@@ -116,9 +186,9 @@ def parse_event_file(text: str, file: str = "<events>", default_name: str = "eve
         issues = []
         for err in exc.errors():
             loc = tuple(err["loc"])
-            key = str(loc[0]) if loc else ""
+            key = ".".join(str(part) for part in loc)
             msg = "unknown key (typo?)" if err["type"] == "extra_forbidden" else err["msg"]
-            line = locate(text, loc[:1]) if loc else None
+            line = locate(text, loc) if loc else None
             if not loc:  # a model-level check: it names its key first
                 key = msg.removeprefix("Value error, ").split(":", 1)[0]
                 line = locate(text, (key,))

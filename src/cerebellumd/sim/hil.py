@@ -37,6 +37,7 @@ from ..drivers.mcu_emulator import McuEmulator
 from ..drivers.someip import SomeIpFieldSpec, build_notification, encode_payload
 from .cycles import load_cycle
 from .events import build_scenario
+from .events_config import resolve_events
 from .plant import async_drive
 from .vehicle import VirtualVehicle, load_vehicle_dbc
 
@@ -52,6 +53,9 @@ class PlantSection(_Section):
     seed: int = Field(1, description="Scenario seed.")
     speedup: float = Field(1.0, gt=0, description="Plant time runs this many times faster than the wall clock.")
     duration_s: float | None = Field(None, gt=0, description="Plant seconds to run (default: the whole cycle).")
+    events: str | None = Field(
+        None, description="Event world: a shipped name or an event file (its [[key_off]] periods silence the "
+                          "bus and drop the ignition, as in `evaluate`).")
 
 
 class SimCanSection(_Section):
@@ -267,7 +271,11 @@ async def _run_mcu(section: SimMcuSection, emulator: McuEmulator, vehicle: Virtu
 async def async_run_sim(config: SimConfig, stop: asyncio.Event, out: Callable[[str], None] = print) -> dict[str, Any]:
     plant = config.plant
     cycle = await asyncio.to_thread(load_cycle, plant.cycle)
-    scenario = build_scenario(cycle, plant.seed)
+    if plant.events is not None:
+        events_name, world = await asyncio.to_thread(resolve_events, plant.events)
+        scenario = build_scenario(cycle, plant.seed, world, name=events_name)
+    else:
+        scenario = build_scenario(cycle, plant.seed)
     db = await asyncio.to_thread(load_sim_dbc, config.can.dbc if config.can else "builtin:vehicle.dbc")
     vehicle = VirtualVehicle(scenario, db)
     duration = plant.duration_s if plant.duration_s is not None else cycle.duration_s

@@ -159,6 +159,10 @@ class RecordedDrive:
             out[name] = float(np.median(np.diff(times))) if len(times) > 1 else 0.0
         return out
 
+    def frame_times(self, name: str) -> np.ndarray:
+        """When the message was recorded (s on the scenario's clock); empty if never."""
+        return self.trace(name)[0]
+
     def trace(self, name: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         if name in self._recording.traces:
             return self._recording.traces[name]
