@@ -104,16 +104,15 @@ def test_a_signal_the_evaluator_cannot_feed_is_an_error_naming_it() -> None:
                        causal_baselines=False)
 
 
-def test_the_watchdog_gives_up_when_the_wake_deadline_is_shorter_than_the_exit() -> None:
-    # The demo's 2 s simulated ladder against orin_nano's 25 s exit from off: every key-on wake
-    # times out, the ladder retries and gives up, and the alarm holds the safe state.
+def test_the_wake_deadline_counts_the_exit_latency_from_where_the_wake_starts() -> None:
+    # The demo's 2 s simulated ladder against orin_nano's 25 s exit from off: the watchdog's
+    # deadline is the model's exit latency plus that allowance, so a key-on cold start is no
+    # failure (before the deadline counted the exit, every key-on gave up and held the safe state).
     text = PARKED.replace("wake_timeout_ms = 30000", "wake_timeout_ms = 2000")
-    ev = run_evaluation(_config(text), _scenario(SCHEDULE), causal_baselines=False)
-    path = ev.runs[0].path
+    path = run_evaluation(_config(text), _scenario(SCHEDULE), causal_baselines=False).runs[0].path
     assert path is not None
-    assert path.escalations.get("give_up", 0) >= 1 and path.alarms >= 1
-    fitted = run_evaluation(_config(), _scenario(SCHEDULE), causal_baselines=False).runs[0].path
-    assert fitted is not None and fitted.alarms == 0
+    assert path.escalations.get("give_up", 0) == 0 and path.alarms == 0
+    # A wake that does not complete still escalates and gives up: tests/test_lifecycle.py.
 
 
 def test_the_plain_demo_runs_step_alone() -> None:

@@ -149,6 +149,15 @@ class Actuator:
             if goal is not None:
                 self.request(goal)
 
+    def expected_wake_s(self) -> float:
+        """The power model's time to `active` from where the accelerator stands (plant s)."""
+        if self._from not in (*self.model.exit, AccelState.ACTIVE):
+            # Waking from `unknown` (a failed wake read back as unknown): assume the slowest exit.
+            # exit_latency_s(unknown) raised KeyError here, outside the retry loop: the task died
+            # with the goal still set and the accelerator was never commanded again.
+            return max(t.latency_s for t in self.model.exit.values())
+        return self.model.exit_latency_s(self._from)
+
     @property
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
@@ -180,14 +189,8 @@ class Actuator:
         cfg = self.config
         timeout_s = cfg.command_timeout_ms / 1000
         backoff_s = cfg.retry_backoff_ms / 1000
-        if target is AccelState.ACTIVE and self._from not in (*self.model.exit, AccelState.ACTIVE):
-            # Waking from `unknown` (a failed wake read back as unknown): assume the slowest exit.
-            # exit_latency_s(unknown) raised KeyError here, outside the retry loop: the task died
-            # with the goal still set and the accelerator was never commanded again.
-            expected = max(t.latency_s for t in self.model.exit.values())
-        else:
-            expected = self.model.exit_latency_s(self._from) if target is AccelState.ACTIVE else (
-                self.model.enter[target].latency_s if target in RESTING_STATES else 0.0)
+        expected = self.expected_wake_s() if target is AccelState.ACTIVE else (
+            self.model.enter[target].latency_s if target in RESTING_STATES else 0.0)
         loop = asyncio.get_running_loop()
         for attempt in range(cfg.retries + 1):
             started = loop.time()

@@ -147,7 +147,7 @@ class Lifecycle:
         goal = act.goal if act.goal is not None else self._want
         before, self._want = self._want, goal
         if goal is AccelState.ACTIVE and before is not AccelState.ACTIVE:
-            self.watch = self.ladder.begin(self.watch, now)
+            self.watch = self.ladder.begin(self.watch, now, act.expected_wake_s())
         elif goal is not AccelState.ACTIVE and before is AccelState.ACTIVE:
             if self.watch.phase is Phase.WATCHING:
                 self.m_results.labels("cancelled").inc()

@@ -97,14 +97,16 @@ class Ladder:
     def __init__(self, spec: LadderSpec) -> None:
         self.spec = spec
 
-    def begin(self, state: LadderState, now: float) -> LadderState:
+    def begin(self, state: LadderState, now: float, expected_s: float = 0.0) -> LadderState:
         """A wake was commanded: watch it. A wake already under watch keeps its progress
-        (a second wake command must not reset the ladder to the bottom)."""
+        (a second wake command must not reset the ladder to the bottom). `expected_s`: the
+        power model's exit latency from where the wake starts; the wake's deadline is that plus
+        `wake_timeout_s`, so a cold start (25 s from `off` on an Orin) is not a failure."""
         if state.phase is Phase.WATCHING:
             return state
         return replace(
             state, phase=Phase.WATCHING, rung_index=-1, started_at=now,
-            deadline=now + self.spec.wake_timeout_s,
+            deadline=now + max(0.0, expected_s) + self.spec.wake_timeout_s,
         )
 
     def cancel(self, state: LadderState) -> LadderState:

@@ -301,6 +301,14 @@ class PathRun:
             target = self.path.ladder.spec.safe_state
         return target
 
+    def _expected_wake_s(self, acc: SimAccelerator, now: float) -> float:
+        """The model's time to `active` from where the wake starts, as the daemon's actuator
+        tells its watchdog (a wake already under way: what remains of it, at most the slowest exit)."""
+        model = self.path.model
+        if acc.transition is not None and acc.transition.kind is AccelState.WAKING:
+            return min(max(0.0, acc.transition.end - now), max(x.latency_s for x in model.exit.values()))
+        return model.exit_latency_s(acc.state) if acc.state in model.exit else 0.0
+
     def after(self, now: float, acc: SimAccelerator, goal: AccelState, reason: str) -> None:
         """The watchdog on the commanded goal, readiness since key-on, keep-awake while parked."""
         ladder = self.path.ladder
@@ -311,7 +319,7 @@ class PathRun:
                 self.alarm = None  # an operator asked again (a new awake hold)
             before, self._want = self._want, goal
             if goal is AccelState.ACTIVE and before is not AccelState.ACTIVE:
-                self.ladder_state = ladder.begin(self.ladder_state, now)
+                self.ladder_state = ladder.begin(self.ladder_state, now, self._expected_wake_s(acc, now))
             elif goal is not AccelState.ACTIVE and before is AccelState.ACTIVE:
                 self.ladder_state = ladder.cancel(self.ladder_state)
             self.ladder_state, action = ladder.step(self.ladder_state, acc.state, now)
