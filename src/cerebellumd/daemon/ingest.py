@@ -374,13 +374,17 @@ class CanIngest:
         now_mono = clock()
         deadline = now_mono + budget_s
         n = 0
+        failed = False
         try:
             while True:
                 try:
                     msg = recv(0)
                 except Exception as exc:  # any backend error (malformed datagram, link down, unplugged)
-                    self._fd_failed(exc)
-                    return
+                    if self._recv_failed(exc, again=failed):
+                        return
+                    failed = True
+                    continue
+                failed = False
                 if msg is None:
                     return
                 n += 1
@@ -391,13 +395,20 @@ class CanIngest:
             if n:
                 self._account(n)
 
-    def _fd_failed(self, exc: Exception) -> None:
-        """Counted like the thread's failure; the reader goes (a broken fd would spin the loop)
-        and the supervisor recreates the bus with backoff."""
-        log.warning("bus %s: receive failed: %s", self.name, exc)
+    def _recv_failed(self, exc: Exception, *, again: bool) -> bool:
+        """A receive error is counted once (`bus_error`). If the very next read works, the bus
+        reads on: one bad datagram on udp_multicast consumed only itself, and recreating the
+        socket would throw away the frames queued behind it. If it fails again, the reader goes (a
+        broken fd would spin the loop) and the supervisor recreates the bus with backoff, as for
+        the reader thread. Returns whether the bus is given up."""
+        if not again:
+            self._count_error("bus_error")
+            log.warning("bus %s: receive failed: %s", self.name, exc)
+            return False
+        log.warning("bus %s: receive failed again (%s): recreating the bus", self.name, exc)
         self._remove_reader()
         self._bus_failed.set()
-        self._count_error("bus_error")
+        return True
 
     def _drain_queue(self, budget_s: float) -> None:
         self._scheduled = False
