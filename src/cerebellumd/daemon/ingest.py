@@ -1,11 +1,12 @@
 """CAN ingest for one bus: frames are read, routed, decoded and handed on, on the event loop.
 
 Reading. A bus with a file descriptor (socketcan, udp_multicast, the serial port under slcan:
-python-can's `bus.fileno()`) is read on the loop: `loop.add_reader(fd)` and a non-blocking drain
-with `bus.recv(0)` until it returns None, or until the callback has spent `DRAIN_BUDGET_S`; the
-rest stays in the kernel's buffer and, the fd still being readable, is read on the next loop
-iteration (after timers such as the tick). A bus without one (virtual) keeps a reader thread that
-feeds a bounded queue (drops counted), drained on the loop within the same time budget.
+python-can's `bus.fileno()`; `_LOOP_READ_INTERFACES`) is read on the loop: `loop.add_reader(fd)`
+and a non-blocking drain with `bus.recv(0)` until it returns None, or until the callback has
+spent `DRAIN_BUDGET_S`; the rest stays in the kernel's buffer and, the fd still being readable,
+is read on the next loop iteration (after timers such as the tick). Any other bus (virtual,
+vendor adapters) keeps a reader thread that feeds a bounded queue (drops counted), drained on
+the loop within the same time budget.
 
 Why our own reader and not python-can's Notifier/AsyncBufferedReader: the Notifier's
 add_reader path swallows `recv` errors into the loop's exception handler and can hang an
@@ -62,6 +63,10 @@ _MAX_RECONNECT_BACKOFF_S = 30.0
 #: (the tick, the fast path's wake, other buses); what is left is read on the next iteration.
 DRAIN_BUDGET_S = 0.001
 _KERNEL_FILTER_INTERFACES = frozenset({"socketcan", "socketcand", "kvaser", "pcan", "vector", "ixxat"})
+#: Read on the loop: interfaces whose `recv(0)` never waits once made non-blocking (`_nonblocking`).
+#: Others that expose `fileno()` (python-can's `serial`, `seeedstudio`, `robotell`) read with the
+#: serial port's own timeout whatever `recv` is given, so they keep the reader thread.
+_LOOP_READ_INTERFACES = frozenset({"socketcan", "udp_multicast", "slcan"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +289,7 @@ class CanIngest:
         self._bus = bus
         self._bus_failed.clear()
         self.connected = True
-        fd = _readable_fd(bus)
+        fd = _readable_fd(bus) if cfg.interface in _LOOP_READ_INTERFACES else None
         if fd is not None:
             assert self._loop is not None
             _nonblocking(bus)
