@@ -9,7 +9,9 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import can
@@ -483,3 +485,45 @@ async def test_slcan_serial_fd_is_read_on_the_loop(tmp_path: Path) -> None:
     finally:
         socat.terminate()
         await socat.wait()
+
+
+@pytest.fixture
+def vcan_fd() -> Iterator[str]:
+    """A CAN FD capable vcan interface (MTU 72), or a skip where the kernel or our rights lack it."""
+    name = f"vcan{random.randint(100, 999)}"
+    try:
+        proc = subprocess.run(["ip", "link", "add", "dev", name, "type", "vcan"], capture_output=True, text=True,
+                              timeout=10, check=False)
+    except FileNotFoundError:
+        pytest.skip("no `ip` command on this machine")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot create a vcan interface ({proc.stderr.strip() or proc.returncode}): "
+                    "no vcan module in this kernel, or no CAP_NET_ADMIN")
+    try:
+        subprocess.run(["ip", "link", "set", name, "mtu", "72"], check=True, timeout=10)
+        subprocess.run(["ip", "link", "set", "up", name], check=True, timeout=10)
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "delete", name], check=False, timeout=10)
+
+
+async def test_can_fd_64_byte_frames_over_socketcan_decode_as_cantools_does(vcan_fd: str) -> None:
+    db = await asyncio.to_thread(opendbc_db, "gwm_haval_h6_phev_2024.dbc", False)
+    speed = db.get_message_by_name("SPEED")
+    wanted = {(speed.name, s.name): s.name for s in speed.signals}
+    got: list[list[tuple[str, float]]] = []
+    config = CanBusConfig(name="vehicle", interface="socketcan", channel=vcan_fd, fd=True)
+    ingest = CanIngest(config, db, wanted, lambda samples, t: got.append(sorted(samples)), Metrics(buses=["vehicle"]))
+    rng = random.Random(21)
+    sent = [rng.randbytes(64) for _ in range(20)]
+    await ingest.async_start()
+    sender = can.Bus(interface="socketcan", channel=vcan_fd, fd=True)
+    try:
+        assert ingest.reads_on_loop
+        for data in sent:
+            sender.send(can.Message(arbitration_id=speed.frame_id, data=data, is_extended_id=False, is_fd=True))
+        await until(lambda: ingest.frames >= len(sent))
+    finally:
+        sender.shutdown()
+        await ingest.async_stop()
+    assert got == [as_today(speed, wanted, data) for data in sent]
