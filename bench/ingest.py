@@ -2,14 +2,18 @@
 
 The same deterministic frame sequence is sent twice by a separate process over udp_multicast
 (loopback): once to a bare receiver (``bus.recv()`` + ``db.decode_message``), once to the
-daemon's ``CanIngest`` (reader thread, bounded queue, cached decode, sink) with the demo
+daemon's ``CanIngest`` (read on the loop, compiled extractors, sink) with the demo
 config's signal set. CPU is this process's CPU time (all threads) during each phase; the
 sender's CPU is not counted.
 
 frames_per_s = frames / CPU seconds, i.e. what one core could sustain on this machine.
 cpu_ratio = (daemon CPU s per frame) / (bare CPU s per frame).
 
-    python bench/ingest.py [--frames N] [--rate FRAMES_PER_S] [--json] [--quick]
+With --runs N > 1 the pair (bare, then CanIngest) is measured N times and the result is
+{"runs": [one object per pair], "cpu_ratio": [...], "cpu_ratio_median", "cpu_ratio_min",
+"cpu_ratio_max", "daemon_frames_per_s_median", "bare_frames_per_s_median"}.
+
+    python bench/ingest.py [--frames N] [--rate FRAMES_PER_S] [--runs N] [--uvloop] [--floor] [--json] [--quick]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
 import tomllib
@@ -94,19 +99,58 @@ async def daemon_path(frames: int, rate: float) -> tuple[int, float]:
     return ingest.frames, cpu
 
 
-def measure(frames: int, rate: float) -> dict[str, Any]:
+async def loop_floor(frames: int, rate: float) -> tuple[int, float]:
+    """The asyncio floor: add_reader + recv(0) until None, nothing decoded or handed on."""
+    loop = asyncio.get_running_loop()
+    bus = common.open_bus()
+    fd = bus.fileno()
+    got = 0
+    last_change = time.monotonic()
+
+    def on_readable() -> None:
+        nonlocal got, last_change
+        while bus.recv(0) is not None:
+            got += 1
+        last_change = time.monotonic()
+
+    loop.add_reader(fd, on_readable)
+    try:
+        sender = await asyncio.to_thread(lambda: common.start_sender(rate, frames / rate + 30, count=frames))
+        cpu0 = time.process_time()
+        try:
+            while got < frames and time.monotonic() - last_change < IDLE_END_S + 1.0:
+                await asyncio.sleep(0.05)
+            cpu = time.process_time() - cpu0
+        finally:
+            common.stop_process(sender)
+    finally:
+        loop.remove_reader(fd)
+        bus.shutdown()
+    return got, cpu
+
+
+def measure(frames: int, rate: float, uvloop: bool = False, floor: bool = False) -> dict[str, Any]:
     bare_n, bare_cpu = bare(frames, rate)
-    d_n, d_cpu = asyncio.run(daemon_path(frames, rate))
+    if uvloop:  # the daemon's [realtime] uvloop = true
+        import uvloop as uv
+
+        d_n, d_cpu = uv.run(daemon_path(frames, rate))
+    else:
+        d_n, d_cpu = asyncio.run(daemon_path(frames, rate))
     print(f"bare: {bare_n} frames, {bare_cpu:.3f} CPU s; CanIngest: {d_n} frames, "
           f"{d_cpu:.3f} CPU s (sent {frames} at {rate:.0f}/s)", file=sys.stderr)
     bare_per = bare_cpu / bare_n if bare_n else float("nan")
     d_per = d_cpu / d_n if d_n else float("nan")
-    return {
+    result = {
         "frames": frames,
         "daemon_frames_per_s": round(1 / d_per) if d_per > 0 else None,
         "bare_frames_per_s": round(1 / bare_per) if bare_per > 0 else None,
         "cpu_ratio": round(d_per / bare_per, 2) if bare_per > 0 and d_n else None,
     }
+    if floor:
+        f_n, f_cpu = asyncio.run(loop_floor(frames, rate))
+        result["floor_frames_per_s"] = round(f_n / f_cpu) if f_cpu > 0 else None
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,12 +158,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=50_000)
     p.add_argument("--rate", type=float, default=5000.0, help="sender frames per second")
+    p.add_argument("--runs", type=int, default=1, help="repeat the pair; report each, the median and spread")
+    p.add_argument("--uvloop", action="store_true", help="run CanIngest on uvloop (the daemon's [realtime] uvloop)")
+    p.add_argument("--floor", action="store_true", help="also measure a bare asyncio add_reader + recv(0) reader that "
+                                                        "decodes nothing (floor_frames_per_s)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="CI smoke: 5,000 frames")
     a = p.parse_args(argv)
     if a.quick:
         a.frames = 5000
-    r = measure(a.frames, a.rate)
+    runs = [measure(a.frames, a.rate, a.uvloop, a.floor) for _ in range(max(1, a.runs))]
+    if len(runs) > 1:
+        ratios = [x["cpu_ratio"] for x in runs]
+        known = [x for x in ratios if x is not None]
+
+        def median_of(key: str) -> float | None:
+            values = [x[key] for x in runs if x[key] is not None]
+            return round(statistics.median(values)) if values else None
+
+        summary = {"runs": runs, "cpu_ratio": ratios,
+                   "cpu_ratio_median": round(statistics.median(known), 2) if known else None,
+                   "cpu_ratio_min": min(known) if known else None, "cpu_ratio_max": max(known) if known else None,
+                   "daemon_frames_per_s_median": median_of("daemon_frames_per_s"),
+                   "bare_frames_per_s_median": median_of("bare_frames_per_s")}
+        print(json.dumps(summary) if a.json else
+              f"cpu_ratio per run {ratios}: median {summary['cpu_ratio_median']} (min {summary['cpu_ratio_min']}, "
+              f"max {summary['cpu_ratio_max']}); CanIngest {summary['daemon_frames_per_s_median']} frames/CPU-s, "
+              f"bare {summary['bare_frames_per_s_median']} (medians)")
+        return 0
+    r = runs[0]
     if a.json:
         print(json.dumps(r))
     else:

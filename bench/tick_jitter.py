@@ -8,8 +8,12 @@ interval, duration and scheduling class, as the kernel's reference for this mach
 
 Lateness = time.monotonic() in the tick callback - the tick's absolute deadline.
 
-    python bench/tick_jitter.py [--seconds S] [--load FRAMES_PER_S] [--json] [--quick]
+    python bench/tick_jitter.py [--seconds S] [--load FRAMES_PER_S] [--runs N] [--json] [--quick]
         [--fifo PRIO] [--uvloop] [--mlockall] [--gc-freeze] [--switch-interval-us US]
+
+With --runs N > 1 the measurement is repeated N times (a fresh sender and cyclictest each time)
+and the result is {"runs": [one object per run], "ratio_p99": [...], "ratio_p99_median",
+"ratio_p99_min", "ratio_p99_max"}: on a shared machine one run's ratio says little.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -192,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--switch-interval-us", type=float, default=0.0,
                    help="sys.setswitchinterval (GIL hand-over between the CAN reader thread and "
                         "the loop; Python's default is 5000 us); 0 = leave the default")
+    p.add_argument("--runs", type=int, default=1, help="repeat the measurement; report each, the median "
+                                                         "and the spread of ratio_p99")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="CI smoke: 3 s at 500 frames/s")
     a = p.parse_args(argv)
@@ -221,12 +228,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(freeze_gc_after_startup(), file=sys.stderr)
     if a.switch_interval_us > 0:
         sys.setswitchinterval(a.switch_interval_us / 1e6)
-    r = asyncio.run(measure(a.seconds, a.load, a.period_ms / 1e3, a.hist_max_us, a.own_ingest,
-                            a.fifo))
+    runs = [asyncio.run(measure(a.seconds, a.load, a.period_ms / 1e3, a.hist_max_us, a.own_ingest, a.fifo))
+            for _ in range(max(1, a.runs))]
+    if len(runs) == 1:
+        if a.json:
+            print(json.dumps(runs[0]))
+        else:
+            print_table(runs[0])
+        return 0
+    ratios = [r["ratio_p99"] for r in runs]
+    known = [x for x in ratios if x is not None]
+    summary = {"runs": runs, "ratio_p99": ratios,
+               "ratio_p99_median": round(statistics.median(known), 2) if known else None,
+               "ratio_p99_min": min(known) if known else None,
+               "ratio_p99_max": max(known) if known else None}
     if a.json:
-        print(json.dumps(r))
+        print(json.dumps(summary))
     else:
-        print_table(r)
+        for r in runs:
+            print_table(r)
+            print()
+        print(f"ratio_p99 per run: {ratios}; median {summary['ratio_p99_median']}, "
+              f"min {summary['ratio_p99_min']}, max {summary['ratio_p99_max']}")
     return 0
 
 

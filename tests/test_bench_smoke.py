@@ -158,3 +158,12 @@ def test_startup_memory_quick() -> None:
     assert r["import_ms_total"] >= max(r["import_ms"].values())
     # the lean install: `run` imports none of the evaluator's packages
     assert not {"numpy", "matplotlib", "rich"} & set(r["import_ms"])
+
+
+def test_tick_jitter_runs_report_median_and_spread() -> None:
+    r = run_bench("tick_jitter", "--runs", "2", timeout=2 * RUN_TIMEOUT_S)
+    assert set(r) == {"runs", "ratio_p99", "ratio_p99_median", "ratio_p99_min", "ratio_p99_max"}
+    assert len(r["runs"]) == 2 and [x["ratio_p99"] for x in r["runs"]] == r["ratio_p99"]
+    if shutil.which("cyclictest") is not None and all(is_num(x) for x in r["ratio_p99"]):
+        assert r["ratio_p99_min"] <= r["ratio_p99_median"] <= r["ratio_p99_max"]
+        assert r["ratio_p99_min"] == min(r["ratio_p99"]) and r["ratio_p99_max"] == max(r["ratio_p99"])

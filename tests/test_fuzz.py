@@ -176,7 +176,7 @@ def test_can_decode_path_counts_and_never_raises(batch: list[can.Message]) -> No
     ingest = CanIngest(CanBusConfig(name="vehicle", interface="virtual", channel="fuzz"), DB, wanted,
                        lambda samples, t: got.extend(samples), metrics)
     ingest._queue.extend(batch)
-    ingest.drain()  # the loop-side decode path, exactly as the reader thread schedules it
+    ingest.drain(budget_s=math.inf)  # the loop-side decode path, as the reader thread schedules it (no time bound)
     assert ingest.frames == len(batch)
     assert not ingest._queue
     assert ingest.errors["error_frame"] == sum(m.is_error_frame for m in batch)

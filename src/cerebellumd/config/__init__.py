@@ -93,7 +93,9 @@ class CanBusConfig(Section):
     dbc_strict: bool = Field(True, description="cantools strict mode (many real DBCs need false).")
     filters: bool = Field(True, description="Install acceptance filters for the IDs the signals need.")
     silence_timeout_ms: PositiveMs = Field(1000, description="No frame for this long = silent bus.")
-    queue_size: PositiveMs = Field(4096, description="Bound of the ingest queue (drops are counted).")
+    queue_size: PositiveMs = Field(4096, description=(
+        "Bound of the ingest queue of a bus read by a thread (backends without a file descriptor, e.g. virtual; "
+        "drops are counted). Buses with one are read on the loop: the kernel's receive buffer bounds them."))
     reconnect_backoff_ms: PositiveMs = Field(500, description="First reconnect delay; doubles up to 30 s.")
     receive_own_messages: bool = Field(False, description="Passed to python-can.")
     listen_only: bool = Field(

@@ -1,11 +1,23 @@
-"""CAN ingest for one bus: a supervised reader thread off the loop feeds a bounded queue; the
-loop drains it, decodes with cantools (one cached lookup per frame) and hands samples on.
+"""CAN ingest for one bus: frames are read, routed, decoded and handed on, on the event loop.
+
+Reading. A bus with a file descriptor (socketcan, udp_multicast, the serial port under slcan:
+python-can's `bus.fileno()`; `_LOOP_READ_INTERFACES`) is read on the loop: `loop.add_reader(fd)`
+and a non-blocking drain with `bus.recv(0)` until it returns None, or until the callback has
+spent `DRAIN_BUDGET_S`; the rest stays in the kernel's buffer and, the fd still being readable,
+is read on the next loop iteration (after timers such as the tick). Any other bus (virtual,
+vendor adapters) keeps a reader thread that feeds a bounded queue (drops counted), drained on
+the loop within the same time budget.
 
 Why our own reader and not python-can's Notifier/AsyncBufferedReader: the Notifier's
 add_reader path swallows `recv` errors into the loop's exception handler and can hang an
 awaiting reader (python-can #1865), its buffer is unbounded, and it does not notice a silent
-bus. Here every failure is counted, the queue is bounded (drops counted), silence is detected
-and the bus is recreated with backoff.
+bus. Here every failure is counted, the reader is removed before its fd closes, silence is
+detected and the bus is recreated with backoff.
+
+Decoding. Each DBC message the configuration wants signals from gets an extractor compiled once
+(`drivers/can_extract.py`) for exactly those signals; messages it cannot compile (multiplexed,
+overlapping signals, ...) are decoded by cantools as before. Both give the same values and
+refuse the same frames (tests/test_can_extract.py).
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ import asyncio
 import collections
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +37,7 @@ import can
 from cantools.database.can import Database, Message
 
 from ..config import CanBusConfig
+from ..drivers.can_extract import Extractor, try_compile
 from ..drivers.j1939 import (
     PGN_ADDRESS_CLAIMED,
     PGN_TP_CM,
@@ -45,8 +59,9 @@ SampleSink = Callable[[Sequence[tuple[str, float]], float], None]
 #: counted as `unknown_id`. Keep it cheap: it runs once per frame.
 FrameHook = Callable[[can.Message], bool]
 _MAX_RECONNECT_BACKOFF_S = 30.0
-#: Frames decoded per loop callback: ~2-5 ms of CPU on a small ARM core, well inside a tick.
-DRAIN_BUDGET = 256
+#: CPU time one loop callback may spend reading and decoding frames before it yields to the loop
+#: (the tick, the fast path's wake, other buses); what is left is read on the next iteration.
+DRAIN_BUDGET_S = 0.001
 _KERNEL_FILTER_INTERFACES = frozenset({"socketcan", "socketcand", "kvaser", "pcan", "vector", "ixxat"})
 #: How each python-can interface (4.x) is opened in its listen-only mode, where it has one. socketcan
 #: has none in python-can: listen-only is a property of the netdev (`ip link set can0 type can
@@ -61,6 +76,10 @@ LISTEN_ONLY_OPTIONS: Mapping[str, Callable[[], dict[str, Any]]] = {
 }
 #: Results of `send`, the label of cerebellumd_can_tx_frames_total.
 TX_RESULTS = ("ok", "error", "refused")
+#: Read on the loop: interfaces whose `recv(0)` never waits once made non-blocking (`_nonblocking`).
+#: Others that expose `fileno()` (python-can's `serial`, `seeedstudio`, `robotell`) read with the
+#: serial port's own timeout whatever `recv` is given, so they keep the reader thread.
+_LOOP_READ_INTERFACES = frozenset({"socketcan", "udp_multicast", "slcan"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +98,8 @@ class _Route:
     # narrower than the bits, and the values outside (0xFFFF "signal not available", a
     # sender's bug) must not reach the policy as if they were measurements.
     wanted: tuple[tuple[str, str, float, float], ...]
+    #: The wanted signals' values in `wanted` order, compiled from the DBC; None = cantools decodes.
+    extract: Extractor | None = None
 
 
 class CanIngest:
@@ -104,6 +125,7 @@ class CanIngest:
         self._bus_factory = bus_factory or can.Bus
         self._db = db
         self._j1939_mode = config.j1939
+        self._compiled: dict[tuple[str, tuple[str, ...]], Extractor | None] = {}
         self._routes = self._build_routes(db, wanted)
         self._j1939: J1939Receiver[_Route] | None = None
         self._routes, j1939_routes = self._split_j1939(self._routes)
@@ -131,6 +153,7 @@ class CanIngest:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bus: can.BusABC | None = None
         self._thread: threading.Thread | None = None
+        self._fd: int | None = None
         self._stop = threading.Event()
         self._bus_failed = threading.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -150,22 +173,31 @@ class CanIngest:
         self.sent = 0
         self.refused = 0
 
-    @staticmethod
-    def _build_routes(db: Database, wanted: Mapping[tuple[str, str], str]) -> dict[tuple[int, bool], _Route]:
+    def _build_routes(self, db: Database, wanted: Mapping[tuple[str, str], str]) -> dict[tuple[int, bool], _Route]:
         per_message: dict[str, list[tuple[str, str, float, float]]] = collections.defaultdict(list)
         for (message, signal), ours in wanted.items():
             try:
                 sig = db.get_message_by_name(message).get_signal_by_name(signal)
-                lo = -math.inf if sig.minimum is None else float(sig.minimum)
-                hi = math.inf if sig.maximum is None else float(sig.maximum)
-            except KeyError:  # not in this DBC: the route below simply never yields it
-                lo, hi = -math.inf, math.inf
+            except KeyError:  # not in this DBC: it could never yield a value
+                continue
+            lo = -math.inf if sig.minimum is None else float(sig.minimum)
+            hi = math.inf if sig.maximum is None else float(sig.maximum)
             per_message[message].append((signal, ours, lo, hi))
         routes: dict[tuple[int, bool], _Route] = {}
         for dbc_message in db.messages:
-            routes[(dbc_message.frame_id, dbc_message.is_extended_frame)] = _Route(
-                dbc_message, tuple(per_message.get(dbc_message.name, ())))
+            signals = tuple(per_message.get(dbc_message.name, ()))
+            extract = self._extractor(dbc_message, tuple(s[0] for s in signals)) if signals else None
+            routes[(dbc_message.frame_id, dbc_message.is_extended_frame)] = _Route(dbc_message, signals, extract)
         return routes
+
+    def _extractor(self, message: Message, signals: tuple[str, ...]) -> Extractor | None:
+        """Compiled once per (message, signal set): a reload that keeps them reuses it."""
+        key = (message.name, signals)
+        if key not in self._compiled:
+            self._compiled[key] = try_compile(message, signals)
+            if self._compiled[key] is None:
+                log.debug("bus %s: %s decoded by cantools (not compilable)", self.name, message.name)
+        return self._compiled[key]
 
     @property
     def db(self) -> Database:
@@ -272,16 +304,24 @@ class CanIngest:
             for key, value in LISTEN_ONLY_OPTIONS.get(cfg.interface, dict)().items():
                 kwargs.setdefault(key, value)
         factory = self._bus_factory
-        self._bus = await asyncio.to_thread(
-            lambda: factory(interface=cfg.interface, channel=cfg.channel, **kwargs))
+        bus = await asyncio.to_thread(lambda: factory(interface=cfg.interface, channel=cfg.channel, **kwargs))
+        self._bus = bus
         self._bus_failed.clear()
         self.connected = True
-        self._thread = threading.Thread(target=self._read_forever, args=(self._bus,),
+        fd = _readable_fd(bus) if cfg.interface in _LOOP_READ_INTERFACES else None
+        if fd is not None:
+            assert self._loop is not None
+            _nonblocking(bus)
+            self._loop.add_reader(fd, self._read_fd, DRAIN_BUDGET_S)
+            self._fd = fd
+            return
+        self._thread = threading.Thread(target=self._read_forever, args=(bus,),
                                         name=f"can-reader-{self.name}", daemon=True)
         self._thread.start()
 
     async def _async_disconnect(self) -> None:
         self.connected = False
+        self._remove_reader()  # before the fd closes (uvloop keeps watching a closed fd otherwise)
         bus, self._bus = self._bus, None
         thread, self._thread = self._thread, None
         stop = self._stop
@@ -291,7 +331,17 @@ class CanIngest:
         if bus is not None:
             await asyncio.to_thread(bus.shutdown)
 
-    # -- reader thread ---------------------------------------------------------------------
+    def _remove_reader(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(fd)
+
+    @property
+    def reads_on_loop(self) -> bool:
+        """Whether the bus is read on the loop (an fd) rather than by a reader thread."""
+        return self._fd is not None
+
+    # -- reader thread (buses without a file descriptor) -----------------------------------
 
     def _read_forever(self, bus: can.BusABC) -> None:
         queue, maxlen = self._queue, self._maxlen
@@ -327,29 +377,104 @@ class CanIngest:
         self.errors[kind] += 1
         self._c_errors[kind].inc()
 
-    def drain(self, budget: int = DRAIN_BUDGET) -> None:
-        """Decode up to `budget` queued frames (called by the reader's wake-up and before each
-        tick); the rest are left to a follow-up callback so that a flood cannot hold the loop
-        past the ticker's deadlines."""
+    def drain(self, budget_s: float = DRAIN_BUDGET_S) -> None:
+        """Read and decode what has arrived, for at most `budget_s` (called when the bus is
+        readable or the reader thread has queued frames, and before each tick); the rest is left
+        to a follow-up callback so that a flood cannot hold the loop past the ticker's deadlines."""
+        if self._fd is not None:
+            self._read_fd(budget_s)
+        else:
+            self._drain_queue(budget_s)
+
+    def _read_fd(self, budget_s: float) -> None:
+        """The fd is readable: `recv(0)` until None or the budget is spent. What is left stays in
+        the socket, which stays readable: the loop calls again on its next iteration."""
+        bus = self._bus
+        if bus is None or self._fd is None:
+            return
+        recv = bus.recv
+        process = self._process
+        clock = time.monotonic
+        now_mono = clock()
+        deadline = now_mono + budget_s
+        n = 0
+        failed = False
+        try:
+            while True:
+                try:
+                    msg = recv(0)
+                except Exception as exc:  # any backend error (malformed datagram, link down, unplugged)
+                    if self._recv_failed(exc, again=failed):
+                        return
+                    failed = True
+                    continue
+                failed = False
+                if msg is None:
+                    return
+                n += 1
+                process(msg, now_mono)
+                if clock() >= deadline:
+                    return
+        finally:
+            if n:
+                self._account(n)
+
+    def _recv_failed(self, exc: Exception, *, again: bool) -> bool:
+        """A receive error is counted once (`bus_error`). If the very next read works, the bus
+        reads on: one bad datagram on udp_multicast consumed only itself, and recreating the
+        socket would throw away the frames queued behind it. If it fails again, the reader goes (a
+        broken fd would spin the loop) and the supervisor recreates the bus with backoff, as for
+        the reader thread. Returns whether the bus is given up."""
+        if not again:
+            self._count_error("bus_error")
+            log.warning("bus %s: receive failed: %s", self.name, exc)
+            return False
+        log.warning("bus %s: receive failed again (%s): recreating the bus", self.name, exc)
+        self._remove_reader()
+        self._bus_failed.set()
+        return True
+
+    def _drain_queue(self, budget_s: float) -> None:
         self._scheduled = False
         queue = self._queue
         if not queue:
             return
-        routes = self._routes
-        sink = self._sink
-        hook = self._tap.hook if self._tap is not None else None
-        j1939 = self._j1939
-        now_mono = time.monotonic()
+        process = self._process
+        clock = time.monotonic
+        now_mono = clock()
+        deadline = now_mono + budget_s
         n = 0
-        while queue and n < budget:
+        while queue:
             msg = queue.popleft()
             n += 1
-            claimed = hook(msg) if hook is not None else False
-            if msg.is_error_frame:
-                self._count_error("error_frame")
-                continue
-            route = routes.get((msg.arbitration_id, msg.is_extended_id))
-            if route is None and j1939 is not None and msg.is_extended_id:
+            process(msg, now_mono)
+            if clock() >= deadline:
+                break
+        self._account(n)
+        if queue and not self._scheduled and self._loop is not None:
+            self._scheduled = True
+            self._loop.call_soon(self.drain)
+
+    def _account(self, n: int) -> None:
+        self.frames += n
+        self._c_frames.inc(n)
+        self.last_frame_at = self._now()
+        if self.silent:
+            self.silent = False
+            log.info("bus %s: traffic again", self.name)
+
+    def _process(self, msg: can.Message, now_mono: float) -> None:
+        """One frame: the tap, error frames, routing (exact ID, then J1939 by PGN), decoding of
+        the wanted signals, DBC range checks, the sink."""
+        tap = self._tap
+        claimed = tap.hook(msg) if tap is not None else False
+        if msg.is_error_frame:
+            self._count_error("error_frame")
+            return
+        route = self._routes.get((msg.arbitration_id, msg.is_extended_id))
+        if route is None:
+            j1939 = self._j1939
+            if j1939 is not None and msg.is_extended_id:
                 route = j1939.feed(msg.arbitration_id, msg.data, self._frame_time(msg, now_mono))
                 if j1939.errors or j1939.claimed:
                     self._j1939_events(j1939)
@@ -359,37 +484,33 @@ class CanIngest:
                     if j1939.addresses.claims != self._claims_seen:
                         self._c_claims.inc(j1939.addresses.claims - self._claims_seen)
                         self._claims_seen = j1939.addresses.claims
-                    continue
+                    return
             if route is None:
                 if not claimed:
                     self._count_error("unknown_id")
-                continue
-            if not route.wanted:
-                continue
-            try:
-                # Plain decode (no multiplexer container) returns a dict of numbers.
-                values = cast(Mapping[str, Any], route.message.decode(msg.data, decode_choices=False))  # type: ignore[arg-type]
-            except Exception:  # cantools raises several types for bad frames; all are bad input
-                self._count_error("decode")
-                continue
-            samples = []
-            for signal, ours, lo, hi in route.wanted:
-                value = values.get(signal)
-                if isinstance(value, int | float):
-                    if lo <= value <= hi:
-                        samples.append((ours, float(value)))
-                    else:  # out of the DBC range: not a measurement; counted, left to go stale
-                        self._count_error("range")
-            sink(samples, self._from_monotonic(self._frame_time(msg, now_mono)))
-        self.frames += n
-        self._c_frames.inc(n)
-        self.last_frame_at = self._now()
-        if self.silent:
-            self.silent = False
-            log.info("bus %s: traffic again", self.name)
-        if queue and not self._scheduled and self._loop is not None:
-            self._scheduled = True
-            self._loop.call_soon(self.drain)
+                return
+        wanted = route.wanted
+        if not wanted:
+            return
+        extract = route.extract
+        values: Sequence[Any]
+        try:
+            if extract is not None:
+                values = extract(msg.data)
+            else:  # Plain decode (no multiplexer container) returns a dict of numbers.
+                decoded = cast(Mapping[str, Any], route.message.decode(msg.data, decode_choices=False))  # type: ignore[arg-type]
+                values = [decoded.get(w[0]) for w in wanted]
+        except Exception:  # cantools raises several types for bad frames; all are bad input
+            self._count_error("decode")
+            return
+        samples = []
+        for (_, ours, lo, hi), value in zip(wanted, values, strict=True):
+            if isinstance(value, int | float):  # None: a multiplexed signal absent from this frame
+                if lo <= value <= hi:
+                    samples.append((ours, float(value)))
+                else:  # out of the DBC range: not a measurement; counted, left to go stale
+                    self._count_error("range")
+        self._sink(samples, self._from_monotonic(self._frame_time(msg, now_mono)))
 
     def _frame_time(self, msg: can.Message, now_mono: float) -> float:
         """The frame's receive time on our monotonic clock."""
@@ -487,3 +608,28 @@ class CanIngest:
                         log.warning("bus %s: reconnect failed (%s); next in %.1f s", self.name, exc, backoff)
                         await asyncio.sleep(backoff)
                         backoff = min(backoff * 2, _MAX_RECONNECT_BACKOFF_S)
+
+
+def _readable_fd(bus: can.BusABC) -> int | None:
+    """The bus's file descriptor for `add_reader`, or None (virtual and other thread-only
+    backends raise NotImplementedError; slcan over a URL without fd raises CanOperationError)."""
+    try:
+        fd = bus.fileno()
+    except (NotImplementedError, can.CanError, OSError, AttributeError):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
+def _nonblocking(bus: can.BusABC) -> None:
+    """`recv(0)` must never wait on the loop. socketcan and udp_multicast select() before they
+    read, so they never do; their sockets are switched to non-blocking all the same, so that no
+    read can wait should the select and the read ever disagree. slcan reads its serial port with
+    the port's timeout (1 ms by default) once its buffer is empty: that is set to 0.
+    python-can has no public handle on the udp_multicast socket (python-can 4.6:
+    `bus._multicast._socket`); where the attribute is missing the bus is still read correctly."""
+    for sock in (getattr(bus, "socket", None), getattr(getattr(bus, "_multicast", None), "_socket", None)):
+        if isinstance(sock, socket.socket):
+            sock.setblocking(False)
+    port = getattr(bus, "serialPortOrig", None)
+    if port is not None and hasattr(port, "timeout"):
+        port.timeout = 0
