@@ -6,7 +6,7 @@ import time
 import pytest
 from blockbuster import BlockingError
 
-from cerebellumd.policies import model
+from cerebellumd import accel as model
 
 
 async def test_blocking_sleep_in_loop_from_our_code_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:

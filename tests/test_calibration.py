@@ -7,10 +7,10 @@ import math
 
 import pytest
 
+from cerebellumd.accel import AccelState
 from cerebellumd.config import builtin_example, parse_config
 from cerebellumd.policies.calibration import Calibration, CalibrationParams, next_relax, relax, tighten
 from cerebellumd.policies.cerebellum import CerebellumFirst, PolicyState
-from cerebellumd.policies.model import AccelState
 from cerebellumd.policies.types import Inputs
 from cerebellumd.sim.cycles import load_cycle
 from cerebellumd.sim.evaluate import evaluate, run_evaluation

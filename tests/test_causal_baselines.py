@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from cerebellumd.accel import AccelState
 from cerebellumd.config import builtin_example, parse_config
-from cerebellumd.policies.model import AccelState
 from cerebellumd.sim.cycles import load_cycle
 from cerebellumd.sim.evaluate import TIMEOUT_SWEEP_S, dominated_by, run_evaluation
 from cerebellumd.sim.events import build_scenario
