@@ -47,6 +47,7 @@ from ..policies.vehicle_power import (
     FusionStep,
     PowerFusion,
     PowerState,
+    vehicle_nm_activity,
 )
 from .clock import Clock
 from .host import AcceleratorHost, EnergyHost, Events, HoldsHost, Inputs, PowerDownLink, Snapshot, Undo, VehicleHost
@@ -249,7 +250,9 @@ class VehiclePower:
         host, cfg = self._host, self.config
         nm_known = self.nm is not None and cfg.use_nm
         if nm_known and self.nm is not None:
-            awake = self.nm.mode in _NETWORK_MODES
+            nm_state = self.nm.state
+            awake = nm_state is not None and vehicle_nm_activity(
+                nm_state.mode in _NETWORK_MODES, nm_state.last_activity, now, self.nm.nm.params.timeout_s)
             if awake and self._nm_awake_since is None:
                 self._nm_awake_since = now
             elif not awake:

@@ -351,3 +351,10 @@ __all__ = [
     "STATE_NAMES", "VSS_LOW_VOLTAGE_SYSTEM_STATE", "BatteryBudget", "BudgetInputs", "BudgetParams", "BudgetState",
     "FusionInputs", "FusionParams", "FusionState", "FusionStep", "PowerFusion", "PowerState",
 ]
+
+
+def vehicle_nm_activity(mode_is_network: bool, last_frame_at: float | None, now: float, timeout_s: float) -> bool:
+    """Whether NM says the *vehicle* is awake: the network is up and some other node was heard
+    within the NM timeout. The gateway's own network request (a garage-mode lease on a silent,
+    parked bus) keeps NM up too, but is no evidence of a key-on."""
+    return mode_is_network and last_frame_at is not None and now - last_frame_at < timeout_s

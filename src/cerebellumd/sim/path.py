@@ -38,6 +38,7 @@ from ..policies.vehicle_power import (
     FusionState,
     PowerFusion,
     PowerState,
+    vehicle_nm_activity,
 )
 from .accelerator import SimAccelerator
 from .events_config import HoldAt
@@ -232,7 +233,9 @@ class PathRun:
                 self._nm_step(nin, frame_at)
                 nin = NmInputs(ignition=ignition, battery_v=nin.battery_v, local_request=self.local_request)
             self._nm_step(nin, now)
-            awake = self.nm_state.mode in NETWORK_MODES
+            assert self.path.nm is not None
+            awake = vehicle_nm_activity(self.nm_state.mode in NETWORK_MODES, self.nm_state.last_activity, now,
+                                        self.path.nm.params.timeout_s)
             if awake and self._nm_awake_since is None:
                 self._nm_awake_since = now
             elif not awake:
