@@ -127,7 +127,7 @@ def test_schedule_errors_name_file_and_line() -> None:
     with pytest.raises(ConfigError) as err:
         parse_event_file(text, "w.toml")
     issue = err.value.issues[0]
-    assert (issue.file, issue.line, issue.key) == ("w.toml", 6, "holds.0.mood")
+    assert (issue.file, issue.line, issue.key) == ("w.toml", 6, "holds[0].mood")
     with pytest.raises(ConfigError, match="before the one at 10"):
         parse_event_file("[[key_off]]\nat_s = 10\nduration_s = 20\n[[key_off]]\nat_s = 15\nduration_s = 5\n",
                          "k.toml")

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -462,24 +462,45 @@ def _dotted(loc: Iterable[str | int]) -> str:
     return out
 
 
-def parse_config(text: str, file: str = "<config>") -> Config:
-    """Parse and validate a TOML text; raise ConfigError listing every problem."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_toml(text: str, file: str, model: type[M]) -> M:
+    """A TOML text validated as `model`; ConfigError with the file, line and dotted key of every
+    problem (a syntax error, an unknown key, a wrong type, a model-level check). The config, the
+    event, day and labels files all read through here."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"line (\d+)", str(exc))
+        m = re.search(r"line (\d+)", str(exc))  # tomllib puts the line in the message only
         raise ConfigError([ConfigIssue(file, int(m.group(1)) if m else None, "", f"TOML syntax: {exc}")]) from None
     try:
-        config = Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        issues = []
-        for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (typo?)"
-            issues.append(ConfigIssue(file, locate(text, loc), _dotted(loc), msg))
-        raise ConfigError(issues) from None
+        raise ConfigError([_validation_issue(file, text, err) for err in exc.errors()]) from None
+
+
+def _validation_issue(file: str, text: str, err: Any) -> ConfigIssue:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+    msg = "unknown key (typo?)" if err["type"] == "extra_forbidden" else err["msg"]
+    if not loc:  # a model-level check names its key first ("key: why")
+        key = msg.removeprefix("Value error, ").split(":", 1)[0]
+        return ConfigIssue(file, locate(text, (key,)), key, msg)
+    return ConfigIssue(file, locate(text, loc), _dotted(loc), msg)
+
+
+def read_text(path: str | Path) -> str:
+    """A config-like file's text; ConfigError naming it when it cannot be read."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(p), None, "", f"cannot read: {exc.strerror}")]) from None
+
+
+def parse_config(text: str, file: str = "<config>") -> Config:
+    """Parse and validate a TOML text; raise ConfigError listing every problem."""
+    config = validate_toml(text, file, Config)
     issues = [ConfigIssue(file, locate(text, loc), _dotted(loc), msg) for loc, msg in semantic_issues(config)]
     if issues:
         raise ConfigError(issues)
@@ -490,12 +511,7 @@ _UNION_TAGS = {"function-after[_one_source(), SignalConfig]"}
 
 
 def load_config(path: str | Path) -> Config:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(str(p), None, "", f"cannot read: {exc.strerror}")]) from None
-    return parse_config(text, str(p))
+    return parse_config(read_text(path), str(path))
 
 
 def builtin_example(name: str = "demo.toml") -> str:

@@ -20,17 +20,16 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..accel import AcceleratorModel, AccelState
-from ..config import Config, ConfigError, ConfigIssue, locate, policy_params
+from ..config import Config, ConfigError, ConfigIssue, locate, policy_params, read_text, validate_toml
 from ..policies.cerebellum import CerebellumFirst, PolicyState
 from ..policies.types import Decision, HoldMode, Inputs, PolicyParams
 from ..profiles import load_profile
@@ -136,21 +135,9 @@ def _with_standing(cycle: DriveCycle, before: float, after: float) -> DriveCycle
 
 
 def parse_day(text: str, file: str = "<day>", default_name: str = "day") -> tuple[str, DayFile]:
+    day = validate_toml(text, file, DayFile)
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"line (\d+)", str(exc))
-        raise ConfigError([ConfigIssue(file, int(m.group(1)) if m else None, "", f"TOML syntax: {exc}")]) from None
-    try:
-        day = DayFile.model_validate(data)
         _check(day)
-    except ValidationError as exc:
-        issues = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            msg = "unknown key (typo?)" if err["type"] == "extra_forbidden" else err["msg"]
-            issues.append(ConfigIssue(file, locate(text, loc) if loc else None, ".".join(map(str, loc)), msg))
-        raise ConfigError(issues) from None
     except _DayError as exc:
         raise ConfigError([ConfigIssue(file, locate(text, exc.loc), ".".join(map(str, exc.loc)), str(exc))]) from None
     return day.name or default_name, day
@@ -199,10 +186,7 @@ def load_day(spec: str | Path) -> tuple[str, DayFile]:
         entry = resources.files("cerebellumd").joinpath("examples", "days", f"{text_spec}.toml")
         return parse_day(entry.read_text("utf-8"), f"examples/days/{text_spec}.toml", text_spec)
     p = Path(spec)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(str(p), None, "", f"cannot read: {exc.strerror}")]) from None
+    text = read_text(p)
     return parse_day(text, str(p), p.stem)
 
 

@@ -22,15 +22,13 @@ send, e.g. SOME/IP- or MCU-fed ones: a `constant` or a step `series`, delivered 
 from __future__ import annotations
 
 import itertools
-import re
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import ConfigError, ConfigIssue, locate
+from ..config import read_text, validate_toml
 from ..policies.types import HoldMode
 
 _RANGES = (
@@ -174,36 +172,14 @@ def event_schema() -> dict[str, Any]:
 
 def parse_event_file(text: str, file: str = "<events>", default_name: str = "events") -> tuple[str, EventModel]:
     """(name, model) of an event file's text; `ConfigError` naming file and line otherwise."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"line (\d+)", str(exc))  # tomllib puts the line in the message only
-        line = int(m.group(1)) if m else None
-        raise ConfigError([ConfigIssue(file, line, "", f"TOML syntax: {exc}")]) from None
-    try:
-        parsed = EventFile.model_validate(data)
-    except ValidationError as exc:
-        issues = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            key = ".".join(str(part) for part in loc)
-            msg = "unknown key (typo?)" if err["type"] == "extra_forbidden" else err["msg"]
-            line = locate(text, loc) if loc else None
-            if not loc:  # a model-level check: it names its key first
-                key = msg.removeprefix("Value error, ").split(":", 1)[0]
-                line = locate(text, (key,))
-            issues.append(ConfigIssue(file, line, key, msg))
-        raise ConfigError(issues) from None
+    parsed = validate_toml(text, file, EventFile)
     return parsed.name or default_name, parsed.event_model()
 
 
 def load_event_file(path: str | Path) -> tuple[str, EventModel]:
     """(name, model) of the event file at `path`; its name defaults to the file's stem."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(str(p), None, "", f"cannot read: {exc.strerror}")]) from None
+    text = read_text(p)
     return parse_event_file(text, str(p), p.stem)
 
 

@@ -15,16 +15,14 @@ naming the file and line (`ConfigError`, as `cerebellumd check` prints them).
 
 from __future__ import annotations
 
-import re
-import tomllib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import ConfigError, ConfigIssue, locate
+from ..config import ConfigError, ConfigIssue, locate, read_text, validate_toml
 from ..policies.expr import Expression, ExpressionError, compile_expression
 
 
@@ -84,20 +82,7 @@ def parse_labels(
 ) -> tuple[str, list[CompiledLabel]]:
     """(name, labels) of a labels file's text, each `when` compiled against `signals` (the
     config's signal names); `ConfigError` naming file and line otherwise."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"line (\d+)", str(exc))  # tomllib puts the line in the message only
-        raise ConfigError([ConfigIssue(file, int(m.group(1)) if m else None, "", f"TOML syntax: {exc}")]) from None
-    try:
-        parsed = LabelsFile.model_validate(data)
-    except ValidationError as exc:
-        issues = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            msg = "unknown key (typo?)" if err["type"] == "extra_forbidden" else err["msg"]
-            issues.append(ConfigIssue(file, locate(text, loc) if loc else None, _key(loc), msg))
-        raise ConfigError(issues) from None
+    parsed = validate_toml(text, file, LabelsFile)
     known = frozenset(signals)
     out: list[CompiledLabel] = []
     issues = []
@@ -112,17 +97,6 @@ def parse_labels(
     return parsed.name or default_name, out
 
 
-def _key(loc: Sequence[str | int]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def load_labels(path: str | Path, signals: Collection[str]) -> tuple[str, list[CompiledLabel]]:
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(str(p), None, "", f"cannot read: {exc.strerror}")]) from None
-    return parse_labels(text, signals, str(p), p.stem)
+    return parse_labels(read_text(p), signals, str(p), p.stem)
