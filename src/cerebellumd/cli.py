@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import Config, ConfigError, builtin_example, load_config, parse_config
+from .extras import installed
 
 
 class _JsonFormatter(logging.Formatter):
@@ -112,18 +113,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _missing_extra(extra: str, command: str) -> bool:
-    """True (and the pip command on stderr) when `command` needs an extra that is not installed."""
-    from .extras import MissingExtra, require
-
-    try:
-        require(extra, command)
-    except MissingExtra as exc:
-        print(exc, file=sys.stderr)
-        return True
-    return False
-
-
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, reload_cb: object = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -159,7 +148,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         return 1
-    if any(bus.interface == "udp_multicast" for bus in config.can) and _missing_extra("multicast", "run"):
+    if any(bus.interface == "udp_multicast" for bus in config.can) and not installed(("multicast", "run")):
         return 2  # python-can's udp_multicast needs msgpack
     if not _dbc_gate(args.config, config):
         print("cerebellumd run: refusing to start: a configured CAN signal is not in its DBC", file=sys.stderr)
@@ -253,7 +242,7 @@ def fit_to_speedup(config: Config, speedup: float) -> Config:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if _missing_extra("sim", "demo"):  # the virtual vehicle is numpy
+    if not installed(("sim", "demo")):  # the virtual vehicle is numpy
         return 2
     try:
         text = Path(args.config).read_text("utf-8") if args.config else builtin_example()
@@ -266,7 +255,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_sim(args: argparse.Namespace) -> int:
     """The plant as its own process over real transports, for HIL against `run` (docs/hil.md)."""
-    if _missing_extra("sim", "sim"):  # the virtual vehicle is numpy
+    if not installed(("sim", "sim")):  # the virtual vehicle is numpy
         return 2
     from pydantic import ValidationError
 

@@ -9,6 +9,7 @@ one checks for it first (`require`) instead of failing deep inside an import.
 from __future__ import annotations
 
 import importlib
+import sys
 
 #: extra -> the top-level modules it provides (pyproject.toml [project.optional-dependencies]).
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -37,3 +38,14 @@ def require(extra: str, command: str) -> None:
             raise MissingExtra(
                 f"cerebellumd {command} needs {module}, which is not installed: "
                 f"pip install 'cerebellumd[{extra}]'") from None
+
+
+def installed(*needs: tuple[str, str]) -> bool:
+    """True when every (extra, command) need is installed; else the pip command on stderr."""
+    try:
+        for extra, command in needs:
+            require(extra, command)
+    except MissingExtra as exc:
+        print(exc, file=sys.stderr)
+        return False
+    return True

@@ -15,7 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, builtin_example, load_config, parse_config
-from ..extras import MissingExtra, require
+from ..extras import installed
 from .cycles import CycleError, load_cycle
 from .events import NAMED_MODELS, EventModel, build_scenario, named_scenario
 from .events_config import load_event_file
@@ -25,17 +25,6 @@ if TYPE_CHECKING:
 
 # numpy (the evaluator), rich (tables), matplotlib (--plot) and dask (--dask) come with extras:
 # they are imported when a command runs, never by `cerebellumd run` building its parser.
-
-
-def _require(*needs: tuple[str, str]) -> bool:
-    """True when every (extra, command) need is installed; else the pip command on stderr."""
-    try:
-        for extra, command in needs:
-            require(extra, command)
-    except MissingExtra as exc:
-        print(exc, file=sys.stderr)
-        return False
-    return True
 
 
 def register(subparsers: Any) -> None:
@@ -104,7 +93,7 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    if not _require(("sim", "evaluate"), *([("plot", "evaluate --plot")] if args.plot else [])):
+    if not installed(("sim", "evaluate"), *([("plot", "evaluate --plot")] if args.plot else [])):
         return 2
     from rich.console import Console
 
@@ -321,7 +310,7 @@ def result_table(result: dict[str, Any]) -> Table:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    if not _require(("sim", "sweep"), *([("dask", "sweep --dask")] if args.dask else [])):
+    if not installed(("sim", "sweep"), *([("dask", "sweep --dask")] if args.dask else [])):
         return 2
     from rich.console import Console
     from rich.progress import Progress
