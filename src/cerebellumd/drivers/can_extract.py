@@ -21,9 +21,8 @@ fall back to cantools there. As a last guard, every compiled extractor is checke
 cantools on fixed probe payloads (all zeros, all ones, alternating bits, a few seeded random
 ones) before it is returned; any disagreement also means None.
 
-The function body is generated source (one expression per signal) compiled with `exec`: the
-only values placed in it are integers computed here (lengths, shifts, masks); scales and offsets
-are passed as bound names, never as text.
+Each signal is a small closure over the integers computed here (shift, mask, sign bit) and
+cantools' scale and offset; no source is generated (the project uses no `exec`/`eval`).
 """
 
 from __future__ import annotations
@@ -78,26 +77,49 @@ def _conversion(signal: Signal) -> BaseConversion:
     return BaseConversion.factory(scale=conv.scale, offset=conv.offset, choices=None, is_float=conv.is_float)
 
 
-def _raw_expression(signal: Signal, length_bytes: int) -> tuple[str, bool, bool]:
-    """(expression of the raw value, needs the little-endian int, needs the big-endian int)."""
+RawGetter = Callable[[int, int], int | float]
+
+
+def _raw_getter(signal: Signal, length_bytes: int) -> tuple[RawGetter, bool, bool]:
+    """(the raw value from the payload read as a little- and a big-endian integer, needs the
+    little-endian one, needs the big-endian one)."""
     n = signal.length
     mask = (1 << n) - 1
-    if signal.byte_order == "little_endian":
-        expr = f"((le >> {signal.start}) & {mask:#x})"
-        uses = (True, False)
-    else:
-        shift = 8 * length_bytes - (_network_start(signal) + n)
-        expr = f"((be >> {shift}) & {mask:#x})"
-        uses = (False, True)
+    little = signal.byte_order == "little_endian"
+    shift = signal.start if little else 8 * length_bytes - (_network_start(signal) + n)
     if signal.conversion.is_float:
         if n not in _FLOAT_FORMATS:
             raise NotCompilable(f"signal {signal.name}: float of {n} bits")
+        unpack, size = _FLOAT_FORMATS[n], n // 8
         # The bits read as an integer are the IEEE pattern, MSB first, for both byte orders.
-        expr = f"f{n}({expr}.to_bytes({n // 8}, 'big'))[0]"
+        if little:
+            def raw(le: int, be: int) -> int | float:
+                return float(unpack(((le >> shift) & mask).to_bytes(size, "big"))[0])
+        else:
+            def raw(le: int, be: int) -> int | float:
+                return float(unpack(((be >> shift) & mask).to_bytes(size, "big"))[0])
     elif signal.is_signed:
         half = 1 << (n - 1)
-        expr = f"(({expr} ^ {half:#x}) - {half:#x})"
-    return expr, *uses
+        if little:
+            def raw(le: int, be: int) -> int | float:
+                return (((le >> shift) & mask) ^ half) - half
+        else:
+            def raw(le: int, be: int) -> int | float:
+                return (((be >> shift) & mask) ^ half) - half
+    elif little:
+        def raw(le: int, be: int) -> int | float:
+            return (le >> shift) & mask
+    else:
+        def raw(le: int, be: int) -> int | float:
+            return (be >> shift) & mask
+    return raw, little, not little
+
+
+def _scaled(raw: RawGetter, scale: int | float, offset: int | float) -> RawGetter:
+    def value(le: int, be: int) -> int | float:
+        return raw(le, be) * scale + offset
+
+    return value
 
 
 def compile_extractor(message: Message, signals: Sequence[str]) -> Extractor:
@@ -116,41 +138,36 @@ def compile_extractor(message: Message, signals: Sequence[str]) -> Extractor:
         if span & occupied:
             raise NotCompilable(f"signal {sig.name} overlaps another")
         occupied |= span
-    namespace: dict[str, Any] = {"from_bytes": int.from_bytes, "f32": _FLOAT_FORMATS[32],
-                                 "f64": _FLOAT_FORMATS[64]}
-    parts: list[str] = []
+    getters: list[RawGetter] = []
     need_le = need_be = False
-    for i, name in enumerate(signals):
+    for name in signals:
         try:
             sig = message.get_signal_by_name(name)
         except KeyError:
             raise NotCompilable(f"no signal {name}") from None
-        raw, le, be = _raw_expression(sig, length)
+        raw, le, be = _raw_getter(sig, length)
         need_le |= le
         need_be |= be
         conv = _conversion(sig)
         if isinstance(conv, IdentityConversion):
-            parts.append(raw)
-        else:
-            for value in (conv.scale, conv.offset):
-                if not isinstance(value, int | float) or not math.isfinite(value):
-                    raise NotCompilable(f"signal {name}: scale/offset {value!r}")
-            namespace[f"s{i}"], namespace[f"o{i}"] = conv.scale, conv.offset
-            parts.append(f"{raw} * s{i} + o{i}")
-    lines = [
-        "def extract(data):",
-        f"    if len(data) != {length}:",
-        f"        if len(data) < {length}:",
-        f"            raise ValueError(f'{{len(data)}} bytes instead of {length}')",
-        f"        data = data[:{length}]",
-    ]
-    if need_le:
-        lines.append("    le = from_bytes(data, 'little')")
-    if need_be:
-        lines.append("    be = from_bytes(data, 'big')")
-    lines.append(f"    return ({', '.join(parts)}{',' if len(parts) == 1 else ''})")
-    exec(compile("\n".join(lines), f"<extractor {message.name}>", "exec"), namespace)  # noqa: S102
-    extract: Extractor = namespace["extract"]
+            getters.append(raw)
+            continue
+        for factor in (conv.scale, conv.offset):
+            if not isinstance(factor, int | float) or not math.isfinite(factor):
+                raise NotCompilable(f"signal {name}: scale/offset {factor!r}")
+        getters.append(_scaled(raw, conv.scale, conv.offset))
+    from_bytes = int.from_bytes
+    fields = tuple(getters)
+
+    def extract(data: bytes | bytearray) -> tuple[int | float, ...]:
+        if len(data) != length:
+            if len(data) < length:
+                raise ValueError(f"{len(data)} bytes instead of {length}")
+            data = data[:length]
+        le = from_bytes(data, "little") if need_le else 0
+        be = from_bytes(data, "big") if need_be else 0
+        return tuple([get(le, be) for get in fields])
+
     _check_against_cantools(message, tuple(signals), extract)
     return extract
 
