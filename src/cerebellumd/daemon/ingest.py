@@ -503,6 +503,11 @@ class CanIngest:
         except Exception:  # cantools raises several types for bad frames; all are bad input
             self._count_error("decode")
             return
+        self._sink(self._in_range(wanted, values), self._from_monotonic(self._frame_time(msg, now_mono)))
+
+    def _in_range(self, wanted: Sequence[tuple[str, str, float, float]],
+                  values: Sequence[Any]) -> list[tuple[str, float]]:
+        """(our signal, value) for each wanted value inside its DBC range; the others counted."""
         samples = []
         for (_, ours, lo, hi), value in zip(wanted, values, strict=True):
             if isinstance(value, int | float):  # None: a multiplexed signal absent from this frame
@@ -510,7 +515,7 @@ class CanIngest:
                     samples.append((ours, float(value)))
                 else:  # out of the DBC range: not a measurement; counted, left to go stale
                     self._count_error("range")
-        self._sink(samples, self._from_monotonic(self._frame_time(msg, now_mono)))
+        return samples
 
     def _frame_time(self, msg: can.Message, now_mono: float) -> float:
         """The frame's receive time on our monotonic clock."""
@@ -532,15 +537,8 @@ class CanIngest:
             except Exception:  # cantools raises several types for bad data; all are bad input
                 self._count_error("decode")
                 continue
-            samples = []
-            for signal, ours, lo, hi in route.wanted:
-                value = values.get(signal)
-                if isinstance(value, int | float):
-                    if lo <= value <= hi:
-                        samples.append((ours, float(value)))
-                    else:
-                        self._count_error("range")
-            self._sink(samples, self._from_monotonic(pg.time))
+            self._sink(self._in_range(route.wanted, [values.get(w[0]) for w in route.wanted]),
+                       self._from_monotonic(pg.time))
         j1939.messages.clear()
 
     def _j1939_events(self, j1939: J1939Receiver[_Route]) -> None:
