@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from ..accel import AcceleratorModel, AccelState
 from ..config.vehicle_power import BatteryConfig, VehiclePowerConfig
+from ..drivers import subprocess_run
 from ..drivers.mcu_protocol import Reason
 from ..policies.nm import NmMode
 from ..policies.types import HoldMode
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 KEEP_AWAKE_REASONS = ("hold", "lease", "critical_demand", "nm_request")
 INPUT_EVENT_KINDS = ("edge", "debounced", "stale", "bad_value", "flapping")
 POWER_DOWN_REASONS = ("budget", "voltage", "max_parked")
+#: A power_down_command still running after this is killed (with its process group) and counted.
+HOOK_TIMEOUT_S = 60.0
 #: The reason code POWER_DOWN_ALLOWED carries (docs/mcu-protocol.md).
 MCU_REASONS = {"budget": int(Reason.ENERGY_BUDGET), "voltage": int(Reason.LOW_BATTERY),
                "max_parked": int(Reason.PARKED_TIME)}
@@ -447,19 +450,20 @@ class VehiclePower:
     async def _run_hook(self, reason: str) -> None:
         argv = [*self.battery_config.power_down_command, reason]
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE)
-            _, err = await proc.communicate()
+            done = await subprocess_run.run(argv, HOOK_TIMEOUT_S)
+        except TimeoutError:  # before OSError: it is one; the hook's process group is killed
+            self.m_hook.labels("error").inc()
+            log.error("power_down_command %s did not finish within %.0f s; killed", argv[0], HOOK_TIMEOUT_S)
+            return
         except OSError as exc:
             self.m_hook.labels("error").inc()
             log.error("power_down_command %s failed to start: %s", argv[0], exc)
             return
-        if proc.returncode == 0:
+        if done.returncode == 0:
             self.m_hook.labels("ok").inc()
         else:
             self.m_hook.labels("error").inc()
-            log.error("power_down_command exited %s: %s", proc.returncode, err.decode(errors="replace")[-500:])
+            log.error("power_down_command exited %s: %s", done.returncode, done.stderr_tail(500))
 
 
 __all__ = ["KEEP_AWAKE_REASONS", "VehiclePower"]
