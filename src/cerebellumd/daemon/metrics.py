@@ -170,10 +170,12 @@ class Metrics:
     def register(self, collector: Collector) -> Callable[[], None]:
         """Register a part's collector; returns the undo (unregister)."""
         self.registry.register(collector)
-        registered = [True]
+        registered = True
 
         def undo() -> None:
-            if registered.pop() if registered else False:
+            nonlocal registered
+            if registered:  # twice is harmless, as for every undo
+                registered = False
                 self.registry.unregister(collector)
 
         return undo
