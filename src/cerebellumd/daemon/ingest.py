@@ -2,7 +2,8 @@
 
 Reading. A bus with a file descriptor (socketcan, udp_multicast, the serial port under slcan:
 python-can's `bus.fileno()`; `_LOOP_READ_INTERFACES`) is read on the loop: `loop.add_reader(fd)`
-and a non-blocking drain with `bus.recv(0)` until it returns None, or until the callback has
+and a non-blocking drain (`drivers/can_read.py`: the backend's read without the select that
+`recv(0)` adds, else `recv(0)`) until the socket is empty, or until the callback has
 spent `DRAIN_BUDGET_S`; the rest stays in the kernel's buffer and, the fd still being readable,
 is read on the next loop iteration (after timers such as the tick). Any other bus (virtual,
 vendor adapters) keeps a reader thread that feeds a bounded queue (drops counted), drained on
@@ -26,7 +27,6 @@ import asyncio
 import collections
 import logging
 import math
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +38,7 @@ from cantools.database.can import Database, Message
 
 from ..config import CanBusConfig
 from ..drivers.can_extract import Extractor, try_compile
+from ..drivers.can_read import FrameReader, frame_reader
 from ..drivers.j1939 import (
     PGN_ADDRESS_CLAIMED,
     PGN_TP_CM,
@@ -76,7 +77,7 @@ LISTEN_ONLY_OPTIONS: Mapping[str, Callable[[], dict[str, Any]]] = {
 }
 #: Results of `send`, the label of cerebellumd_can_tx_frames_total.
 TX_RESULTS = ("ok", "error", "refused")
-#: Read on the loop: interfaces whose `recv(0)` never waits once made non-blocking (`_nonblocking`).
+#: Read on the loop: interfaces with a read that never waits (`drivers/can_read.py`).
 #: Others that expose `fileno()` (python-can's `serial`, `seeedstudio`, `robotell`) read with the
 #: serial port's own timeout whatever `recv` is given, so they keep the reader thread.
 _LOOP_READ_INTERFACES = frozenset({"socketcan", "udp_multicast", "slcan"})
@@ -154,6 +155,7 @@ class CanIngest:
         self._bus: can.BusABC | None = None
         self._thread: threading.Thread | None = None
         self._fd: int | None = None
+        self._read: FrameReader = lambda: None
         self._stop = threading.Event()
         self._bus_failed = threading.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -311,7 +313,7 @@ class CanIngest:
         fd = _readable_fd(bus) if cfg.interface in _LOOP_READ_INTERFACES else None
         if fd is not None:
             assert self._loop is not None
-            _nonblocking(bus)
+            self._read = frame_reader(cfg.interface, bus)
             self._loop.add_reader(fd, self._read_fd, DRAIN_BUDGET_S)
             self._fd = fd
             return
@@ -392,7 +394,7 @@ class CanIngest:
         bus = self._bus
         if bus is None or self._fd is None:
             return
-        recv = bus.recv
+        read = self._read
         process = self._process
         clock = time.monotonic
         now_mono = clock()
@@ -402,7 +404,7 @@ class CanIngest:
         try:
             while True:
                 try:
-                    msg = recv(0)
+                    msg = read()
                 except Exception as exc:  # any backend error (malformed datagram, link down, unplugged)
                     if self._recv_failed(exc, again=failed):
                         return
@@ -616,18 +618,3 @@ def _readable_fd(bus: can.BusABC) -> int | None:
     except (NotImplementedError, can.CanError, OSError, AttributeError):
         return None
     return fd if isinstance(fd, int) and fd >= 0 else None
-
-
-def _nonblocking(bus: can.BusABC) -> None:
-    """`recv(0)` must never wait on the loop. socketcan and udp_multicast select() before they
-    read, so they never do; their sockets are switched to non-blocking all the same, so that no
-    read can wait should the select and the read ever disagree. slcan reads its serial port with
-    the port's timeout (1 ms by default) once its buffer is empty: that is set to 0.
-    python-can has no public handle on the udp_multicast socket (python-can 4.6:
-    `bus._multicast._socket`); where the attribute is missing the bus is still read correctly."""
-    for sock in (getattr(bus, "socket", None), getattr(getattr(bus, "_multicast", None), "_socket", None)):
-        if isinstance(sock, socket.socket):
-            sock.setblocking(False)
-    port = getattr(bus, "serialPortOrig", None)
-    if port is not None and hasattr(port, "timeout"):
-        port.timeout = 0

@@ -1,0 +1,128 @@
+"""One non-blocking frame read for the CAN buses read on the loop, one function per backend.
+
+`bus.recv(0)` works for every python-can backend, but for the sockets it selects before it
+reads: on the loop, which has just been told by epoll that the socket is readable, that is a
+second system call per frame, and the drain's last `recv(0)` is a third (an empty select).
+python-can's own receive steps are kept as they are; only the select goes:
+
+- socketcan: `capture_message`, python-can's public reader of a raw CAN socket, on the bus's
+  public `socket` made non-blocking;
+- udp_multicast: the socket's `recvmsg` with the kernel receive timestamp, then python-can's
+  `unpack_message`, as `GeneralPurposeUdpMulticastBus.recv` does. python-can 4.6 has no public
+  handle on that socket (`bus._multicast._socket`); where it is missing the bus is read through
+  `recv(0)`.
+
+A reader returns the next frame, or None when the socket is empty, and raises
+`can.CanOperationError` for a broken read or a datagram that is not a frame (counted by the
+caller). Only python-can's own bus classes get a backend reader (a subclass may override how it
+receives). Frames python-can would not deliver (an FD frame on a classic udp_multicast bus) are
+skipped, as `recv` skips them.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+import can
+
+FrameReader = Callable[[], "can.Message | None"]
+
+
+def _socketcan(bus: can.BusABC) -> FrameReader | None:
+    from can.interfaces.socketcan.socketcan import SocketcanBus, capture_message
+
+    sock = getattr(bus, "socket", None)
+    if type(bus) is not SocketcanBus or not isinstance(sock, socket.socket):
+        return None
+    sock.setblocking(False)
+
+    def read() -> can.Message | None:
+        try:
+            return capture_message(sock)
+        except can.CanOperationError as exc:
+            if isinstance(exc.__cause__, BlockingIOError):
+                return None
+            raise
+
+    return read
+
+
+def _udp_multicast(bus: can.BusABC) -> FrameReader | None:
+    from can.interfaces.udp_multicast import UdpMulticastBus
+    from can.interfaces.udp_multicast.utils import unpack_message
+
+    multicast = getattr(bus, "_multicast", None)
+    sock = getattr(multicast, "_socket", None)
+    if (type(bus) is not UdpMulticastBus or not isinstance(sock, socket.socket)
+            or not getattr(multicast, "timestamp_nanosecond", False)):
+        return None
+    sock.setblocking(False)
+    max_buffer = int(multicast.max_buffer)
+    ancillary_size = int(multicast.received_ancillary_buffer_size)
+    timestamp = struct.Struct(str(multicast.received_timestamp_struct))
+    classic_only = getattr(bus, "protocol", can.CanProtocol.CAN_20) is not can.CanProtocol.CAN_FD
+    recvmsg = sock.recvmsg
+
+    def read() -> can.Message | None:
+        while True:
+            try:
+                data, ancillary, _flags, _sender = recvmsg(max_buffer, ancillary_size)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                raise can.CanOperationError(f"Failed to receive from the IP/UDP socket: {exc}") from exc
+            if len(ancillary) == 1 and len(ancillary[0][2]) == timestamp.size:
+                seconds, nanoseconds = timestamp.unpack(ancillary[0][2])
+                stamp = seconds + nanoseconds * 1e-9
+            else:  # no kernel timestamp: the read time
+                stamp = time.time()
+            try:
+                msg = unpack_message(data, replace={"timestamp": stamp}, check=True)
+            except Exception as exc:  # msgpack and Message raise several types: all are bad input
+                raise can.CanOperationError("could not unpack received message") from exc
+            if classic_only and msg.is_fd:
+                continue
+            return msg
+
+    return read
+
+
+def _slcan(bus: can.BusABC) -> FrameReader | None:
+    """slcan reads its serial port with the port's timeout (1 ms by default) once its buffer is
+    empty, whatever `recv` is given: the timeout is set to 0, and `recv(0)` reads."""
+    port = getattr(bus, "serialPortOrig", None)
+    if port is not None and hasattr(port, "timeout"):
+        port.timeout = 0
+    return None
+
+
+def _sockets_nonblocking(bus: can.BusABC) -> None:
+    """`recv(0)` selects before it reads, so it never waits; the sockets are switched to
+    non-blocking all the same, so that no read can wait should the select and the read ever
+    disagree (a subclass of a python-can bus, say)."""
+    for sock in (getattr(bus, "socket", None), getattr(getattr(bus, "_multicast", None), "_socket", None)):
+        if isinstance(sock, socket.socket):
+            sock.setblocking(False)
+
+
+_READERS: dict[str, Callable[[can.BusABC], FrameReader | None]] = {
+    "socketcan": _socketcan,
+    "udp_multicast": _udp_multicast,
+    "slcan": _slcan,
+}
+
+
+def frame_reader(interface: str, bus: can.BusABC) -> FrameReader:
+    """The fastest read python-can allows for this bus that never waits: a backend's own reader
+    where one is registered and the bus has what it needs, else `bus.recv(0)` (after the
+    backend's set-up for it, as for slcan)."""
+    make = _READERS.get(interface)
+    reader = make(bus) if make is not None else None
+    if reader is not None:
+        return reader
+    _sockets_nonblocking(bus)
+    recv = bus.recv
+    return lambda: recv(0)
