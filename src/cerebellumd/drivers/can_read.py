@@ -25,6 +25,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 import can
 
@@ -54,10 +55,11 @@ def _udp_multicast(bus: can.BusABC) -> FrameReader | None:
     from can.interfaces.udp_multicast import UdpMulticastBus
     from can.interfaces.udp_multicast.utils import unpack_message
 
-    multicast = getattr(bus, "_multicast", None)
+    if type(bus) is not UdpMulticastBus:
+        return None
+    multicast: Any = getattr(bus, "_multicast", None)
     sock = getattr(multicast, "_socket", None)
-    if (type(bus) is not UdpMulticastBus or not isinstance(sock, socket.socket)
-            or not getattr(multicast, "timestamp_nanosecond", False)):
+    if not isinstance(sock, socket.socket) or not getattr(multicast, "timestamp_nanosecond", False):
         return None
     sock.setblocking(False)
     max_buffer = int(multicast.max_buffer)
