@@ -527,3 +527,34 @@ async def test_can_fd_64_byte_frames_over_socketcan_decode_as_cantools_does(vcan
         sender.shutdown()
         await ingest.async_stop()
     assert got == [as_today(speed, wanted, data) for data in sent]
+
+
+async def test_frames_the_kernel_drops_on_a_loop_read_bus_are_counted() -> None:
+    """While the loop is held up, a flood overflows the socket's receive buffer and the kernel
+    drops frames: every frame sent is either read or counted as dropped, none lost silently."""
+    import threading
+
+    port = free_port(socket.SOCK_DGRAM)
+    ingest, metrics = udp_ingest(port, DB, {("VehicleDynamics", "VehicleSpeed"): "speed_kmh"},
+                                 lambda samples, t: None, silence_timeout_ms=400)
+    await ingest.async_start()
+    sender = udp_sender(port)
+    sent = 5000
+    try:
+        assert ingest.reads_on_loop
+
+        def flood() -> None:
+            for i in range(sent):
+                sender.send(frame("VehicleDynamics", VehicleSpeed=i % 200))
+
+        thread = threading.Thread(target=flood)
+        thread.start()
+        while thread.is_alive():  # the loop held up (busy, as by a long decode): nothing is read
+            burn(0.01)
+        await until(lambda: ingest.frames + ingest.dropped >= sent, what="every frame read or counted dropped")
+    finally:
+        sender.shutdown()
+        await ingest.async_stop()
+    assert ingest.dropped > 0, "the flood should overflow the socket buffer while the loop is held up"
+    assert ingest.frames + ingest.dropped == sent
+    assert metrics.registry.get_sample_value("cerebellumd_ingest_dropped_total", {"bus": "vehicle"}) == ingest.dropped

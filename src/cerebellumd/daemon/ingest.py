@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import math
 import threading
@@ -38,7 +39,7 @@ from cantools.database.can import Database, Message
 
 from ..config import CanBusConfig
 from ..drivers.can_extract import Extractor, try_compile
-from ..drivers.can_read import FrameReader, frame_reader
+from ..drivers.can_read import FrameReader, bus_socket, frame_reader, socket_drops
 from ..drivers.j1939 import (
     PGN_ADDRESS_CLAIMED,
     PGN_TP_CM,
@@ -156,6 +157,8 @@ class CanIngest:
         self._thread: threading.Thread | None = None
         self._fd: int | None = None
         self._read: FrameReader = lambda: None
+        self._kernel_drops: Callable[[], int | None] = lambda: None
+        self._kernel_drops_seen = 0
         self._stop = threading.Event()
         self._bus_failed = threading.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -314,6 +317,10 @@ class CanIngest:
         if fd is not None:
             assert self._loop is not None
             self._read = frame_reader(cfg.interface, bus)
+            sock = bus_socket(bus)
+            if sock is not None:
+                self._kernel_drops = functools.partial(socket_drops, sock)
+                self._kernel_drops_seen = self._kernel_drops() or 0
             self._loop.add_reader(fd, self._read_fd, DRAIN_BUDGET_S)
             self._fd = fd
             return
@@ -334,6 +341,8 @@ class CanIngest:
             await asyncio.to_thread(bus.shutdown)
 
     def _remove_reader(self) -> None:
+        self._count_kernel_drops()
+        self._kernel_drops = lambda: None
         fd, self._fd = self._fd, None
         if fd is not None and self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(fd)
@@ -374,6 +383,18 @@ class CanIngest:
                     return
 
     # -- loop side -------------------------------------------------------------------------
+
+    def _count_kernel_drops(self) -> None:
+        """A bus read on the loop has no queue of ours: when the loop falls behind, the kernel's
+        socket buffer overflows and the kernel drops the frames. Those are counted with the
+        queue's drops (`cerebellumd_ingest_dropped_total`), read from the socket each check."""
+        drops = self._kernel_drops()
+        if drops is None or drops <= self._kernel_drops_seen:
+            return
+        new, self._kernel_drops_seen = drops - self._kernel_drops_seen, drops
+        self.dropped += new
+        self._c_dropped.inc(new)
+        log.warning("bus %s: the kernel dropped %d frames (socket receive buffer full)", self.name, new)
 
     def _count_error(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -588,6 +609,7 @@ class CanIngest:
         started = self._now()
         while True:
             await asyncio.sleep(min(timeout / 4, 0.25))
+            self._count_kernel_drops()
             now = self._now()
             last = self.last_frame_at if self.last_frame_at is not None else started
             if not self.silent and now - last > timeout:

@@ -75,7 +75,8 @@ class Metrics:
             "cerebellumd_can_errors", "CAN errors by kind (decode, unknown_id, error_frame, "
             "bus_error, silent, reconnect).", ["bus", "kind"], registry=r)
         self.ingest_dropped = Counter(
-            "cerebellumd_ingest_dropped", "Frames dropped because the ingest queue was full.",
+            "cerebellumd_ingest_dropped", "Frames dropped: the ingest queue was full (reader-thread buses), "
+            "or the kernel's socket receive buffer was (buses read on the loop).",
             ["bus"], registry=r)
         self.signal_stale = Gauge(
             "cerebellumd_signal_stale", "1 while a signal is stale (older than max_age_ms).",

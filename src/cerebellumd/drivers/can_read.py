@@ -101,13 +101,40 @@ def _slcan(bus: can.BusABC) -> FrameReader | None:
     return None
 
 
-def _sockets_nonblocking(bus: can.BusABC) -> None:
-    """`recv(0)` selects before it reads, so it never waits; the sockets are switched to
-    non-blocking all the same, so that no read can wait should the select and the read ever
-    disagree (a subclass of a python-can bus, say)."""
+def bus_socket(bus: can.BusABC) -> socket.socket | None:
+    """The kernel socket a socketcan or udp_multicast bus (or a subclass) reads, else None."""
     for sock in (getattr(bus, "socket", None), getattr(getattr(bus, "_multicast", None), "_socket", None)):
         if isinstance(sock, socket.socket):
-            sock.setblocking(False)
+            return sock
+    return None
+
+
+#: Linux `SO_MEMINFO` (4.6+; not in Python's socket module): the socket's memory counters, of
+#: which `SK_MEMINFO_DROPS` counts the datagrams or frames dropped when its receive buffer was full.
+_SO_MEMINFO = 55
+_SK_MEMINFO_VARS = 9
+_SK_MEMINFO_DROPS = 8
+
+
+def socket_drops(sock: socket.socket) -> int | None:
+    """Frames the kernel dropped on this socket since it was opened (its receive buffer was
+    full), or None where the kernel does not say. One getsockopt: it never waits."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, 4 * _SK_MEMINFO_VARS)
+    except OSError:
+        return None
+    if len(raw) < 4 * _SK_MEMINFO_VARS:
+        return None
+    return int(struct.unpack_from("I", raw, 4 * _SK_MEMINFO_DROPS)[0])
+
+
+def _sockets_nonblocking(bus: can.BusABC) -> None:
+    """`recv(0)` selects before it reads, so it never waits; the socket is switched to
+    non-blocking all the same, so that no read can wait should the select and the read ever
+    disagree (a subclass of a python-can bus, say)."""
+    sock = bus_socket(bus)
+    if sock is not None:
+        sock.setblocking(False)
 
 
 _READERS: dict[str, Callable[[can.BusABC], FrameReader | None]] = {
