@@ -1,7 +1,7 @@
 """The policy's self-calibration in the daemon: a wake that comes after its demand's deadline
 tightens the budget for unannounced challenges; the budget is exported, shown in the MQTT state
 document, persisted in the state file and restored at the next start; a corrupt saved one is
-counted and ignored."""
+counted and ignored; a consumer's late report over MQTT (a real broker) teaches it too."""
 
 from __future__ import annotations
 
@@ -17,14 +17,19 @@ from cerebellumd.daemon.mqtt import state_payload
 from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.drivers.accel_simulated import SimulatedAccelerator
 from cerebellumd.profiles import load_profile
+from tests import test_mqtt as mq
 from tests.test_faults import DEMO_TEXT, Rig, _channels
+from tests.test_mqtt import PASSWORDS, Broker, Peer
 
 from .helpers import until
 
+# the real-broker fixtures of test_mqtt, shared
+broker_dir = mq.broker_dir
+broker = mq.broker
 CONFIGURED_S = 1.5  # the demo's latency_budget_ms
 
 
-async def start(tmp_path: Path, state_file: Path) -> Rig:
+async def start(tmp_path: Path, state_file: Path, *, deadline_ms: int = 300, extra: str = "") -> Rig:
     channel = f"test-calibration-{next(_channels)}"
     text = DEMO_TEXT.replace('channel = "cerebellumd-demo"', f'channel = "{channel}"')
     text = text.replace('initial_state = "idle"', 'initial_state = "sleep"')
@@ -33,7 +38,7 @@ async def start(tmp_path: Path, state_file: Path) -> Rig:
     # The collision demand must be served within 300 ms; from sleep the accelerator needs 1 s.
     old = 'when = "collision_risk == 1"\nclass = "critical"\ndeadline_ms = 1500\n'
     assert old in text
-    text = text.replace(old, old.replace("1500", "300"))
+    text = text.replace(old, old.replace("1500", str(deadline_ms))) + extra
     config = await asyncio.to_thread(parse_config, text)
     model = await asyncio.to_thread(load_profile, "orin_nano")
     driver = SimulatedAccelerator(model, initial=AccelState.SLEEP, time_scale=1.0)
@@ -92,3 +97,42 @@ async def test_a_corrupt_saved_calibration_is_counted_and_ignored(tmp_path: Path
                     "the configured budget")
     finally:
         await again.close()
+
+
+async def test_a_consumers_late_report_over_mqtt_tightens_the_budget(tmp_path: Path, broker: Broker) -> None:
+    """The collision demand's configured deadline (1500 ms) is met from sleep (1 s exit), so the
+    daemon alone sees nothing late; the perception stack, which owns the real deadline, reports
+    over MQTT that it was ready 400 ms late. The policy learns what that challenge allowed."""
+    password = tmp_path / "mqtt.password"
+    await asyncio.to_thread(password.write_text, PASSWORDS["cerebellumd"] + "\n")
+    mqtt = (f'\n[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "cerebellumd"\n'
+            f'password_file = "{password}"\npublish_interval_ms = 100\n')
+    rig = await start(tmp_path, tmp_path / "state.json", deadline_ms=1500, extra=mqtt)
+    node = rig.daemon.config.daemon.node
+    try:
+        async with Peer(broker.port, "operator") as perception:
+            response = f"cerebellumd/{node}/response"
+            await perception.subscribe(response)
+            await until(lambda: rig.daemon.actuator.state is AccelState.SLEEP, 10, "the accelerator asleep")
+            await perception.publish(f"cerebellumd/{node}/set", json.dumps(
+                {"command": "late", "owner": "perception", "id": "too-early", "late_ms": 400}))
+            early = await perception.expect(response)
+            assert json.loads(early.payload)["ok"] is True  # type: ignore[arg-type]
+            assert rig.metric("cerebellumd_unannounced_budget_seconds") == CONFIGURED_S  # no wake yet: nothing learned
+            rig.values["AdasStatus"]["CollisionRisk"] = 1
+            await until(lambda: rig.daemon.actuator.state is AccelState.ACTIVE, 10, "the wake")
+            assert rig.metric("cerebellumd_late_wakes") == 0  # on time against the configured deadline
+            await perception.publish(f"cerebellumd/{node}/set", json.dumps(
+                {"command": "late", "owner": "perception", "id": "r1", "late_ms": 400}))
+            reply = await perception.expect(response, lambda m: json.loads(m.payload).get("id") == "r1")  # type: ignore[arg-type]
+            assert json.loads(reply.payload)["ok"] is True  # type: ignore[arg-type]
+            await until(lambda: rig.metric("cerebellumd_late_wakes") == 1, 5, "the late report learned")
+            learned = rig.metric("cerebellumd_unannounced_budget_seconds")
+            assert learned < 1.0  # below sleep's 1 s exit: unannounced challenges now need idle
+            assert rig.metric("cerebellumd_late_reports_total") == 2
+            await perception.publish(f"cerebellumd/{node}/set", json.dumps(
+                {"command": "late", "owner": "perception", "id": "bad", "late_ms": -5}))
+            bad = await perception.expect(response, lambda m: json.loads(m.payload).get("id") == "bad")  # type: ignore[arg-type]
+            assert json.loads(bad.payload)["ok"] is False and "late_ms" in json.loads(bad.payload)["error"]  # type: ignore[arg-type]
+    finally:
+        await rig.close()

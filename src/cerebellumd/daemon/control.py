@@ -1,6 +1,10 @@
 """Operator control: holds and commands (`hold`, `release`, `wake`, `sleep`), schema-checked,
 deduplicated by id, rate-limited. Shared by MQTT, the CLI and the lease server.
 
+`late` is not a hold: the consumer of a challenge (the perception stack, a HIL rig) reports that
+the accelerator was ready `late_ms` after that challenge's real deadline. The policy's
+self-calibrating readiness learns from it (`Inputs.late_reports`, policies/calibration.py).
+
 A command with a cap (`max_duration_s`, `max_energy_wh`, `min_budget_wh`) is garage-mode work
 from a remote tool: it becomes a lease of the lease part (the handler it registers with
 `set_lease_handler`), capped and ended like a socket lease; without `[leases]` it is refused."""
@@ -13,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..policies.types import Hold, HoldMode
 from .leases import HOLD_PRIORITY, LeasePriority
@@ -39,9 +43,10 @@ MAX_PAYLOAD_BYTES = 4096
 class Command(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    command: Literal["hold", "release", "wake", "sleep"] = Field(
+    command: Literal["hold", "release", "wake", "sleep", "late"] = Field(
         ..., description="hold: keep awake; wake: awake now for ttl_s; sleep: keep resting "
-        "(critical demands still win); release: drop the owner's holds.")
+        "(critical demands still win); release: drop the owner's holds; late: the latest wake came "
+        "late_ms after its challenge's real deadline (the policy learns from it).")
     owner: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$", description="Who asks.")
     reason: str = Field("", max_length=200, description="Why (shown in state and decision reasons).")
     ttl_s: float | None = Field(None, gt=0, le=86400, description="Expiry in seconds.")
@@ -56,6 +61,17 @@ class Command(BaseModel):
         None, gt=0, description="Energy cap (Wh of the accelerator domain) of the capped lease.")
     min_budget_wh: float | None = Field(
         None, ge=0, description="Grant and keep the capped lease only while the 12 V budget is at least this (Wh).")
+    late_ms: float | None = Field(
+        None, gt=0, le=600_000, description="With command late: how long after its challenge's deadline the "
+                                            "accelerator was ready (ms).")
+
+    @model_validator(mode="after")
+    def _late_ms_with_late_only(self) -> Command:
+        if (self.command == "late") != (self.late_ms is not None):
+            raise ValueError("late_ms goes with command late, and command late needs late_ms")
+        if self.command == "late" and self.capped:
+            raise ValueError("command late takes no cap")
+        return self
 
     @property
     def capped(self) -> bool:
@@ -127,8 +143,10 @@ class CommandProcessor:
         operators: frozenset[str] = frozenset(),
         rate_per_minute: int = 60,
         remember: int = 1024,
+        report_late: Callable[[float], None] | None = None,
     ) -> None:
         self.holds = holds
+        self._report_late = report_late
         self.operators = operators
         self.rate_per_minute = rate_per_minute
         self._recent: collections.OrderedDict[str, CommandResult] = collections.OrderedDict()
@@ -184,7 +202,12 @@ class CommandProcessor:
         if len(self._times) >= self.rate_per_minute:
             return CommandResult(cmd.id, False, "rate limit: too many commands in the last minute")
         self._times.append(now)
-        if cmd.command == "release":
+        if cmd.command == "late":
+            if self._report_late is None:
+                return self._remember_result(CommandResult(cmd.id, False, "no policy takes late reports here"))
+            assert cmd.late_ms is not None
+            self._report_late(cmd.late_ms / 1000)
+        elif cmd.command == "release":
             self.holds.remove_owner(cmd.owner)
             if self._lease_handler is not None:
                 self._lease_handler(cmd, now)  # and the owner's capped leases

@@ -100,7 +100,8 @@ class DaemonCore:
         self.holds = HoldStore()
         self.commands = CommandProcessor(
             self.holds, operators=frozenset(config.mqtt.operators),
-            rate_per_minute=config.mqtt.command_rate_per_minute)
+            rate_per_minute=config.mqtt.command_rate_per_minute, report_late=self.report_late)
+        self._late_reports: list[float] = []
         self.samples: dict[str, Sample] = {}
         self.wakes = 0
         self.sleeps = 0
@@ -418,10 +419,17 @@ class DaemonCore:
             hook(now)
         self.ledger.export_power()
 
+    def report_late(self, lateness_s: float) -> None:
+        """A consumer says the latest wake was ready `lateness_s` after its challenge's deadline
+        (MQTT `late`); the next decision hands it to the policy (`Inputs.late_reports`)."""
+        self._late_reports.append(lateness_s)
+        self.metrics.late_reports.inc()
+
     def _decide(self, now: float, *, fast_path: bool) -> None:
         assert self._state is not None
+        late, self._late_reports = tuple(self._late_reports), []
         inputs = Inputs(self.samples, self.active_holds(now), self.actuator.state, fast_path, self.quiet_bus,
-                        self.parked)
+                        self.parked, late)
         started = time.perf_counter()
         self._state, d = self.policy.step(self._state, inputs, now)
         self.metrics.decision_seconds.observe(time.perf_counter() - started)

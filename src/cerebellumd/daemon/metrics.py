@@ -59,6 +59,9 @@ class Metrics:
         self.wake_validations = Counter(
             "cerebellumd_wake_validations", "Wake validations of normal demands by result.",
             ["result"], registry=r)
+        self.late_reports = Counter(
+            "cerebellumd_late_reports", "Late reports of consumers (MQTT command late) handed to the policy.",
+            registry=r)
         self.tick_lateness = Histogram(
             "cerebellumd_tick_lateness_seconds", "Lateness of each loop tick behind its deadline.",
             ["loop"], buckets=TICK_BUCKETS, registry=r)
