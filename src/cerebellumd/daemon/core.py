@@ -428,8 +428,8 @@ class DaemonCore:
     def _decide(self, now: float, *, fast_path: bool) -> None:
         assert self._state is not None
         late, self._late_reports = tuple(self._late_reports), []
-        inputs = Inputs(self.samples, self.active_holds(now), self.actuator.state, fast_path, self.quiet_bus,
-                        self.parked, late)
+        inputs = Inputs(self.samples, self.active_holds(now), self.actuator.state, fast_path=fast_path,
+                        quiet_bus=self.quiet_bus, parked=self.parked, late_reports=late)
         started = time.perf_counter()
         self._state, d = self.policy.step(self._state, inputs, now)
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
