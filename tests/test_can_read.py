@@ -36,7 +36,8 @@ def read_within(read, seconds: float = 5.0) -> can.Message:
 def test_udp_multicast_reader_gives_what_recv_gives() -> None:
     rx, tx, _ = udp_pair(fd=True)
     try:
-        read = frame_reader("udp_multicast", rx)
+        read, stamped = frame_reader("udp_multicast", rx)
+        assert stamped
         assert read() is None  # empty: returns at once
         sent = [
             can.Message(arbitration_id=0x123, data=b"\x01\x02", is_extended_id=False),
@@ -60,7 +61,7 @@ def test_udp_multicast_reader_gives_what_recv_gives() -> None:
 def test_udp_multicast_reader_skips_fd_frames_on_a_classic_bus_as_recv_does() -> None:
     rx, tx, _ = udp_pair(fd=False)
     try:
-        read = frame_reader("udp_multicast", rx)
+        read, _ = frame_reader("udp_multicast", rx)
         tx.send(can.Message(arbitration_id=0x100, data=bytes(64), is_fd=True, is_extended_id=False))
         tx.send(can.Message(arbitration_id=0x101, data=b"\x05", is_extended_id=False))
         msg = read_within(read)
@@ -74,7 +75,7 @@ def test_udp_multicast_reader_raises_can_error_on_garbage_and_reads_on() -> None
     rx, tx, port = udp_pair(fd=False)
     raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        read = frame_reader("udp_multicast", rx)
+        read, _ = frame_reader("udp_multicast", rx)
         raw.sendto(b"\xc1 not msgpack", (GROUP, port))
         tx.send(can.Message(arbitration_id=0x102, data=b"\x07", is_extended_id=False))
         deadline = time.monotonic() + 5
@@ -96,7 +97,8 @@ def test_other_backends_read_through_recv_zero() -> None:
     rx = can.Bus(interface="virtual", channel="test-can-read")
     tx = can.Bus(interface="virtual", channel="test-can-read")
     try:
-        read = frame_reader("virtual", rx)
+        read, stamped = frame_reader("virtual", rx)
+        assert not stamped
         assert read() is None
         tx.send(can.Message(arbitration_id=0x55, data=b"\x09", is_extended_id=False))
         msg = read_within(read)
@@ -123,7 +125,8 @@ def test_subclass_of_a_python_can_bus_reads_through_its_own_recv() -> None:
     rx = Counting(channel=GROUP, port=port)
     tx = can.Bus(interface="udp_multicast", channel=GROUP, port=port)
     try:
-        read = frame_reader("udp_multicast", rx)
+        read, stamped = frame_reader("udp_multicast", rx)
+        assert not stamped
         tx.send(can.Message(arbitration_id=0x66, data=b"", is_extended_id=False))
         assert read_within(read).arbitration_id == 0x66
         assert Counting.reads >= 1

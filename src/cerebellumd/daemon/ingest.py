@@ -64,6 +64,8 @@ _MAX_RECONNECT_BACKOFF_S = 30.0
 #: CPU time one loop callback may spend reading and decoding frames before it yields to the loop
 #: (the tick, the fast path's wake, other buses); what is left is read on the next iteration.
 DRAIN_BUDGET_S = 0.001
+#: A frame the kernel stamped less than this ago woke the callback: nothing queued behind it.
+_FRESH_S = 0.0002
 _KERNEL_FILTER_INTERFACES = frozenset({"socketcan", "socketcand", "kvaser", "pcan", "vector", "ixxat"})
 #: How each python-can interface (4.x) is opened in its listen-only mode, where it has one. socketcan
 #: has none in python-can: listen-only is a property of the netdev (`ip link set can0 type can
@@ -157,6 +159,7 @@ class CanIngest:
         self._thread: threading.Thread | None = None
         self._fd: int | None = None
         self._read: FrameReader = lambda: None
+        self._fresh_s: float | None = None
         self._kernel_drops: Callable[[], int | None] = lambda: None
         self._kernel_drops_seen = 0
         self._stop = threading.Event()
@@ -316,7 +319,8 @@ class CanIngest:
         fd = _readable_fd(bus) if cfg.interface in _LOOP_READ_INTERFACES else None
         if fd is not None:
             assert self._loop is not None
-            self._read = frame_reader(cfg.interface, bus)
+            self._read, stamped = frame_reader(cfg.interface, bus)
+            self._fresh_s = _FRESH_S if stamped else None
             sock = bus_socket(bus)
             if sock is not None:
                 self._kernel_drops = functools.partial(socket_drops, sock)
@@ -410,13 +414,19 @@ class CanIngest:
             self._drain_queue(budget_s)
 
     def _read_fd(self, budget_s: float) -> None:
-        """The fd is readable: `recv(0)` until None or the budget is spent. What is left stays in
-        the socket, which stays readable: the loop calls again on its next iteration."""
+        """The fd is readable: read until the socket is empty or the budget is spent. What is
+        left stays in the socket, which stays readable: the loop calls again on its next
+        iteration. A frame the kernel received less than `_FRESH_S` ago is the one that woke us
+        (frames do not queue behind it while the loop keeps up): the callback ends after it
+        without a read that would find the socket empty, one system call per frame less; if
+        another frame did arrive, the socket is still readable and the loop calls again."""
         bus = self._bus
         if bus is None or self._fd is None:
             return
         read = self._read
         process = self._process
+        fresh_s = self._fresh_s
+        wall = time.time
         clock = time.monotonic
         now_mono = clock()
         deadline = now_mono + budget_s
@@ -437,6 +447,8 @@ class CanIngest:
                 n += 1
                 process(msg, now_mono)
                 if clock() >= deadline:
+                    return
+                if fresh_s is not None and wall() - msg.timestamp < fresh_s:
                     return
         finally:
             if n:

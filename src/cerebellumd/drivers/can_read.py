@@ -25,7 +25,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import can
 
@@ -144,14 +144,21 @@ _READERS: dict[str, Callable[[can.BusABC], FrameReader | None]] = {
 }
 
 
-def frame_reader(interface: str, bus: can.BusABC) -> FrameReader:
+class LoopRead(NamedTuple):
+    read: FrameReader
+    #: The frames carry the kernel's receive time (wall clock): the caller can tell the frame
+    #: that woke it from frames that queued up while it was busy.
+    kernel_stamped: bool
+
+
+def frame_reader(interface: str, bus: can.BusABC) -> LoopRead:
     """The fastest read python-can allows for this bus that never waits: a backend's own reader
     where one is registered and the bus has what it needs, else `bus.recv(0)` (after the
     backend's set-up for it, as for slcan)."""
     make = _READERS.get(interface)
     reader = make(bus) if make is not None else None
     if reader is not None:
-        return reader
+        return LoopRead(reader, kernel_stamped=True)
     _sockets_nonblocking(bus)
     recv = bus.recv
-    return lambda: recv(0)
+    return LoopRead(lambda: recv(0), kernel_stamped=False)
