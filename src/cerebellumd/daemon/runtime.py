@@ -7,6 +7,7 @@ Protocols of `daemon/host.py`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from ..accel import AcceleratorModel
@@ -51,8 +52,11 @@ class Daemon(DaemonCore):
         """Every step runs even when one before it fails; the safe state is the last."""
         await self.assembly.async_stop()
 
-    async def async_run(self, stop: asyncio.Event) -> None:
+    async def async_run(self, stop: asyncio.Event, started: Callable[[], object] | None = None) -> None:
+        """Start, call `started` (the CLI's after-start-up step), run until `stop`, stop."""
         await self.async_start()
+        if started is not None:
+            started()
         try:
             await stop.wait()
         finally:
