@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cerebellumd.config import RealtimeConfig
+from cerebellumd.config import RealtimeConfig, parse_config
 from cerebellumd.daemon import realtime
 from cerebellumd.daemon.realtime import (
     RealtimeSyscalls,
@@ -29,6 +29,9 @@ from cerebellumd.daemon.realtime import (
     freeze_gc_after_startup,
     install_event_loop_policy_if,
 )
+from cerebellumd.daemon.runtime import Daemon
+
+from .helpers import until
 
 
 @dataclass
@@ -259,3 +262,19 @@ def test_uvloop_missing_degrades(monkeypatch: pytest.MonkeyPatch,
     assert install_event_loop_policy_if(True) is False
     assert asyncio.get_event_loop_policy() is before
     assert any("not installed" in r.getMessage() for r in caplog.records)
+
+
+async def test_daemon_runs_its_after_start_up_step_once_after_the_first_tick() -> None:
+    config = await asyncio.to_thread(parse_config, '[daemon]\nnode = "t"\ntick_ms = 5\n')
+    daemon = await Daemon.async_create(config)
+    ticks: list[float] = []
+    daemon.on_tick(ticks.append)
+    calls: list[int] = []  # ticks seen when the step ran
+    stop = asyncio.Event()
+    run = asyncio.create_task(daemon.async_run(stop, started=lambda: calls.append(len(ticks))))
+    try:
+        await until(lambda: len(ticks) >= 5, what="5 ticks")
+    finally:
+        stop.set()
+        await run
+    assert len(calls) == 1 and calls[0] >= 1, calls
