@@ -162,6 +162,14 @@ def test_startup_memory_quick() -> None:
     assert not {"numpy", "matplotlib", "rich"} & set(r["import_ms"])
 
 
+def test_startup_memory_runs_the_daemon_without_docstrings_and_asserts() -> None:
+    """PYTHONOPTIMIZE=2 (docs/PERFORMANCE.md: less RSS where installed bytecode is -OO): `run`
+    still starts, decodes the plant's frames and decides."""
+    r = run_bench("startup_memory", "--optimize", "2")
+    assert r["optimize"] == 2 and r["frames"] > 0
+    assert is_num(r["start_to_first_tick_s"]) and r["start_to_first_tick_s"] > 0
+
+
 def test_tick_jitter_runs_report_median_and_spread() -> None:
     r = run_bench("tick_jitter", "--runs", "2", timeout=2 * RUN_TIMEOUT_S)
     assert set(r) == {"runs", "ratio_p99", "ratio_p99_median", "ratio_p99_min", "ratio_p99_max"}
