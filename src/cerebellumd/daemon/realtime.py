@@ -170,8 +170,9 @@ def trim_heap() -> bool:
     CPython has no API for it: objects it frees go back to its own allocator (pymalloc, which
     unmaps an arena only when it is completely empty) or to malloc, and glibc keeps freed heap
     memory mapped for reuse, trimming only a free top above M_TRIM_THRESHOLD. Start-up leaves
-    much of it behind (pydantic building the config's validators, import temporaries), so the
-    daemon calls this once, after start-up (issue 13: RSS; measured in docs/PERFORMANCE.md).
+    some behind (import temporaries, pydantic building validators; most when modules are
+    compiled from source), so the daemon calls this after start-up and after each reload
+    (issue 13: RSS; measured in docs/PERFORMANCE.md).
     """
     try:
         fn = ctypes.CDLL(None).malloc_trim

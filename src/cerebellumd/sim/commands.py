@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 # numpy (the evaluator), rich (tables), matplotlib (--plot) and dask (--dask) come with extras:
 # they are imported when a command runs, never by `cerebellumd run` building its parser. Nor are
-# the drive cycles and event models (pydantic models and the shipped event files, about 1 MB of
-# `run`'s resident memory, docs/PERFORMANCE.md): the commands import them when they run.
+# the drive cycles and event models (pydantic models and the shipped event files, about 0.5 MB
+# of `run`'s resident memory, docs/PERFORMANCE.md): the commands import them when they run.
 
 
 class _ShippedVariants:
