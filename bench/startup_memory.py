@@ -12,8 +12,15 @@ them with the shipped demo config, its virtual bus replaced by that udp_multicas
   after a warm-up; rss_max_mb the largest sample; sim_rss_mb the plant's, for reference.
 - import_ms: `python -X importtime` of what `run` imports (the CLI, its parser, the daemon
   runtime): self time summed per top-level package, the largest ones, plus the total.
+- Bytecode, as installed: every process runs with a private PYTHONPYCACHEPREFIX that one start
+  of the daemon (to READY=1, then SIGTERM) fills first. Without it, from a source tree with
+  PYTHONDONTWRITEBYTECODE set (as here and in CI), the daemon would compile its own modules at
+  every start: about 0.1 s more to READY and RSS left behind by the compiler, which an installed
+  daemon (pip byte-compiles at install) does not have. "bytecode_warmup_s" is that first start.
+- --optimize N: the daemon (and its bytecode) at PYTHONOPTIMIZE=N, as a deployment that sets it
+  (N = 2 drops docstrings and asserts; docs/PERFORMANCE.md).
 
-    python bench/startup_memory.py [--warmup S] [--seconds S] [--json] [--quick]
+    python bench/startup_memory.py [--warmup S] [--seconds S] [--optimize N] [--json] [--quick]
 
 Measures whatever `cerebellumd` PYTHONPATH points at: run it with PYTHONPATH=<tree>/src to
 compare two trees on the same machine.
@@ -87,11 +94,11 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def import_times() -> dict[str, Any]:
+def import_times(env: dict[str, str]) -> dict[str, Any]:
     """Self import time per top-level package of what `cerebellumd run` imports."""
     code = ("import cerebellumd.cli as c; c.build_parser(); import cerebellumd.daemon.runtime")
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, env=env)
     per_top: dict[str, int] = defaultdict(int)
     for line in proc.stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
@@ -103,8 +110,31 @@ def import_times() -> dict[str, Any]:
             "imported_modules": sum(1 for line in proc.stderr.splitlines() if line.startswith("import time:")) - 1}
 
 
-def measure(warmup_s: float, seconds: float) -> dict[str, Any]:
+def wait_ready(notify: socket.socket, daemon: subprocess.Popen[bytes]) -> None:
+    notify.settimeout(30)
+    while b"READY=1" not in notify.recv(4096):
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited: {daemon.stderr.read().decode()[-2000:] if daemon.stderr else ''}")
+
+
+def stop(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def measure(warmup_s: float, seconds: float, optimize: int = 0) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="cerebellumd-startup-"))
+    # Bytecode as an installed daemon has it: a private cache, filled by a first start below.
+    base_env = {**os.environ, "PYTHONPYCACHEPREFIX": str(root / "pycache"), "PYTHONOPTIMIZE": str(optimize)}
+    base_env.pop("PYTHONDONTWRITEBYTECODE", None)
+    base_env.pop("WATCHDOG_USEC", None)
+    if optimize == 0:
+        base_env.pop("PYTHONOPTIMIZE")
     udp_port, metrics_port = 46000 + os.getpid() % 1000, free_port()
     config = root / "daemon.toml"
     config.write_text(daemon_config(udp_port, metrics_port))
@@ -115,19 +145,25 @@ def measure(warmup_s: float, seconds: float) -> dict[str, Any]:
     notify.bind(notify_path)
     cli = [sys.executable, "-m", "cerebellumd", "--log-level", "warning"]
     procs: list[subprocess.Popen[bytes]] = []
+    env = {**base_env, "NOTIFY_SOCKET": notify_path}
     try:
+        # The plant starts first (its own environment: it is not measured), so its start-up is
+        # over by the time the measured daemon starts.
         sim = subprocess.Popen([*cli, "sim", "--config", str(root / "sim.toml")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(sim)
-        env = {**os.environ, "NOTIFY_SOCKET": notify_path}
-        env.pop("WATCHDOG_USEC", None)
+        t0 = time.monotonic()
+        first = subprocess.Popen([*cli, "run", "--config", str(config)], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(first)
+        wait_ready(notify, first)  # every module `run` imports up to READY=1 is now byte-compiled
+        stop(first)
+        bytecode_warmup = time.monotonic() - t0
         t0 = time.monotonic()
         daemon = subprocess.Popen([*cli, "run", "--config", str(config)], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         procs.append(daemon)
-        notify.settimeout(30)
-        while b"READY=1" not in notify.recv(4096):
-            pass
+        wait_ready(notify, daemon)
         ready = time.monotonic() - t0
         deadline = time.monotonic() + 10
         first_tick = None
@@ -152,13 +188,7 @@ def measure(warmup_s: float, seconds: float) -> dict[str, Any]:
             raise RuntimeError("the daemon exited during the measurement")
     finally:
         for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop(p)
         notify.close()
     frames = int(final.get("cerebellumd_can_frames_total", 0))
     if frames == 0:
@@ -171,7 +201,9 @@ def measure(warmup_s: float, seconds: float) -> dict[str, Any]:
         "start_to_ready_s": round(ready, 3),
         "start_to_first_tick_s": round(first_tick, 3),
         "frames": frames,
-        **import_times(),
+        "optimize": optimize,
+        "bytecode_warmup_s": round(bytecode_warmup, 3),
+        **import_times(base_env),
     }
 
 
@@ -181,14 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=15.0, help="seconds of RSS sampling")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="CI smoke: 1 s warm-up, 2 s of samples")
+    p.add_argument("--optimize", type=int, default=0, choices=(0, 1, 2),
+                   help="run the daemon at PYTHONOPTIMIZE=N (2: without docstrings and asserts)")
     a = p.parse_args(argv)
     if a.quick:
         a.warmup, a.seconds = 1.0, 2.0
-    r = measure(a.warmup, a.seconds)
+    r = measure(a.warmup, a.seconds, a.optimize)
     if a.json:
         print(json.dumps(r))
     else:
-        print(f"run: steady RSS {r['rss_mb']} MiB (max {r['rss_max_mb']}, {r['rss_samples']} samples; "
+        print(f"run (PYTHONOPTIMIZE={r['optimize']}): steady RSS {r['rss_mb']} MiB (max {r['rss_max_mb']}, "
+              f"{r['rss_samples']} samples; "
               f"plant {r['sim_rss_mb']} MiB), READY after {r['start_to_ready_s']} s, first tick after "
               f"{r['start_to_first_tick_s']} s, {r['frames']} frames decoded")
         print(f"imports: {r['import_ms_total']} ms over {r['imported_modules']} modules; "

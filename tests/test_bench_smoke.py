@@ -146,7 +146,9 @@ def test_soak_quick() -> None:
 def test_startup_memory_quick() -> None:
     r = run_bench("startup_memory")
     assert set(r) == {"rss_mb", "rss_max_mb", "rss_samples", "sim_rss_mb", "start_to_ready_s",
-                      "start_to_first_tick_s", "frames", "import_ms_total", "import_ms", "imported_modules"}
+                      "start_to_first_tick_s", "frames", "optimize", "bytecode_warmup_s", "import_ms_total",
+                      "import_ms", "imported_modules"}
+    assert r["optimize"] == 0 and is_num(r["bytecode_warmup_s"]) and r["bytecode_warmup_s"] > 0
     assert is_num(r["rss_mb"]) and 0 < r["rss_mb"] <= r["rss_max_mb"]
     assert isinstance(r["rss_samples"], int) and r["rss_samples"] > 0
     assert is_num(r["sim_rss_mb"]) and r["sim_rss_mb"] > 0
@@ -158,6 +160,14 @@ def test_startup_memory_quick() -> None:
     assert r["import_ms_total"] >= max(r["import_ms"].values())
     # the lean install: `run` imports none of the evaluator's packages
     assert not {"numpy", "matplotlib", "rich"} & set(r["import_ms"])
+
+
+def test_startup_memory_runs_the_daemon_without_docstrings_and_asserts() -> None:
+    """PYTHONOPTIMIZE=2 (docs/PERFORMANCE.md: less RSS where installed bytecode is -OO): `run`
+    still starts, decodes the plant's frames and decides."""
+    r = run_bench("startup_memory", "--optimize", "2")
+    assert r["optimize"] == 2 and r["frames"] > 0
+    assert is_num(r["start_to_first_tick_s"]) and r["start_to_first_tick_s"] > 0
 
 
 def test_tick_jitter_runs_report_median_and_spread() -> None:

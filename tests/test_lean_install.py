@@ -39,6 +39,11 @@ DEADLINE_S = 30.0
 EXTRA_MODULES = {"numpy", "matplotlib", "PIL", "contourpy", "kiwisolver", "fontTools", "dask", "distributed",
                  "rich", "pygments", "markdown_it"}
 
+#: Top-level modules of features the demo config does not configure (MQTT, the MCU's serial link).
+UNCONFIGURED_MODULES = {"aiomqtt", "paho", "serial", "serial_asyncio_fast"}
+#: The evaluator's drive cycles and event models: `run` builds the `evaluate` parser only.
+SIM_ONLY_MODULES = {"cerebellumd.sim.cycles", "cerebellumd.sim.events", "cerebellumd.sim.events_config"}
+
 
 def lean_config(udp_port: int, metrics_port: int) -> str:
     """The shipped demo config, its virtual bus replaced by udp_multicast on a private port."""
@@ -140,6 +145,12 @@ def test_run_loads_no_extra_module(tmp_path: Path) -> None:
     assert "cerebellumd.daemon.runtime" in loaded and "can.interfaces.udp_multicast" in loaded  # it did run
     tops = {m.partition(".")[0] for m in loaded}
     assert not tops & EXTRA_MODULES, sorted(tops & EXTRA_MODULES)
+    # What only some configs need is imported when configured (docs/PERFORMANCE.md, memory of `run`):
+    # the demo has no [mqtt] and no [mcu], and `run` evaluates no scenario.
+    sections = tomllib.loads(config.read_text())
+    assert "mqtt" not in sections and "mcu" not in sections
+    assert not tops & UNCONFIGURED_MODULES, sorted(tops & UNCONFIGURED_MODULES)
+    assert not set(loaded) & SIM_ONLY_MODULES, sorted(set(loaded) & SIM_ONLY_MODULES)
 
 
 @pytest.mark.parametrize(("argv", "blocked", "extra"), [

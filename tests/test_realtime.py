@@ -20,14 +20,18 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cerebellumd.config import RealtimeConfig
+from cerebellumd.config import RealtimeConfig, parse_config
 from cerebellumd.daemon import realtime
 from cerebellumd.daemon.realtime import (
     RealtimeSyscalls,
+    after_startup,
     apply_realtime,
     freeze_gc_after_startup,
     install_event_loop_policy_if,
 )
+from cerebellumd.daemon.runtime import Daemon
+
+from .helpers import until
 
 
 @dataclass
@@ -179,6 +183,51 @@ def test_freeze_gc_after_startup_freezes_existing_objects() -> None:
     assert f"{gc.get_freeze_count()} start-up objects frozen" in msg
 
 
+@pytest.mark.usefixtures("_unfreeze")
+def test_after_startup_freezes_only_when_configured_and_unfreezes_first() -> None:
+    gc.freeze()  # as a start-up before a reload left it
+    msgs = after_startup(Settings(gc_freeze=False))
+    assert gc.get_freeze_count() == 0
+    assert not any("frozen" in m for m in msgs)
+    msgs = after_startup(Settings(gc_freeze=True))
+    assert gc.get_freeze_count() > 0
+    assert any("start-up objects frozen" in m for m in msgs)
+
+
+_TRIM_CHILD = textwrap.dedent("""
+    import json, sys
+    from cerebellumd.daemon.realtime import after_startup
+
+    class S:
+        uvloop = False; cpu_affinity = []; sched_fifo_priority = 0; mlockall = False
+        gc_freeze = False
+
+    def rss_kb():
+        with open("/proc/self/status") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("VmRSS:")))
+
+    # 60 MB of 1 kB blocks: above pymalloc's 512 bytes, so from malloc's heap, below its mmap
+    # threshold. Every 16th stays allocated, so free() leaves 15 kB holes that glibc keeps
+    # mapped: only malloc_trim's release of free pages inside the heap returns them.
+    blocks = [bytes(1000) + bytes([i % 256]) for i in range(60_000)]
+    keep = blocks[::16]
+    full = rss_kb()
+    del blocks
+    freed = rss_kb()
+    msgs = after_startup(S())
+    print(json.dumps({"full": full, "freed": freed, "trimmed": rss_kb(), "msgs": msgs}))
+""")
+
+
+def test_after_startup_returns_the_free_c_heap_in_a_child_process() -> None:
+    out = subprocess.run([sys.executable, "-c", _TRIM_CHILD], capture_output=True, text=True,
+                         timeout=60, check=True)
+    res = json.loads(out.stdout)
+    if not any("malloc_trim" in m for m in res["msgs"]):
+        pytest.skip("no glibc malloc_trim here")
+    assert res["freed"] - res["trimmed"] > 30_000, res  # most of the 60 MB goes back to the kernel
+
+
 @pytest.fixture
 def _restore_policy() -> Iterator[None]:
     old = asyncio.get_event_loop_policy()
@@ -213,3 +262,19 @@ def test_uvloop_missing_degrades(monkeypatch: pytest.MonkeyPatch,
     assert install_event_loop_policy_if(True) is False
     assert asyncio.get_event_loop_policy() is before
     assert any("not installed" in r.getMessage() for r in caplog.records)
+
+
+async def test_daemon_runs_its_after_start_up_step_once_after_the_first_tick() -> None:
+    config = await asyncio.to_thread(parse_config, '[daemon]\nnode = "t"\ntick_ms = 5\n')
+    daemon = await Daemon.async_create(config)
+    ticks: list[float] = []
+    daemon.on_tick(ticks.append)
+    calls: list[int] = []  # ticks seen when the step ran
+    stop = asyncio.Event()
+    run = asyncio.create_task(daemon.async_run(stop, started=lambda: calls.append(len(ticks))))
+    try:
+        await until(lambda: len(ticks) >= 5, what="5 ticks")
+    finally:
+        stop.set()
+        await run
+    assert len(calls) == 1 and calls[0] >= 1, calls

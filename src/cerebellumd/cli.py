@@ -122,6 +122,7 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Even
 
 async def _async_run(config: Config, config_path: str | None, speedup: float = 1.0) -> int:
     from .daemon.clock import Clock
+    from .daemon.realtime import after_startup
     from .daemon.runtime import Daemon
 
     daemon = await Daemon.async_create(config, config_path=config_path, clock=Clock(scale=speedup))
@@ -129,13 +130,17 @@ async def _async_run(config: Config, config_path: str | None, speedup: float = 1
     loop = asyncio.get_running_loop()
     reload_tasks: set[asyncio.Task[bool]] = set()
 
+    def settle(_: object = None) -> None:  # garbage collected, gc.freeze, malloc_trim
+        after_startup(daemon.config.realtime)
+
     def reload() -> None:
         task = loop.create_task(daemon.async_reload())
         reload_tasks.add(task)
         task.add_done_callback(reload_tasks.discard)
+        task.add_done_callback(settle)
 
     _install_signal_handlers(loop, stop, reload)
-    await daemon.async_run(stop)
+    await daemon.async_run(stop, started=settle)
     # Steps that failed on the way out were logged and did not keep the safe state from being
     # commanded; only a safe state that could not be commanded makes the stop a failure.
     return 0 if daemon.assembly.safe_state_reached else 1

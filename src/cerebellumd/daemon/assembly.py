@@ -31,6 +31,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..accel import AccelState
 from ..config import Config, ConfigError, parse_config, rail_fed_domains
@@ -45,7 +46,6 @@ from .host import Part, PowerDownLink, StateExtra
 from .ingest import CanIngest
 from .lease_service import LeaseService
 from .lifecycle import Lifecycle
-from .mqtt import MqttBridge
 from .nm_service import NmService
 from .overhead import ScrapeTimer
 from .persist import Persistence
@@ -53,6 +53,9 @@ from .power import RailPower, build_rail_sensor
 from .security import FileCheck
 from .sources import McuSource, PowerReaders, SomeIpSource, SourcesCollector, build_sensor, signal_routes
 from .vehicle_power import VehiclePower
+
+if TYPE_CHECKING:
+    from .mqtt import MqttBridge
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +200,10 @@ class Assembly:
     def _build_mqtt(self, config: Config) -> MqttBridge | None:
         if not config.mqtt.enabled:
             return None
+        # Imported here: aiomqtt and paho cost `run` about 1 MB of RSS where MQTT is off
+        # (docs/PERFORMANCE.md, "Install, memory and start-up").
+        from .mqtt import MqttBridge
+
         d = self.daemon
         extras: list[StateExtra] = [p for p in (self.lifecycle, self.leases, self.nm, self.vehicle_power,
                                                 self.calibration)

@@ -7,7 +7,9 @@ and returned as a message so the caller can surface it (status page, startup ban
 Order matters and is the caller's job:
   1. ``install_event_loop_policy_if(cfg.uvloop)`` before the event loop is created;
   2. ``apply_realtime(cfg)`` early in start-up (affinity, SCHED_FIFO, mlockall);
-  3. ``freeze_gc_after_startup()`` once start-up allocations are done, if ``cfg.gc_freeze``.
+  3. ``after_startup(cfg)`` once start-up allocations are done: collects, ``gc.freeze()`` if
+     ``cfg.gc_freeze``, and hands the C heap's free pages back to the kernel (``trim_heap``);
+     again after a reload, which replaces start-up objects.
 
 Linux applies affinity and scheduling policy per thread (pid 0 = the calling thread); threads
 and child processes inherit them when created. So ``apply_realtime`` must run on the loop's
@@ -29,9 +31,11 @@ from typing import Protocol
 __all__ = [
     "RealtimeSettings",
     "RealtimeSyscalls",
+    "after_startup",
     "apply_realtime",
     "freeze_gc_after_startup",
     "install_event_loop_policy_if",
+    "trim_heap",
 ]
 
 logger = logging.getLogger(__name__)
@@ -157,6 +161,42 @@ def freeze_gc_after_startup() -> str:
     gc.collect()  # collect start-up garbage first so it is not frozen forever
     gc.freeze()
     return _applied(f"gc_freeze: {gc.get_freeze_count()} start-up objects frozen")
+
+
+def trim_heap() -> bool:
+    """Return the free memory at the top and inside the C heap to the kernel: glibc's
+    ``malloc_trim(0)``; False where the C library has none (musl, macOS).
+
+    CPython has no API for it: objects it frees go back to its own allocator (pymalloc, which
+    unmaps an arena only when it is completely empty) or to malloc, and glibc keeps freed heap
+    memory mapped for reuse, trimming only a free top above M_TRIM_THRESHOLD. Start-up leaves
+    some behind (import temporaries, pydantic building validators; most when modules are
+    compiled from source), so the daemon calls this after start-up and after each reload
+    (issue 13: RSS; measured in docs/PERFORMANCE.md).
+    """
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    fn(0)
+    return True
+
+
+def after_startup(settings: RealtimeSettings) -> list[str]:
+    """Once start-up (or a reload) is done: collect its garbage, freeze what is left if
+    ``gc_freeze``, and return the freed C heap to the kernel. A reload first unfreezes, so the
+    objects it replaced are collected rather than kept frozen forever."""
+    messages: list[str] = []
+    gc.unfreeze()
+    if settings.gc_freeze:
+        messages.append(freeze_gc_after_startup())
+    else:
+        gc.collect()
+    if trim_heap():
+        messages.append(_applied("malloc_trim: free C heap returned to the kernel"))
+    return messages
 
 
 def install_event_loop_policy_if(enabled: bool) -> bool:

@@ -7,6 +7,7 @@ Protocols of `daemon/host.py`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from ..accel import AcceleratorModel
@@ -16,7 +17,7 @@ from ..profiles import load_profile
 from .assembly import Assembly, ReloadResult
 from .clock import Clock
 from .core import DaemonCore, PolicyCore, build_driver
-from .host import Snapshot
+from .host import Snapshot, Undo
 
 
 class Daemon(DaemonCore):
@@ -51,12 +52,30 @@ class Daemon(DaemonCore):
         """Every step runs even when one before it fails; the safe state is the last."""
         await self.assembly.async_stop()
 
-    async def async_run(self, stop: asyncio.Event) -> None:
+    async def async_run(self, stop: asyncio.Event, started: Callable[[], object] | None = None) -> None:
+        """Start, run until `stop`, stop. `started` (the CLI's after-start-up step) runs on the
+        loop right after the first decision tick, so it never delays that tick."""
         await self.async_start()
+        if started is not None:
+            self._after_first_tick(started)
         try:
             await stop.wait()
         finally:
             await self.async_stop()
+
+    def _after_first_tick(self, fn: Callable[[], object]) -> None:
+        loop = asyncio.get_running_loop()
+        undo: list[Undo] = []
+
+        def fire() -> None:
+            if undo:  # once, however many ticks ran before this callback
+                undo.pop()()
+                fn()
+
+        def hook(_now: float) -> None:
+            loop.call_soon(fire)
+
+        undo.append(self.on_tick(hook))
 
     async def async_reload(self, path: str | None = None) -> bool:
         """SIGHUP: validate, classify, swap between ticks or keep the old config whole."""

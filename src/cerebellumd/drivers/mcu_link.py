@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import serial_asyncio_fast
 from pydantic import BaseModel, ConfigDict, Field
 
 from .base import DriverError
@@ -179,6 +178,10 @@ class McuLink:
         self._fail_pending("MCU link closed")
 
     async def _supervise(self) -> None:
+        # Imported when a link runs: the config imports this module for McuLinkOptions, and
+        # pyserial is not worth `run`'s memory where there is no MCU (docs/PERFORMANCE.md).
+        import serial_asyncio_fast
+
         loop = asyncio.get_running_loop()
         opts = self.options
         backoff = opts.reconnect_initial_ms / 1000

@@ -12,19 +12,37 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, builtin_example, load_config, parse_config
 from ..extras import installed
-from .cycles import CycleError, load_cycle
-from .events import NAMED_MODELS, EventModel, build_scenario, named_scenario
-from .events_config import load_event_file
 
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from .events import EventModel
+
 # numpy (the evaluator), rich (tables), matplotlib (--plot) and dask (--dask) come with extras:
-# they are imported when a command runs, never by `cerebellumd run` building its parser.
+# they are imported when a command runs, never by `cerebellumd run` building its parser. Nor are
+# the drive cycles and event models (pydantic models and the shipped event files, about 0.5 MB
+# of `run`'s resident memory, docs/PERFORMANCE.md): the commands import them when they run.
+
+
+class _ShippedVariants:
+    """The shipped event-model names, as argparse `choices`: read when argparse first checks or
+    prints them (a `sim` command's arguments, its --help), not when the parser is built."""
+
+    def _names(self) -> list[str]:
+        from .events_config import NAMED_MODELS
+
+        return sorted(NAMED_MODELS)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
 
 
 def register(subparsers: Any) -> None:
@@ -35,7 +53,7 @@ def register(subparsers: Any) -> None:
     where.add_argument(
         "--scenario",
         metavar="CYCLE[:VARIANT]",
-        help=f"shipped cycle and event-model variant ({', '.join(NAMED_MODELS)})",
+        help="shipped cycle and event-model variant (one of --variant's; default: default)",
     )
     where.add_argument("--cycle", metavar="PATH", help="drive cycle CSV (time_s,speed_kmh)")
     where.add_argument("--log", metavar="LOG", help="a recorded CAN log (any python-can format); needs --dbc, --labels")
@@ -51,7 +69,9 @@ def register(subparsers: Any) -> None:
         "default policy: the shipped examples/parked.toml",
     )
     ev.add_argument(
-        "--variant", default=None, choices=sorted(NAMED_MODELS), help="event-model variant with --cycle"
+        # The metavar keeps argparse from listing the choices when the argument is added.
+        "--variant", default=None, choices=_ShippedVariants(), metavar="VARIANT",
+        help="event-model variant with --cycle: %(choices)s"
     )
     ev.add_argument(
         "--events",
@@ -97,7 +117,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 2
     from rich.console import Console
 
+    from .cycles import CycleError, load_cycle
     from .evaluate import EvaluationError, run_evaluation
+    from .events import build_scenario
 
     if args.day:
         return _evaluate_day(args)
@@ -197,6 +219,7 @@ def _evaluate_day(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from .cycles import CycleError
     from .day import evaluate_day, load_day
     from .evaluate import EvaluationError
 
@@ -254,6 +277,8 @@ def scenario_args(
     scenario: str | None, cycle: str | None, variant: str | None, events: str | None
 ) -> tuple[str, str, EventModel]:
     """(cycle, scenario name, event model) from `--scenario`/`--cycle`, `--variant`, `--events`."""
+    from .events_config import load_event_file, named_scenario
+
     if scenario:
         cycle_name, _, named = scenario.partition(":")
         if variant is not None:
