@@ -11,12 +11,13 @@ from cerebellumd.accel import AccelState
 from cerebellumd.config import builtin_example, parse_config
 from cerebellumd.policies.calibration import Calibration, CalibrationParams, next_relax, relax, tighten
 from cerebellumd.policies.cerebellum import CerebellumFirst, PolicyState
-from cerebellumd.policies.types import Inputs
+from cerebellumd.policies.expr import compile_expression
+from cerebellumd.policies.types import DemandClass, DemandSpec, Inputs
 from cerebellumd.sim.cycles import load_cycle
 from cerebellumd.sim.evaluate import evaluate, run_evaluation
 from cerebellumd.sim.events import EventModel, build_scenario
 
-from .policy_helpers import model, params, samples
+from .policy_helpers import SIGNALS, model, params, samples
 
 P = CalibrationParams()
 
@@ -53,8 +54,8 @@ def test_persisted_form_round_trips() -> None:
 
 
 def _step(core: CerebellumFirst, state: PolicyState, t: float, actual: AccelState, **kw: object) -> PolicyState:
-    reports = kw.pop("late_reports", ())
-    inputs = Inputs(samples=samples(t, **kw), actual=actual, late_reports=reports)  # type: ignore[arg-type]
+    reports = {k: kw.pop(k) for k in ("late_reports", "served_reports") if k in kw}
+    inputs = Inputs(samples=samples(t, **kw), actual=actual, **reports)  # type: ignore[arg-type]
     return core.step(state, inputs, t)[0]
 
 
@@ -89,15 +90,56 @@ def test_mid_entry_worst_case_counts_once_tightened() -> None:
     assert core._deepest_unannounced(1000.0, 2.6, whole_entry=True) is AccelState.SLEEP
 
 
-def test_anticipated_wakes_teach_nothing() -> None:
+def test_anticipated_wakes_teach_nothing_but_a_surprise_during_anticipation_does() -> None:
     core = CerebellumFirst(params(), model())
     state = core.initial_state(0.0, AccelState.IDLE)
     state = _step(core, state, 0.0, AccelState.IDLE, ant=1.0)
     assert state.reason.startswith("anticipate")
+    # A normal demand woken while anticipating: the anticipation chose the depth for it.
+    announced = _step(core, state, 1.0, AccelState.IDLE, ant=1.0, norm=1.0)
+    announced = _step(core, announced, 1.3, AccelState.IDLE, ant=1.0, norm=1.0)  # confirmed
+    assert announced.target is AccelState.ACTIVE and not announced.wake_unannounced
+    announced = _step(core, announced, 5.0, AccelState.ACTIVE, ant=1.0, norm=1.0, late_reports=(2.0,))
+    assert announced.calibration == Calibration()
+    # A critical demand (a surprise, no precursor by definition) during the same anticipation.
     state = _step(core, state, 1.0, AccelState.IDLE, ant=1.0, crit=1.0)
-    assert not state.wake_unannounced
-    state = _step(core, state, 5.0, AccelState.ACTIVE, ant=1.0, crit=1.0, late_reports=(2.0,))
-    assert state.calibration == Calibration()
+    assert state.wake_unannounced
+    state = _step(core, state, 1.6, AccelState.ACTIVE, ant=1.0, crit=1.0, late_reports=(0.2,))
+    assert state.calibration.budget_s == pytest.approx(0.3) and state.calibration.late_wakes == 1
+
+
+def test_a_surprise_served_on_time_teaches_when_it_allowed_less_than_its_deadline() -> None:
+    core = CerebellumFirst(params(), model())
+    state = core.initial_state(0.0, AccelState.IDLE)
+    state = _step(core, state, 0.0, AccelState.IDLE)
+    state = _step(core, state, 10.0, AccelState.IDLE, crit=1.0)  # collision's config deadline: 1.5 s
+    assert state.wake_unannounced
+    # Served from idle 0.05 s later; its consumer says it allowed 0.8 s: tightened, no late wake.
+    state = _step(core, state, 10.05, AccelState.ACTIVE, crit=1.0, served_reports=(0.8,))
+    cal = state.calibration
+    assert cal.budget_s == pytest.approx(0.7) and cal.late_wakes == 0 and cal.first_late_at == 10.05
+    # One that allowed the whole configured deadline teaches nothing.
+    fits = core.initial_state(0.0, AccelState.IDLE)
+    fits = _step(core, fits, 10.0, AccelState.IDLE, crit=1.0)
+    fits = _step(core, fits, 10.05, AccelState.ACTIVE, crit=1.0, served_reports=(1.5,))
+    assert fits.calibration == Calibration()
+
+
+def test_learned_budget_bounds_the_depth_during_anticipation() -> None:
+    # An anticipation whose deadline (1.5 s) lets sleep's exit (1.0 s) fit.
+    slow = DemandSpec("slow", compile_expression("ant == 1", frozenset(SIGNALS)), DemandClass.ANTICIPATORY, 0.0, 1.5)
+    base = params()
+    core = CerebellumFirst(params(demands=(*base.demands[:2], slow)), model())
+    state = core.initial_state(0.0, AccelState.IDLE)
+    state = _step(core, state, 0.0, AccelState.IDLE)
+    state = _step(core, state, 100.0, AccelState.IDLE, ant=1.0)
+    assert state.target is AccelState.SLEEP and state.reason == "anticipate:slow"
+    learned = core.initial_state(0.0, AccelState.IDLE, calibration=Calibration(budget_s=0.7))
+    learned = _step(core, learned, 0.0, AccelState.IDLE)
+    learned = _step(core, learned, 100.0, AccelState.IDLE, ant=1.0)
+    assert learned.target is AccelState.IDLE and learned.reason == "anticipate:slow"
+    learned = _step(core, learned, 101.0, AccelState.IDLE)  # the anticipation's warm hold
+    assert learned.target is AccelState.IDLE and learned.reason == "anticipate:release"
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +178,31 @@ def test_event_driven_equals_plain_loop_with_late_reports(config, seed: int) -> 
     scenario = build_scenario(_short_cycle(), seed, model_)
     fast = evaluate(config, scenario, causal_baselines=False)
     assert fast == evaluate(config, scenario, event_driven=False, causal_baselines=False)
+
+
+def test_consumers_report_challenges_served_on_time_by_a_wake_and_how_late_the_rest() -> None:
+    from cerebellumd.sim.accelerator import SimAccelerator
+    from cerebellumd.sim.evaluate import _LateReporter
+
+    # (start, due, end): one served on time by the wake at 1.0, one that began while active,
+    # one served late by the wake from sleep at 20.0.
+    reporter = _LateReporter([(1.0, 1.8, 5.0), (2.0, 2.8, 3.0), (20.0, 20.8, 30.0)])
+    acc = SimAccelerator(model(), AccelState.IDLE)
+    acc.command(1.0, AccelState.ACTIVE)
+    acc.advance(1.05)
+    assert reporter.reports(acc) == ((), (pytest.approx(0.8),))
+    assert reporter.reports(acc) == ((), ())  # once per active period
+    acc.command(10.0, AccelState.SLEEP)
+    acc.advance(19.0)
+    acc.command(20.0, AccelState.ACTIVE)
+    acc.advance(21.0)
+    late, served = reporter.reports(acc)
+    assert late == (pytest.approx(0.2),) and served == ()
+
+
+def test_tight_world_learns_from_a_surprise_served_on_time(config) -> None:  # type: ignore[no-untyped-def]
+    tight = EventModel(surprise_rate_per_h=30.0, surprise_deadline_ms=800)
+    result = evaluate(config, build_scenario(load_cycle("us06"), 5, tight, name="tight"), causal_baselines=False)
+    cal = result["calibration"]
+    assert cal["learned"] and cal["late_wakes"] == 0 and cal["late_reports"] == 0
+    assert result["results"][0]["readiness"] == 1.0

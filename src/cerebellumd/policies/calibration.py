@@ -3,7 +3,9 @@ policy's own late wakes (in the spirit of cpuidle's TEO governor, which corrects
 choice from the idle durations it mispredicted).
 
 Pure: no I/O, no clock. `CerebellumFirst` keeps a `Calibration` in its state and calls
-`tighten` when a wake for an unannounced challenge came late, `relax` at its timer.
+`tighten` when a wake for an unannounced challenge came late (or its consumer reports that a
+challenge it served on time allowed less than the deadline the wake counted on), `relax` at its
+timer.
 
 - Untightened (`budget_s is None`): the configured `latency_budget_s` bounds the *exit* latency
   of the resting state, as before calibration existed.
@@ -40,7 +42,7 @@ class Calibration:
     since: float = -math.inf  # time of the last tighten or relax step (monotonic s)
     late_wakes: int = 0
     worst_lateness_s: float = 0.0
-    first_late_at: float | None = None  # when the first late wake was recorded (adaptation start)
+    first_late_at: float | None = None  # when the first lesson (late or served report) tightened: adaptation start
 
     def effective(self, configured_s: float) -> tuple[float, bool]:
         """(latency budget, whether the worst case of a mid-entry challenge counts)."""

@@ -259,7 +259,10 @@ class CerebellumFirst:
                     wake,
                     wake_onset=onset,
                     wake_deadline_s=min(d.deadline_s for d in wakers),
-                    wake_unannounced=not state.reason.startswith("anticipate"),
+                    # A critical demand has no precursor by definition: a surprise during an
+                    # anticipation is as unannounced as one at rest.
+                    wake_unannounced=not state.reason.startswith("anticipate")
+                    or any(d.demand_class is DemandClass.CRITICAL for d in wakers),
                     last_wake_late=False,
                 )
             if state.last_demand_end is not None:
@@ -347,6 +350,12 @@ class CerebellumFirst:
                 allowed = wake.last_wake_latency_s - lateness
                 cal = tighten(cal, now, allowed, lateness, cp, count=not wake.last_wake_late)
                 wake = replace(wake, last_wake_late=True)
+        if inputs.served_reports and wake.last_wake_latency_s is not None and wake.last_wake_unannounced:
+            # Served on time, but the challenge allowed less than the deadline this wake counted
+            # on: the config's deadline is wrong for it, and the next one may find us deeper.
+            for allowed in inputs.served_reports:
+                if allowed < wake.wake_deadline_s - _EPS:
+                    cal = tighten(cal, now, allowed, 0.0, cp, count=False)
         return cal, wake
 
     def _statuses(self, ev: _Evaluated, specs: list[DemandSpec]) -> list[DemandStatus]:
@@ -392,16 +401,19 @@ class CerebellumFirst:
         idle_so_far = now - state.last_demand_end if state.last_demand_end is not None else 0.0
         predicted = max(state.predicted_idle_s, idle_so_far)
         held = state.warm_budget_s if state.warm_budget_s is not None and now < state.warm_until - _EPS else None
+        budget, whole_entry = cal.effective(p.latency_budget_s)
+        # An unannounced challenge may come during an anticipation as well: its depth also fits
+        # the budget for those (with the mid-entry worst case once calibration has tightened it).
+        unannounced = self._deepest_unannounced(predicted, budget, whole_entry)
         if anticipatory:
             tightest = min(anticipatory, key=lambda d: d.deadline_s)
             if held is not None and held < tightest.deadline_s:
-                return self.model.deepest_state(predicted, held), "anticipate:release"
-            return self.model.deepest_state(predicted, tightest.deadline_s), f"anticipate:{tightest.name}"
+                return _shallower(self.model.deepest_state(predicted, held), unannounced), "anticipate:release"
+            chosen = _shallower(self.model.deepest_state(predicted, tightest.deadline_s), unannounced)
+            return chosen, f"anticipate:{tightest.name}"
         if held is not None:
-            return self.model.deepest_state(predicted, held), "anticipate:release"
-        budget, whole_entry = cal.effective(p.latency_budget_s)
-        chosen = self._deepest_unannounced(predicted, budget, whole_entry)
-        return chosen, f"rest:{chosen.value}"
+            return _shallower(self.model.deepest_state(predicted, held), unannounced), "anticipate:release"
+        return unannounced, f"rest:{unannounced.value}"
 
     def _deepest_unannounced(self, predicted_idle_s: float, budget_s: float, whole_entry: bool) -> AccelState:
         """The deepest state for unannounced challenges. With `whole_entry` (calibration has
@@ -415,3 +427,8 @@ class CerebellumFirst:
             if worst <= budget_s + _EPS and self.model.break_even_s(state) <= predicted_idle_s:
                 return state
         return AccelState.IDLE
+
+
+def _shallower(a: AccelState, b: AccelState) -> AccelState:
+    """The shallower of two resting states (the one that wakes faster)."""
+    return a if RESTING_STATES.index(a) >= RESTING_STATES.index(b) else b

@@ -111,6 +111,11 @@ class Inputs:
     # (the consumer of the accelerator; in evaluation the scenario's ground truth). Each report
     # belongs to the policy's latest wake; it teaches the calibration what that challenge allowed.
     late_reports: tuple[float, ...] = ()
+    # Time (s) each challenge served *on time* by the policy's latest wake allowed from its onset
+    # to its real deadline, as reported by its consumer (in evaluation the scenario's ground
+    # truth). One that allowed less than the deadline the wake counted on teaches the calibration
+    # as a late one does, before any miss. Empty (the daemon today): nothing learned this way.
+    served_reports: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

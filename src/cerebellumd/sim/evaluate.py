@@ -357,16 +357,22 @@ class PolicyRun:
 class _LateReporter:
     """The consumers of the challenges: each knows its real deadline and, when the accelerator
     it needed comes active after that deadline while the challenge still runs, reports how late
-    (`Inputs.late_reports`). Causal: a report is made when the lateness is known, never before."""
+    (`Inputs.late_reports`); when a wake serves it on time, how much time it allowed from its
+    onset (`Inputs.served_reports`: challenges that began while the accelerator was not active,
+    so the policy's latest wake is the one that served them). Causal: a report is made when the
+    accelerator comes active, never before."""
 
     def __init__(self, events: Sequence[tuple[float, float, float]]) -> None:
         self._events = sorted(events, key=lambda e: e[1])  # (start, due, end) by due
+        self._by_start = sorted(events)
         self._next = 0
+        self._next_start = 0
         self._seen_period = -1
 
-    def reports(self, acc: SimAccelerator) -> tuple[float, ...]:
+    def reports(self, acc: SimAccelerator) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(lateness of each challenge served late, time allowed by each served on time)."""
         if acc.state is not AccelState.ACTIVE or len(acc.active) - 1 == self._seen_period:
-            return ()
+            return (), ()
         self._seen_period = len(acc.active) - 1
         arrived = acc.active[-1][0]
         out: list[float] = []
@@ -375,7 +381,14 @@ class _LateReporter:
             self._next += 1
             if start <= arrived <= end and not acc.is_active_at(due):
                 out.append(arrived - due)
-        return tuple(out)
+        previous_end = acc.active[-2][1] if len(acc.active) > 1 else -math.inf
+        served: list[float] = []
+        while self._next_start < len(self._by_start) and self._by_start[self._next_start][0] <= arrived + 1e-6:
+            start, due, end = self._by_start[self._next_start]
+            self._next_start += 1
+            if start > previous_end and arrived <= min(due, end) + 1e-6:
+                served.append(due - start)
+        return tuple(out), tuple(served)
 
 
 def _run_policy(
@@ -412,10 +425,11 @@ def _run_policy(
         now = k * tick_s
         acc.advance(now)
         if shell is None:
-            reports = reporter.reports(acc) if reporter is not None else ()
+            reports, served = reporter.reports(acc) if reporter is not None else ((), ())
             if reports:
                 run.late_reports += [(now, r) for r in reports]
-            inputs = Inputs(samples=timeline.samples_at(k), actual=acc.state, late_reports=reports)
+            inputs = Inputs(samples=timeline.samples_at(k), actual=acc.state, late_reports=reports,
+                            served_reports=served)
             state, decision = policy.step(state, inputs, now)
             run.steps += 1
             target = decision.target
@@ -429,11 +443,11 @@ def _run_policy(
                 if shell.reset_policy:
                     shell.reset_policy = False
                     state = policy.initial_state(now, state.target)
-                reports = reporter.reports(acc) if reporter is not None else ()
+                reports, served = reporter.reports(acc) if reporter is not None else ((), ())
                 if reports:
                     run.late_reports += [(now, r) for r in reports]
                 inputs = Inputs(samples=samples, holds=shell.holds(now), actual=acc.state, quiet_bus=shell.quiet,
-                                parked=shell.parked, late_reports=reports)
+                                parked=shell.parked, late_reports=reports, served_reports=served)
                 state, decision = policy.step(state, inputs, now)
                 run.steps += 1
                 target = decision.target
