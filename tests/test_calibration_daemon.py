@@ -99,15 +99,20 @@ async def test_a_corrupt_saved_calibration_is_counted_and_ignored(tmp_path: Path
         await again.close()
 
 
-async def test_a_consumers_late_report_over_mqtt_tightens_the_budget(tmp_path: Path, broker: Broker) -> None:
-    """The collision demand's configured deadline (1500 ms) is met from sleep (1 s exit), so the
-    daemon alone sees nothing late; the perception stack, which owns the real deadline, reports
-    over MQTT that it was ready 400 ms late. The policy learns what that challenge allowed."""
+async def mqtt_rig(tmp_path: Path, broker: Broker) -> Rig:
+    """The demo config with its collision deadline as shipped (1500 ms) and MQTT on the broker."""
     password = tmp_path / "mqtt.password"
     await asyncio.to_thread(password.write_text, PASSWORDS["cerebellumd"] + "\n")
     mqtt = (f'\n[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "cerebellumd"\n'
             f'password_file = "{password}"\npublish_interval_ms = 100\n')
-    rig = await start(tmp_path, tmp_path / "state.json", deadline_ms=1500, extra=mqtt)
+    return await start(tmp_path, tmp_path / "state.json", deadline_ms=1500, extra=mqtt)
+
+
+async def test_a_consumers_late_report_over_mqtt_tightens_the_budget(tmp_path: Path, broker: Broker) -> None:
+    """The collision demand's configured deadline (1500 ms) is met from sleep (1 s exit), so the
+    daemon alone sees nothing late; the perception stack, which owns the real deadline, reports
+    over MQTT that it was ready 400 ms late. The policy learns what that challenge allowed."""
+    rig = await mqtt_rig(tmp_path, broker)
     node = rig.daemon.config.daemon.node
     try:
         async with Peer(broker.port, "operator") as perception:
@@ -129,10 +134,47 @@ async def test_a_consumers_late_report_over_mqtt_tightens_the_budget(tmp_path: P
             await until(lambda: rig.metric("cerebellumd_late_wakes") == 1, 5, "the late report learned")
             learned = rig.metric("cerebellumd_unannounced_budget_seconds")
             assert learned < 1.0  # below sleep's 1 s exit: unannounced challenges now need idle
-            assert rig.metric("cerebellumd_late_reports_total") == 2
+            assert rig.metric("cerebellumd_consumer_reports_total", kind="late") == 2
             await perception.publish(f"cerebellumd/{node}/set", json.dumps(
                 {"command": "late", "owner": "perception", "id": "bad", "late_ms": -5}))
             bad = await perception.expect(response, lambda m: json.loads(m.payload).get("id") == "bad")  # type: ignore[arg-type]
             assert json.loads(bad.payload)["ok"] is False and "late_ms" in json.loads(bad.payload)["error"]  # type: ignore[arg-type]
+    finally:
+        await rig.close()
+
+
+async def test_a_served_report_over_mqtt_tightens_before_any_miss(tmp_path: Path, broker: Broker) -> None:
+    """The wake from sleep is on time for the configured 1500 ms and for the consumer too, but the
+    consumer says its challenge allowed only 1100 ms: the next one may find the accelerator in a
+    state it cannot leave in time, so the budget tightens with no late wake counted. A served
+    report that allowed more than the configured deadline teaches nothing."""
+    rig = await mqtt_rig(tmp_path, broker)
+    node = rig.daemon.config.daemon.node
+    try:
+        async with Peer(broker.port, "operator") as perception:
+            response = f"cerebellumd/{node}/response"
+            await perception.subscribe(response)
+
+            async def report(cmd_id: str, **body: float) -> None:
+                await perception.publish(f"cerebellumd/{node}/set", json.dumps(
+                    {"command": "served", "owner": "perception", "id": cmd_id, **body}))
+                reply = await perception.expect(response, lambda m: json.loads(m.payload).get("id") == cmd_id)  # type: ignore[arg-type]
+                assert json.loads(reply.payload)["ok"] is True, reply.payload  # type: ignore[arg-type]
+
+            await until(lambda: rig.daemon.actuator.state is AccelState.SLEEP, 10, "the accelerator asleep")
+            rig.values["AdasStatus"]["CollisionRisk"] = 1
+            await until(lambda: rig.daemon.actuator.state is AccelState.ACTIVE, 10, "the wake")
+            await report("loose", allowed_ms=2000)
+            await until(lambda: rig.metric("cerebellumd_consumer_reports_total", kind="served") == 1, 5, "counted")
+            assert rig.metric("cerebellumd_unannounced_budget_seconds") == CONFIGURED_S
+            await report("tight", allowed_ms=1100)
+            await until(lambda: rig.metric("cerebellumd_unannounced_budget_seconds") < CONFIGURED_S, 5,
+                        "the served report learned")
+            assert abs(rig.metric("cerebellumd_unannounced_budget_seconds") - 1.0) < 1e-6  # 1100 ms less the margin
+            assert rig.metric("cerebellumd_late_wakes") == 0
+            await perception.publish(f"cerebellumd/{node}/set", json.dumps(
+                {"command": "served", "owner": "perception", "id": "both", "allowed_ms": 5, "late_ms": 5}))
+            bad = await perception.expect(response, lambda m: json.loads(m.payload).get("id") == "both")  # type: ignore[arg-type]
+            assert json.loads(bad.payload)["ok"] is False  # type: ignore[arg-type]
     finally:
         await rig.close()

@@ -15,7 +15,7 @@ from cerebellumd.cli import build_parser
 from cerebellumd.config import builtin_example, parse_config
 from cerebellumd.daemon.control import Command, CommandResult
 from cerebellumd.daemon.host import Snapshot
-from cerebellumd.daemon.metrics import CAN_ERROR_KINDS, RELOAD_RESULTS, Metrics
+from cerebellumd.daemon.metrics import CAN_ERROR_KINDS, CONSUMER_REPORTS, RELOAD_RESULTS, Metrics
 from cerebellumd.daemon.mqtt import Topics, state_payload
 from cerebellumd.sim.cycles import load_cycle
 from cerebellumd.sim.evaluate import evaluate
@@ -57,6 +57,7 @@ def test_fixed_label_values_are_the_contract_sets() -> None:
     assert set(values["`kind` (CAN errors)"]) == {*CAN_ERROR_KINDS, "range"}
     assert values["`result` (config reloads)"] == RELOAD_RESULTS
     assert values["`loop`"] == ("decision", "telemetry")
+    assert values["`kind` (consumer reports)"] == CONSUMER_REPORTS
 
 
 def test_mqtt_topics_state_and_commands() -> None:

@@ -1,9 +1,11 @@
 """Operator control: holds and commands (`hold`, `release`, `wake`, `sleep`), schema-checked,
 deduplicated by id, rate-limited. Shared by MQTT, the CLI and the lease server.
 
-`late` is not a hold: the consumer of a challenge (the perception stack, a HIL rig) reports that
-the accelerator was ready `late_ms` after that challenge's real deadline. The policy's
-self-calibrating readiness learns from it (`Inputs.late_reports`, policies/calibration.py).
+`late` and `served` are not holds: the consumer of a challenge (the perception stack, a HIL rig)
+reports that the accelerator was ready `late_ms` after that challenge's real deadline, or that it
+was served on time and allowed `allowed_ms` from its onset. The policy's self-calibrating
+readiness learns from both (`Inputs.late_reports`, `Inputs.served_reports`,
+policies/calibration.py).
 
 A command with a cap (`max_duration_s`, `max_energy_wh`, `min_budget_wh`) is garage-mode work
 from a remote tool: it becomes a lease of the lease part (the handler it registers with
@@ -21,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..policies.types import Hold, HoldMode
 from .leases import HOLD_PRIORITY, LeasePriority
+from .metrics import CONSUMER_REPORTS
 
 DEFAULT_TTL_S = {"hold": 600.0, "wake": 30.0, "sleep": 300.0}
 #: Operator holds (no `priority`): below every lease, so a manual command does not silently
@@ -38,15 +41,20 @@ def is_lease_priority(priority: int) -> bool:
     """A hold ranked as a lease (a remote tool's), not as an operator's manual command."""
     return priority >= min(HOLD_PRIORITY.values())
 MAX_PAYLOAD_BYTES = 4096
+#: Commands that report on a challenge instead of holding (the consumer's reports).
+REPORTS = CONSUMER_REPORTS
+#: What the core does with a report: (kind, seconds).
+ReportHandler = Callable[[str, float], None]
 
 
 class Command(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    command: Literal["hold", "release", "wake", "sleep", "late"] = Field(
+    command: Literal["hold", "release", "wake", "sleep", "late", "served"] = Field(
         ..., description="hold: keep awake; wake: awake now for ttl_s; sleep: keep resting "
         "(critical demands still win); release: drop the owner's holds; late: the latest wake came "
-        "late_ms after its challenge's real deadline (the policy learns from it).")
+        "late_ms after its challenge's real deadline; served: it was on time, and the challenge "
+        "allowed allowed_ms from its onset (the policy learns from both).")
     owner: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$", description="Who asks.")
     reason: str = Field("", max_length=200, description="Why (shown in state and decision reasons).")
     ttl_s: float | None = Field(None, gt=0, le=86400, description="Expiry in seconds.")
@@ -64,13 +72,18 @@ class Command(BaseModel):
     late_ms: float | None = Field(
         None, gt=0, le=600_000, description="With command late: how long after its challenge's deadline the "
                                             "accelerator was ready (ms).")
+    allowed_ms: float | None = Field(
+        None, gt=0, le=600_000, description="With command served: how long the challenge served on time "
+                                            "allowed from its onset to its real deadline (ms).")
 
     @model_validator(mode="after")
-    def _late_ms_with_late_only(self) -> Command:
-        if (self.command == "late") != (self.late_ms is not None):
-            raise ValueError("late_ms goes with command late, and command late needs late_ms")
-        if self.command == "late" and self.capped:
-            raise ValueError("command late takes no cap")
+    def _report_fields_with_their_command_only(self) -> Command:
+        for command, field in (("late", self.late_ms), ("served", self.allowed_ms)):
+            if (self.command == command) != (field is not None):
+                name = "late_ms" if command == "late" else "allowed_ms"
+                raise ValueError(f"{name} goes with command {command}, and command {command} needs {name}")
+        if self.command in REPORTS and self.capped:
+            raise ValueError(f"command {self.command} takes no cap")
         return self
 
     @property
@@ -143,10 +156,10 @@ class CommandProcessor:
         operators: frozenset[str] = frozenset(),
         rate_per_minute: int = 60,
         remember: int = 1024,
-        report_late: Callable[[float], None] | None = None,
+        report: ReportHandler | None = None,
     ) -> None:
         self.holds = holds
-        self._report_late = report_late
+        self._report = report
         self.operators = operators
         self.rate_per_minute = rate_per_minute
         self._recent: collections.OrderedDict[str, CommandResult] = collections.OrderedDict()
@@ -202,11 +215,12 @@ class CommandProcessor:
         if len(self._times) >= self.rate_per_minute:
             return CommandResult(cmd.id, False, "rate limit: too many commands in the last minute")
         self._times.append(now)
-        if cmd.command == "late":
-            if self._report_late is None:
-                return self._remember_result(CommandResult(cmd.id, False, "no policy takes late reports here"))
-            assert cmd.late_ms is not None
-            self._report_late(cmd.late_ms / 1000)
+        if cmd.command in REPORTS:
+            if self._report is None:
+                return self._remember_result(CommandResult(cmd.id, False, "no policy takes reports here"))
+            ms = cmd.late_ms if cmd.command == "late" else cmd.allowed_ms
+            assert ms is not None
+            self._report(cmd.command, ms / 1000)
         elif cmd.command == "release":
             self.holds.remove_owner(cmd.owner)
             if self._lease_handler is not None:

@@ -100,8 +100,8 @@ class DaemonCore:
         self.holds = HoldStore()
         self.commands = CommandProcessor(
             self.holds, operators=frozenset(config.mqtt.operators),
-            rate_per_minute=config.mqtt.command_rate_per_minute, report_late=self.report_late)
-        self._late_reports: list[float] = []
+            rate_per_minute=config.mqtt.command_rate_per_minute, report=self.report)
+        self._reports: dict[str, list[float]] = {"late": [], "served": []}
         self.samples: dict[str, Sample] = {}
         self.wakes = 0
         self.sleeps = 0
@@ -419,17 +419,20 @@ class DaemonCore:
             hook(now)
         self.ledger.export_power()
 
-    def report_late(self, lateness_s: float) -> None:
-        """A consumer says the latest wake was ready `lateness_s` after its challenge's deadline
-        (MQTT `late`); the next decision hands it to the policy (`Inputs.late_reports`)."""
-        self._late_reports.append(lateness_s)
-        self.metrics.late_reports.inc()
+    def report(self, kind: str, seconds: float) -> None:
+        """A consumer's report on the latest wake (MQTT `late` / `served`): ready `seconds` after
+        its challenge's deadline, or on time with `seconds` allowed from the challenge's onset.
+        The next decision hands it to the policy (`Inputs.late_reports` / `served_reports`)."""
+        self._reports[kind].append(seconds)
+        self.metrics.consumer_reports.labels(kind).inc()
 
     def _decide(self, now: float, *, fast_path: bool) -> None:
         assert self._state is not None
-        late, self._late_reports = tuple(self._late_reports), []
+        late, served = tuple(self._reports["late"]), tuple(self._reports["served"])
+        if late or served:
+            self._reports = {"late": [], "served": []}
         inputs = Inputs(self.samples, self.active_holds(now), self.actuator.state, fast_path=fast_path,
-                        quiet_bus=self.quiet_bus, parked=self.parked, late_reports=late)
+                        quiet_bus=self.quiet_bus, parked=self.parked, late_reports=late, served_reports=served)
         started = time.perf_counter()
         self._state, d = self.policy.step(self._state, inputs, now)
         self.metrics.decision_seconds.observe(time.perf_counter() - started)

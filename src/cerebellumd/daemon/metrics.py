@@ -22,6 +22,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0
 TICK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 DECISION_BUCKETS = (0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01)
 RELOAD_RESULTS = ("ok", "error", "restart_required")
+#: The consumers' reports on wakes (MQTT commands of the same names; daemon/control.py REPORTS).
+CONSUMER_REPORTS = ("late", "served")
 CAN_ERROR_KINDS = ("decode", "unknown_id", "error_frame", "bus_error", "silent", "reconnect")
 
 
@@ -59,9 +61,9 @@ class Metrics:
         self.wake_validations = Counter(
             "cerebellumd_wake_validations", "Wake validations of normal demands by result.",
             ["result"], registry=r)
-        self.late_reports = Counter(
-            "cerebellumd_late_reports", "Late reports of consumers (MQTT command late) handed to the policy.",
-            registry=r)
+        self.consumer_reports = Counter(
+            "cerebellumd_consumer_reports", "Consumers' reports on wakes handed to the policy (MQTT commands late "
+            "and served), by kind.", ["kind"], registry=r)
         self.tick_lateness = Histogram(
             "cerebellumd_tick_lateness_seconds", "Lateness of each loop tick behind its deadline.",
             ["loop"], buckets=TICK_BUCKETS, registry=r)
@@ -124,6 +126,8 @@ class Metrics:
             self.wake_validations.labels(result)
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
+        for kind in CONSUMER_REPORTS:
+            self.consumer_reports.labels(kind)
         self.mqtt_connected.set(0)
         self.holds_active.set(0)
         self._state = AccelState.UNKNOWN

@@ -114,7 +114,7 @@ class Inputs:
     # Time (s) each challenge served *on time* by the policy's latest wake allowed from its onset
     # to its real deadline, as reported by its consumer (in evaluation the scenario's ground
     # truth). One that allowed less than the deadline the wake counted on teaches the calibration
-    # as a late one does, before any miss. Empty (the daemon today): nothing learned this way.
+    # as a late one does, before any miss. In the daemon both come from MQTT commands (`late`, `served`).
     served_reports: tuple[float, ...] = ()
 
 
