@@ -10,8 +10,13 @@ Tolerance, and why: the daemon sees each frame after a UDP hop and acts on its o
 interval_ms`) and integrates energy on its telemetry tick (100 ms here); at speed-up 2 a wall-clock
 stall of up to ~100 ms on this shared machine is 200 ms of plant time. Each state change may
 therefore land up to ~0.3 s of plant time off the evaluator's, costing at most 0.3 s x the
-active power (2.5 W on hailo8) per change, plus 5 % for the integration. Counts must match
+active power (2.5 W on hailo8) per change, plus 1 % for the integration. Counts must match
 within one (a change near the end of a stretch may fall either side of a key-off).
+
+Measured: 75.84 J in the evaluator, 75.61 to 75.74 J in the daemon (3 runs). Until both engines
+moved by `AcceleratorModel.next_leg`, the daemon's simulated driver cut transitions short (a
+command overrode the one under way; resting -> resting skipped the wake) and the daemon spent
+70.3 J: the 5.5 J gap the old 5 % tolerance hid.
 """
 
 from __future__ import annotations
@@ -157,5 +162,5 @@ def test_evaluator_and_daemon_agree_on_a_scenario_with_key_offs(tmp_path: Path) 
     assert abs(d_wakes - e_wakes) <= 1, report
     assert abs(d_sleeps - e_sleeps) <= 1, report
     changes = e_wakes + e_sleeps
-    allowed = 0.05 * e_energy + TOLERANCE_S_PER_CHANGE * ACTIVE_W * changes
+    allowed = 0.01 * e_energy + TOLERANCE_S_PER_CHANGE * ACTIVE_W * changes
     assert abs(d_energy - e_energy) <= allowed, (report, allowed)

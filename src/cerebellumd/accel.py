@@ -69,6 +69,24 @@ class AcceleratorModel:
             return 0.0
         return self.exit[state].latency_s
 
+    def next_leg(self, current: AccelState, desired: AccelState) -> tuple[AccelState, AccelState, Transition] | None:
+        """The next transition from the steady state `current` toward `desired`: (WAKING or
+        SUSPENDING, the state it arrives in, its cost); None when already there.
+
+        The model only costs the edges to and from `active`, so resting -> resting goes through
+        `active` (sleep -> off wakes first; off -> sleep boots first), and a transition under way
+        is never cut short: a command given meanwhile starts its own leg when this one ends (the
+        worst case of a challenge arriving mid-entry is the remaining entry plus the exit). From
+        `unknown` (a failed resume) a resting target is entered directly, and a wake is costed as
+        a cold start. The evaluator's accelerator and the daemon's simulated driver both move by
+        these legs."""
+        if current is desired:
+            return None
+        if current is AccelState.ACTIVE or (current is AccelState.UNKNOWN and desired is not AccelState.ACTIVE):
+            return AccelState.SUSPENDING, desired, self.enter[desired]
+        return AccelState.WAKING, AccelState.ACTIVE, self.exit[AccelState.OFF if current is AccelState.UNKNOWN
+                                                              else current]
+
     def round_trip_s(self, state: AccelState) -> float:
         if state is AccelState.ACTIVE:
             return 0.0

@@ -1,5 +1,6 @@
 """A simulated accelerator with real state transitions: `waking` and `suspending` take the
-latencies of the power model, and the state is only `active` once the wake has finished.
+latencies of the power model, and the state is only `active` once the wake has finished. It
+moves by the same legs as the evaluator's accelerator (`AcceleratorModel.next_leg`).
 Failure injection (a resume that fails, a command that hangs) serves the fault tests."""
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class SimulatedAccelerator:
         self._pending: asyncio.TimerHandle | None = None
         self._from: AccelState = initial
         self._to: AccelState = initial
+        self._desired: AccelState = initial
         self.commands: list[AccelState] = []  # what was commanded, in order (for tests)
         self.state_changed = asyncio.Event()
 
@@ -82,40 +84,38 @@ class SimulatedAccelerator:
             await asyncio.Event().wait()
         if target not in (*RESTING_STATES, AccelState.ACTIVE):
             raise DriverError(f"cannot command {target.value}")
-        steady = self._steady()
-        if target is steady and self._pending is None:
-            return
-        if self._pending is not None:
-            # A new command overrides the transition under way, from where it stands.
-            self._pending.cancel()
-            self._pending = None
-            steady = self._to if self._state is AccelState.SUSPENDING else self._from
-        self._from, self._to = steady, target
-        if target is AccelState.ACTIVE:
-            # From an unknown state, assume the slowest way back: a cold start.
-            latency = self.model.exit_latency_s(AccelState.OFF if steady is AccelState.UNKNOWN else steady)
-            self._set(AccelState.WAKING)
-        elif steady is AccelState.ACTIVE or steady in (AccelState.UNKNOWN,):
-            latency = self.model.enter[target].latency_s
-            self._set(AccelState.SUSPENDING)
-        else:
-            # Between resting states: costed as an entry into the target state.
-            latency = self.model.enter[target].latency_s
-            self._set(AccelState.SUSPENDING)
-        loop = asyncio.get_running_loop()
-        self._pending = loop.call_later(latency / self.time_scale, self._finish)
+        self._desired = target
+        if self._pending is None:
+            self._start()
 
-    def _steady(self) -> AccelState:
-        if self._state in (AccelState.WAKING, AccelState.SUSPENDING):
-            return self._to
-        return self._state
+    def _start(self) -> None:
+        """The next leg toward the commanded state (`AcceleratorModel.next_leg`, the evaluator's
+        rules): a transition under way runs to its end, resting -> resting goes through `active`."""
+        while True:
+            leg = self.model.next_leg(self._state, self._desired)
+            if leg is None:
+                return
+            kind, to, cost = leg
+            self._from, self._to = self._state, to
+            if cost.latency_s > 0:
+                self._set(kind)
+                self._pending = asyncio.get_running_loop().call_later(cost.latency_s / self.time_scale, self._finish)
+                return
+            if not self._arrive(to):
+                return
 
     def _finish(self) -> None:
         self._pending = None
-        if self._to is AccelState.ACTIVE and self._rng.random() < self.options.wake_failure_probability:
+        if self._arrive(self._to):
+            self._start()
+
+    def _arrive(self, state: AccelState) -> bool:
+        """False when the wake failed (the accelerator is `unknown` until commanded again)."""
+        if state is AccelState.ACTIVE and self._rng.random() < self.options.wake_failure_probability:
             self._set(AccelState.UNKNOWN)
-            return
-        self._set(self._to)
+            return False
+        self._set(state)
+        return True
 
     def _set(self, state: AccelState) -> None:
         self._state = state

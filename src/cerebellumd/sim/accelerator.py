@@ -102,12 +102,12 @@ class SimAccelerator:
             self.energy_j += self.model.power_w[current] * (t - self.since)
             if t > self.since:
                 self.segments.append((self.since, t, current))
+            leg = self.model.next_leg(current, self.desired)
+            assert leg is not None
+            kind, to, cost = leg
             if current is AccelState.ACTIVE:
-                cost, kind, to = self.model.enter[self.desired], AccelState.SUSPENDING, self.desired
                 self.active[-1][1] = t
             else:
-                # Resting -> anything goes through `active`: the model only costs those edges.
-                cost, kind, to = self.model.exit[current], AccelState.WAKING, AccelState.ACTIVE
                 index, self.resumes = self.resumes, self.resumes + 1
                 if self.resume_fails is not None and self.resume_fails(index):
                     self.failed_resumes += 1
