@@ -59,9 +59,7 @@ async def test_a_late_wake_tightens_exports_persists_and_is_restored(tmp_path: P
     try:
         await until(lambda: rig.metric("cerebellumd_unannounced_budget_seconds") == CONFIGURED_S, 5,
                     "the configured budget exported")
-        await until(lambda: rig.daemon.actuator.state is AccelState.SLEEP, 10, "the accelerator asleep")
-        rig.values["AdasStatus"]["CollisionRisk"] = 1  # unannounced: nothing anticipated it
-        await until(lambda: rig.daemon.actuator.state is AccelState.ACTIVE, 10, "the wake")
+        await collision_from_sleep(rig)
         await until(lambda: rig.metric("cerebellumd_late_wakes") == 1, 5, "the late wake counted")
         learned = rig.metric("cerebellumd_unannounced_budget_seconds")
         assert learned < 1.0  # below sleep's 1 s exit: unannounced challenges now need idle
@@ -108,6 +106,20 @@ async def mqtt_rig(tmp_path: Path, broker: Broker) -> Rig:
     return await start(tmp_path, tmp_path / "state.json", deadline_ms=1500, extra=mqtt)
 
 
+async def command(perception: Peer, node: str, **body: object) -> dict[str, object]:
+    """One command on `set` as the perception stack, and the daemon's reply to it."""
+    await perception.publish(f"cerebellumd/{node}/set", json.dumps({"owner": "perception", **body}))
+    reply = await perception.expect(f"cerebellumd/{node}/response",
+                                    lambda m: json.loads(m.payload).get("id") == body["id"])  # type: ignore[arg-type]
+    return dict(json.loads(reply.payload))  # type: ignore[arg-type]
+
+
+async def collision_from_sleep(rig: Rig) -> None:
+    await until(lambda: rig.daemon.actuator.state is AccelState.SLEEP, 10, "the accelerator asleep")
+    rig.values["AdasStatus"]["CollisionRisk"] = 1  # unannounced: nothing anticipated it
+    await until(lambda: rig.daemon.actuator.state is AccelState.ACTIVE, 10, "the wake")
+
+
 async def test_a_consumers_late_report_over_mqtt_tightens_the_budget(tmp_path: Path, broker: Broker) -> None:
     """The collision demand's configured deadline (1500 ms) is met from sleep (1 s exit), so the
     daemon alone sees nothing late; the perception stack, which owns the real deadline, reports
@@ -116,29 +128,18 @@ async def test_a_consumers_late_report_over_mqtt_tightens_the_budget(tmp_path: P
     node = rig.daemon.config.daemon.node
     try:
         async with Peer(broker.port, "operator") as perception:
-            response = f"cerebellumd/{node}/response"
-            await perception.subscribe(response)
+            await perception.subscribe(f"cerebellumd/{node}/response")
             await until(lambda: rig.daemon.actuator.state is AccelState.SLEEP, 10, "the accelerator asleep")
-            await perception.publish(f"cerebellumd/{node}/set", json.dumps(
-                {"command": "late", "owner": "perception", "id": "too-early", "late_ms": 400}))
-            early = await perception.expect(response)
-            assert json.loads(early.payload)["ok"] is True  # type: ignore[arg-type]
+            assert (await command(perception, node, command="late", id="too-early", late_ms=400))["ok"] is True
             assert rig.metric("cerebellumd_unannounced_budget_seconds") == CONFIGURED_S  # no wake yet: nothing learned
-            rig.values["AdasStatus"]["CollisionRisk"] = 1
-            await until(lambda: rig.daemon.actuator.state is AccelState.ACTIVE, 10, "the wake")
+            await collision_from_sleep(rig)
             assert rig.metric("cerebellumd_late_wakes") == 0  # on time against the configured deadline
-            await perception.publish(f"cerebellumd/{node}/set", json.dumps(
-                {"command": "late", "owner": "perception", "id": "r1", "late_ms": 400}))
-            reply = await perception.expect(response, lambda m: json.loads(m.payload).get("id") == "r1")  # type: ignore[arg-type]
-            assert json.loads(reply.payload)["ok"] is True  # type: ignore[arg-type]
+            assert (await command(perception, node, command="late", id="r1", late_ms=400))["ok"] is True
             await until(lambda: rig.metric("cerebellumd_late_wakes") == 1, 5, "the late report learned")
-            learned = rig.metric("cerebellumd_unannounced_budget_seconds")
-            assert learned < 1.0  # below sleep's 1 s exit: unannounced challenges now need idle
+            assert rig.metric("cerebellumd_unannounced_budget_seconds") < 1.0  # below sleep's 1 s exit: idle now
             assert rig.metric("cerebellumd_consumer_reports_total", kind="late") == 2
-            await perception.publish(f"cerebellumd/{node}/set", json.dumps(
-                {"command": "late", "owner": "perception", "id": "bad", "late_ms": -5}))
-            bad = await perception.expect(response, lambda m: json.loads(m.payload).get("id") == "bad")  # type: ignore[arg-type]
-            assert json.loads(bad.payload)["ok"] is False and "late_ms" in json.loads(bad.payload)["error"]  # type: ignore[arg-type]
+            bad = await command(perception, node, command="late", id="bad", late_ms=-5)
+            assert bad["ok"] is False and "late_ms" in str(bad["error"])
     finally:
         await rig.close()
 
@@ -152,29 +153,17 @@ async def test_a_served_report_over_mqtt_tightens_before_any_miss(tmp_path: Path
     node = rig.daemon.config.daemon.node
     try:
         async with Peer(broker.port, "operator") as perception:
-            response = f"cerebellumd/{node}/response"
-            await perception.subscribe(response)
-
-            async def report(cmd_id: str, **body: float) -> None:
-                await perception.publish(f"cerebellumd/{node}/set", json.dumps(
-                    {"command": "served", "owner": "perception", "id": cmd_id, **body}))
-                reply = await perception.expect(response, lambda m: json.loads(m.payload).get("id") == cmd_id)  # type: ignore[arg-type]
-                assert json.loads(reply.payload)["ok"] is True, reply.payload  # type: ignore[arg-type]
-
-            await until(lambda: rig.daemon.actuator.state is AccelState.SLEEP, 10, "the accelerator asleep")
-            rig.values["AdasStatus"]["CollisionRisk"] = 1
-            await until(lambda: rig.daemon.actuator.state is AccelState.ACTIVE, 10, "the wake")
-            await report("loose", allowed_ms=2000)
+            await perception.subscribe(f"cerebellumd/{node}/response")
+            await collision_from_sleep(rig)
+            assert (await command(perception, node, command="served", id="loose", allowed_ms=2000))["ok"] is True
             await until(lambda: rig.metric("cerebellumd_consumer_reports_total", kind="served") == 1, 5, "counted")
             assert rig.metric("cerebellumd_unannounced_budget_seconds") == CONFIGURED_S
-            await report("tight", allowed_ms=1100)
+            assert (await command(perception, node, command="served", id="tight", allowed_ms=1100))["ok"] is True
             await until(lambda: rig.metric("cerebellumd_unannounced_budget_seconds") < CONFIGURED_S, 5,
                         "the served report learned")
             assert abs(rig.metric("cerebellumd_unannounced_budget_seconds") - 1.0) < 1e-6  # 1100 ms less the margin
             assert rig.metric("cerebellumd_late_wakes") == 0
-            await perception.publish(f"cerebellumd/{node}/set", json.dumps(
-                {"command": "served", "owner": "perception", "id": "both", "allowed_ms": 5, "late_ms": 5}))
-            bad = await perception.expect(response, lambda m: json.loads(m.payload).get("id") == "both")  # type: ignore[arg-type]
-            assert json.loads(bad.payload)["ok"] is False  # type: ignore[arg-type]
+            both = await command(perception, node, command="served", id="both", allowed_ms=5, late_ms=5)
+            assert both["ok"] is False
     finally:
         await rig.close()
