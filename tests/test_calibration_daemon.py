@@ -114,6 +114,15 @@ async def command(perception: Peer, node: str, **body: object) -> dict[str, obje
     return dict(json.loads(reply.payload))  # type: ignore[arg-type]
 
 
+async def listen(perception: Peer, node: str) -> None:
+    """Subscribe to the replies, then wait for the daemon's retained `online`, which it publishes
+    only once its subscription to `set` is acknowledged (a command sent before is lost: `set`
+    is never retained)."""
+    await perception.subscribe(f"cerebellumd/{node}/response")
+    await perception.subscribe(f"cerebellumd/{node}/status")
+    await perception.expect(f"cerebellumd/{node}/status", lambda m: m.payload == b"online")
+
+
 async def collision_from_sleep(rig: Rig) -> None:
     await until(lambda: rig.daemon.actuator.state is AccelState.SLEEP, 10, "the accelerator asleep")
     rig.values["AdasStatus"]["CollisionRisk"] = 1  # unannounced: nothing anticipated it
@@ -128,7 +137,7 @@ async def test_a_consumers_late_report_over_mqtt_tightens_the_budget(tmp_path: P
     node = rig.daemon.config.daemon.node
     try:
         async with Peer(broker.port, "operator") as perception:
-            await perception.subscribe(f"cerebellumd/{node}/response")
+            await listen(perception, node)
             await until(lambda: rig.daemon.actuator.state is AccelState.SLEEP, 10, "the accelerator asleep")
             assert (await command(perception, node, command="late", id="too-early", late_ms=400))["ok"] is True
             assert rig.metric("cerebellumd_unannounced_budget_seconds") == CONFIGURED_S  # no wake yet: nothing learned
@@ -153,7 +162,7 @@ async def test_a_served_report_over_mqtt_tightens_before_any_miss(tmp_path: Path
     node = rig.daemon.config.daemon.node
     try:
         async with Peer(broker.port, "operator") as perception:
-            await perception.subscribe(f"cerebellumd/{node}/response")
+            await listen(perception, node)
             await collision_from_sleep(rig)
             assert (await command(perception, node, command="served", id="loose", allowed_ms=2000))["ok"] is True
             await until(lambda: rig.metric("cerebellumd_consumer_reports_total", kind="served") == 1, 5, "counted")
