@@ -198,6 +198,7 @@ class DaemonCore:
         """Swap in a validated config and its prebuilt policy core. Synchronous: no tick runs
         in between. Joule totals are kept; new domains start at zero."""
         old = self.config
+        old_features = self.policy.params.learned.features
         now = self.clock.now()
         self.ledger.integrate(now)  # the old domains' energy up to the swap
         self.config = config
@@ -210,7 +211,10 @@ class DaemonCore:
         self.commands.reconfigure(operators=frozenset(config.mqtt.operators),
                                   rate_per_minute=config.mqtt.command_rate_per_minute)
         if self._state is not None:
-            self._state = self.policy.initial_state(now, self._state.target, self._state.calibration)
+            # Learned anticipation's table survives a reload that keeps its features (same contexts).
+            learned = (self._state.learned.without_segment()
+                       if self.policy.params.learned.features == old_features else None)
+            self._state = self.policy.initial_state(now, self._state.target, self._state.calibration, learned)
         if self._tickers and (old.daemon.tick_ms, old.daemon.telemetry_interval_ms) != (
                 config.daemon.tick_ms, config.daemon.telemetry_interval_ms):
             self.stop_tickers()
@@ -349,7 +353,8 @@ class DaemonCore:
         self.ledger.integrate(now)
         if reset and self._state is not None:
             self.samples.clear()
-            self._state = self.policy.initial_state(now, self._state.target, self._state.calibration)
+            self._state = self.policy.initial_state(now, self._state.target, self._state.calibration,
+                                                    self._state.learned.without_segment())
         self.start_tickers()
         log.info("daemon resumed")
 
