@@ -3,6 +3,9 @@ named signals) and keeps a warm state where challenges begin far more often than
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
 from cerebellumd.accel import AccelState
@@ -14,7 +17,9 @@ from cerebellumd.sim.cycles import load_cycle
 from cerebellumd.sim.evaluate import evaluate, run_evaluation
 from cerebellumd.sim.events import EventModel, build_scenario
 
+from .helpers import until
 from .policy_helpers import model, params, samples
+from .test_calibration_daemon import part, start
 
 LP = LearnedParams(features=(("speed", (1.0, 50.0)), ("gear", ())), min_rate_per_h=10.0, min_ratio=2.0)
 
@@ -179,3 +184,43 @@ def test_a_udds_drive_teaches_the_standing_context_and_a_restored_table_starts_w
         learned.to_dict(policy_params(config).learned), policy_params(config).learned), 0.0) is None  # no context yet
     restored = run_evaluation(config, scenario, causal_baselines=False, learned=learned)
     assert restored.runs[0].final_state.learned.table[standing].onsets > learned.table[standing].onsets  # type: ignore[union-attr]
+
+
+# -- in the daemon: persisted beside the calibration ---------------------------------------------
+
+LEARNING = "\n[policy.learned_anticipation]\nfeatures = { speed_kmh = [1, 60], gear = [] }\n"
+
+
+async def test_the_daemon_persists_the_table_and_restores_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    state_file = tmp_path / "state.json"
+    rig = await start(tmp_path, state_file, deadline_ms=1500, extra=LEARNING)
+    try:
+        core = rig.daemon
+        rig.values["AdasStatus"]["CollisionRisk"] = 1  # an onset of a waking demand
+        await until(lambda: core.learned_table() is not None and any(
+            c[1] >= 1 for c in core.learned_table()["cells"]), 10, "the onset counted")  # type: ignore[index]
+        rig.values["AdasStatus"]["CollisionRisk"] = 0
+    finally:
+        await rig.close()
+    saved = json.loads(await asyncio.to_thread(state_file.read_text))["sections"]["learned_anticipation"]
+    assert saved["features"] == [["speed_kmh", [1.0, 60.0]], ["gear", []]]
+    onsets = sum(c[1] for c in saved["cells"])
+    assert onsets >= 1
+
+    again = await start(tmp_path, state_file, deadline_ms=1500, extra=LEARNING)  # a restart keeps it
+    try:
+        assert part(again.daemon).restored_contexts >= 1
+        table = again.daemon.learned_table()
+        assert table is not None and sum(c[1] for c in table["cells"]) >= onsets
+    finally:
+        await again.close()
+
+    body = json.loads(await asyncio.to_thread(state_file.read_text))
+    body["sections"]["learned_anticipation"] = {"features": saved["features"], "cells": [[[0], "x", -1, None]]}
+    await asyncio.to_thread(state_file.write_text, json.dumps(body))
+    bad = await start(tmp_path, state_file, deadline_ms=1500, extra=LEARNING)
+    try:
+        assert part(bad.daemon).restored_contexts == 0
+        assert bad.metric("cerebellumd_state_file_errors_total", kind="corrupt") == 1
+    finally:
+        await bad.close()

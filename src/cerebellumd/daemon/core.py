@@ -25,6 +25,7 @@ from ..drivers import registry
 from ..drivers.base import AcceleratorDriver
 from ..policies.calibration import Calibration
 from ..policies.cerebellum import CerebellumFirst, PolicyState
+from ..policies.learned import Learned
 from ..policies.types import DemandClass, Hold, Inputs, PolicyParams, Sample
 from ..profiles import load_profile
 from .actuator import Actuator
@@ -321,6 +322,22 @@ class DaemonCore:
         """A calibration persisted by an earlier run, applied to the running policy state."""
         if self._state is not None:
             self._state = dataclasses.replace(self._state, calibration=calibration)
+
+    def learned_table(self) -> dict[str, Any] | None:
+        """Learned anticipation's table, persistable (None when learning is off or not begun)."""
+        if self._state is None or not self.policy.params.learned.enabled:
+            return None
+        return self._state.learned.to_dict(self.policy.params.learned)
+
+    def restore_learned(self, data: Any) -> int:
+        """A table persisted by an earlier run (ValueError if it does not read back); the number
+        of contexts restored (0: learning is off, or the table was learned on other features)."""
+        params = self.policy.params.learned
+        if self._state is None or not params.enabled:
+            return 0
+        learned = Learned.from_dict(data, params)
+        self._state = dataclasses.replace(self._state, learned=learned)
+        return len(learned.table)
 
     def unannounced_budget_s(self) -> float:
         """The latency budget for unannounced challenges in force (learned or configured)."""

@@ -76,15 +76,30 @@ class Learned:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], p: LearnedParams) -> Learned:
-        """A persisted table; empty when it was learned on other features (the contexts differ)."""
-        features = tuple((str(n), tuple(float(e) for e in edges)) for n, edges in data.get("features", []))
+    def from_dict(cls, data: Any, p: LearnedParams) -> Learned:
+        """A persisted table; empty when it was learned on other features (the contexts differ).
+        ValueError when it does not read back (not the shape `to_dict` writes)."""
+        if not isinstance(data, dict) or not isinstance(data.get("cells", []), list):
+            raise ValueError("not a learned table")
+        try:
+            features = tuple((str(n), tuple(float(e) for e in edges)) for n, edges in data.get("features", []))
+        except (TypeError, ValueError):
+            raise ValueError("features do not read back") from None
         if features != p.features:
             return cls()
         table: dict[Context, Cell] = {}
-        for ctx, onsets, exposure, deadline in data.get("cells", []):
+        for entry in data.get("cells", []):
+            if not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[0], list):
+                raise ValueError(f"cell {entry!r} does not read back")
+            ctx, onsets, exposure, deadline = entry
+            numbers = [*ctx, onsets, exposure, *([] if deadline is None else [deadline])]
+            if len(ctx) != len(p.features) or any(
+                    isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) for v in numbers):
+                raise ValueError(f"cell {entry!r} does not read back")
+            if not isinstance(onsets, int) or onsets < 0 or exposure < 0 or (deadline is not None and deadline < 0):
+                raise ValueError(f"cell {entry!r} does not read back")
             table[tuple(float(b) for b in ctx)] = Cell(
-                int(onsets), float(exposure), math.inf if deadline is None else float(deadline))
+                onsets, float(exposure), math.inf if deadline is None else float(deadline))
         return cls(table, sum(c.onsets for c in table.values()), sum(c.exposure_s for c in table.values()))
 
 
