@@ -20,6 +20,7 @@ from cerebellumd.sim.events import EventModel, build_scenario
 from .helpers import until
 from .policy_helpers import model, params, samples
 from .test_calibration_daemon import part, start
+from .test_reload import make
 
 LP = LearnedParams(features=(("speed", (1.0, 50.0)), ("gear", ())), min_rate_per_h=10.0, min_ratio=2.0)
 
@@ -224,3 +225,26 @@ async def test_the_daemon_persists_the_table_and_restores_it(tmp_path) -> None: 
         assert bad.metric("cerebellumd_state_file_errors_total", kind="corrupt") == 1
     finally:
         await bad.close()
+
+
+async def test_a_live_reload_keeps_the_table_unless_the_features_change(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    r = await make(tmp_path, LEARNING)
+    try:
+        def onsets() -> int:
+            table = r.daemon.learned_table()
+            return sum(c[1] for c in table["cells"]) if table is not None else -1
+
+        r.rig.values["AdasStatus"]["CollisionRisk"] = 1
+        await until(lambda: onsets() >= 1, 10, "the onset counted")
+        r.rig.values["AdasStatus"]["CollisionRisk"] = 0
+        before = onsets()
+        await r.write(r.text.replace("features = {", "min_ratio = 3\nfeatures = {"))
+        result = await r.daemon.assembly.async_reload()
+        assert result.applied, result
+        assert r.daemon.params.learned.min_ratio == 3.0 and onsets() >= before  # same features: kept
+        await r.write(r.text.replace("[1, 60]", "[1, 30, 60]"))
+        result = await r.daemon.assembly.async_reload()
+        assert result.applied, result
+        assert onsets() == 0  # other contexts: learned from nothing again
+    finally:
+        await r.rig.close()
