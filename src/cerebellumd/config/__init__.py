@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -27,6 +28,7 @@ from ..drivers.mcu_link import McuLinkOptions
 from ..drivers.someip import SomeIpOptions
 from ..drivers.someip_sd import SdOptions
 from ..policies.expr import ExpressionError, compile_expression
+from ..policies.learned import LearnedParams
 from ..policies.types import (
     DemandClass,
     DemandSpec,
@@ -138,6 +140,35 @@ class DemandConfig(Section):
     description: str = Field("", description="Free text.")
 
 
+class LearnedAnticipationConfig(Section):
+    """`[policy.learned_anticipation]`: learn online in which contexts challenges begin and keep
+    a warm state there (policies/learned.py). The config names the features, not the rules."""
+
+    enabled: bool = Field(True, description="Learn and use the learned contexts (false: the section is ignored).")
+    features: dict[str, list[float]] = Field(
+        ..., min_length=1,
+        description="Signal -> bin edges (strictly increasing; a value v falls in bin i when edges[i-1] <= v < "
+                    "edges[i]), or [] for categorical (a bin per value). A context is the tuple of the features' "
+                    "bins; a stale or missing signal is a bin of its own.")
+    min_rate_per_h: float = Field(
+        60.0, gt=0, description="Warm a context only when its learned onset rate (onsets per hour of exposure) is "
+                                "at least this.")
+    min_ratio: float = Field(
+        2.0, ge=1, description="... and at least this many times the overall onset rate (surprises that come at the "
+                              "same rate in every context warm none).")
+    prior_exposure_s: float = Field(
+        30.0, gt=0, description="Exposure (s) added to every context's and to the overall rate's denominator: "
+                                "a prior that damps the first onsets.")
+    min_onsets: int = Field(1, ge=1, description="Onsets a context needs before it may be warm.")
+
+    @model_validator(mode="after")
+    def _increasing(self) -> LearnedAnticipationConfig:
+        for name, edges in self.features.items():
+            if any(b <= a for a, b in pairwise(edges)):
+                raise ValueError(f"features.{name}: bin edges must be strictly increasing")
+        return self
+
+
 class PolicyConfig(Section):
     name: str = Field("cerebellum_first", description="Name reported by evaluate.")
     release_ms: int = Field(5000, ge=0, description="Stay active this long after the last demand ends.")
@@ -152,6 +183,8 @@ class PolicyConfig(Section):
     deepest_state: Literal["off", "sleep", "idle"] = Field("off", description="Never rest deeper than this.")
     timeout_idle_s: float = Field(30.0, gt=0, description="Idle timeout of the `timeout` baseline.")
     timeout_state: Literal["off", "sleep", "idle"] = Field("sleep", description="Rest state of the `timeout` baseline.")
+    learned_anticipation: LearnedAnticipationConfig | None = Field(
+        None, description="Learned anticipation (`[policy.learned_anticipation]`); off when absent.")
 
 
 class GuardsConfig(Section):
@@ -562,6 +595,10 @@ def semantic_issues(config: Config) -> list[tuple[tuple[str | int, ...], str]]:
         ref = getattr(config.guards, key)
         if ref is not None and ref not in names:
             issues.append((("guards", key), f"unknown signal {ref!r}"))
+    if config.policy.learned_anticipation is not None:
+        for ref in config.policy.learned_anticipation.features:
+            if ref not in names:
+                issues.append((("policy", "learned_anticipation", "features", ref), f"unknown signal {ref!r}"))
     if config.accelerator.driver not in known_names("accelerator"):
         issues.append(
             (("accelerator", "driver"),
@@ -712,6 +749,14 @@ def policy_params(config: Config) -> PolicyParams:
     )
     p = config.policy
     g = config.guards
+    la = p.learned_anticipation
+    learned = LearnedParams() if la is None or not la.enabled else LearnedParams(
+        features=tuple((name, tuple(edges)) for name, edges in la.features.items()),
+        min_rate_per_h=la.min_rate_per_h,
+        min_ratio=la.min_ratio,
+        prior_exposure_s=la.prior_exposure_s,
+        min_onsets=la.min_onsets,
+    )
     return PolicyParams(
         signals=signals,
         demands=demands,
@@ -729,4 +774,5 @@ def policy_params(config: Config) -> PolicyParams:
             temperature_signal=g.temperature_signal,
             temperature_max_c=g.temperature_max_c,
         ),
+        learned=learned,
     )

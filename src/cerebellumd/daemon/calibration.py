@@ -2,6 +2,9 @@
 latency budget for unannounced challenges is exported (`cerebellumd_unannounced_budget_seconds`,
 `cerebellumd_late_wakes`), shown in MQTT `state` under `calibration`, and persisted in the state
 file's `calibration` section so that a restart does not forget what late wakes taught.
+Learned anticipation's table (onsets and exposure per context, policies/learned.py) is persisted
+in the `learned_anticipation` section the same way, when the config enables it; a table learned
+on other features starts empty, one that does not read back is counted as corrupt and ignored.
 
 A saved calibration that does not read back (not an object, a budget that is no finite
 non-negative number) is ignored and counted (`cerebellumd_state_file_errors_total{kind="corrupt"}`
@@ -22,6 +25,8 @@ from .persist import CORRUPT, MISSING, Persistence
 
 log = logging.getLogger(__name__)
 SECTION = "calibration"
+#: Learned anticipation's table (policies/learned.py), persisted beside the calibration.
+LEARNED_SECTION = "learned_anticipation"
 
 
 class CalibrationPartHost(CalibrationHost, Events, Protocol):
@@ -36,6 +41,7 @@ class CalibrationPart:
         self._persistence = persistence
         self._undo: list[Undo] = []
         self.restored = False
+        self.restored_contexts = 0
         self.m_budget = metrics.gauge(
             "cerebellumd_unannounced_budget_seconds",
             "Latency budget in force for unannounced challenges (learned from late wakes, or configured).")
@@ -48,6 +54,8 @@ class CalibrationPart:
         if self._persistence is not None:
             self._restore(self._persistence.restored_section(SECTION))
             self._undo.append(self._persistence.add_section(SECTION, self._dump))
+            self._restore_learned(self._persistence.restored_section(LEARNED_SECTION))
+            self._undo.append(self._persistence.add_section(LEARNED_SECTION, self._host.learned_table))
         self._undo.append(self._host.on_telemetry(self._on_telemetry))
         self._on_telemetry(self._clock.now())
 
@@ -69,6 +77,20 @@ class CalibrationPart:
         log.info("calibration restored: unannounced budget %s, %d late wakes so far",
                  "configured" if calibration.budget_s is None else f"{calibration.budget_s:.3f} s",
                  calibration.late_wakes)
+
+    def _restore_learned(self, raw: Any) -> None:
+        if raw is MISSING or raw is None:  # None: saved while learning was off
+            return
+        try:
+            if raw is CORRUPT:
+                raise ValueError("corrupt section")
+            self.restored_contexts = self._host.restore_learned(raw)
+        except ValueError as exc:
+            self.m_errors.labels("corrupt").inc()
+            log.error("state file: the saved learned-anticipation table does not read back (%s); learning from "
+                      "nothing", exc)
+            return
+        log.info("learned anticipation restored: %d contexts", self.restored_contexts)
 
     def _dump(self) -> dict[str, Any] | None:
         calibration = self._host.calibration()

@@ -25,6 +25,7 @@ from ..drivers import registry
 from ..drivers.base import AcceleratorDriver
 from ..policies.calibration import Calibration
 from ..policies.cerebellum import CerebellumFirst, PolicyState
+from ..policies.learned import Learned
 from ..policies.types import DemandClass, Hold, Inputs, PolicyParams, Sample
 from ..profiles import load_profile
 from .actuator import Actuator
@@ -198,6 +199,7 @@ class DaemonCore:
         """Swap in a validated config and its prebuilt policy core. Synchronous: no tick runs
         in between. Joule totals are kept; new domains start at zero."""
         old = self.config
+        old_features = self.policy.params.learned.features
         now = self.clock.now()
         self.ledger.integrate(now)  # the old domains' energy up to the swap
         self.config = config
@@ -210,7 +212,10 @@ class DaemonCore:
         self.commands.reconfigure(operators=frozenset(config.mqtt.operators),
                                   rate_per_minute=config.mqtt.command_rate_per_minute)
         if self._state is not None:
-            self._state = self.policy.initial_state(now, self._state.target, self._state.calibration)
+            # Learned anticipation's table survives a reload that keeps its features (same contexts).
+            learned = (self._state.learned.without_segment()
+                       if self.policy.params.learned.features == old_features else None)
+            self._state = self.policy.initial_state(now, self._state.target, self._state.calibration, learned)
         if self._tickers and (old.daemon.tick_ms, old.daemon.telemetry_interval_ms) != (
                 config.daemon.tick_ms, config.daemon.telemetry_interval_ms):
             self.stop_tickers()
@@ -318,6 +323,22 @@ class DaemonCore:
         if self._state is not None:
             self._state = dataclasses.replace(self._state, calibration=calibration)
 
+    def learned_table(self) -> dict[str, Any] | None:
+        """Learned anticipation's table, persistable (None when learning is off or not begun)."""
+        if self._state is None or not self.policy.params.learned.enabled:
+            return None
+        return self._state.learned.to_dict(self.policy.params.learned)
+
+    def restore_learned(self, data: Any) -> int:
+        """A table persisted by an earlier run (ValueError if it does not read back); the number
+        of contexts restored (0: learning is off, or the table was learned on other features)."""
+        params = self.policy.params.learned
+        if self._state is None or not params.enabled:
+            return 0
+        learned = Learned.from_dict(data, params)
+        self._state = dataclasses.replace(self._state, learned=learned)
+        return len(learned.table)
+
     def unannounced_budget_s(self) -> float:
         """The latency budget for unannounced challenges in force (learned or configured)."""
         if self._state is None:
@@ -349,7 +370,8 @@ class DaemonCore:
         self.ledger.integrate(now)
         if reset and self._state is not None:
             self.samples.clear()
-            self._state = self.policy.initial_state(now, self._state.target, self._state.calibration)
+            self._state = self.policy.initial_state(now, self._state.target, self._state.calibration,
+                                                    self._state.learned.without_segment())
         self.start_tickers()
         log.info("daemon resumed")
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from ..accel import RESTING_STATES, AcceleratorModel, AccelState
 from .calibration import Calibration, next_relax, relax, tighten
 from .expr import Value
+from .learned import Learned, context_of, explains, label, next_change, observe, teach
+from .learned import warm as learned_warm
 from .types import (
     Decision,
     DemandClass,
@@ -60,6 +62,8 @@ class PolicyState:
     last_wake_latency_s: float | None = None
     last_wake_unannounced: bool = False
     last_wake_late: bool = False
+    # Learned anticipation (policies/learned.py): onsets and exposure per context.
+    learned: Learned = field(default_factory=Learned)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +86,14 @@ class CerebellumFirst:
         self._specs = {s.name: s for s in params.signals}
 
     def initial_state(
-        self, now: float, target: AccelState = AccelState.IDLE, calibration: Calibration | None = None
+        self,
+        now: float,
+        target: AccelState = AccelState.IDLE,
+        calibration: Calibration | None = None,
+        learned: Learned | None = None,
     ) -> PolicyState:
-        """`calibration`: a persisted one (`Calibration.from_dict`) to start from."""
+        """`calibration`: a persisted one (`Calibration.from_dict`) to start from; `learned`:
+        learned anticipation's table from earlier runs (`Learned.from_dict`)."""
         return PolicyState(
             target=target,
             target_since=now,
@@ -92,6 +101,7 @@ class CerebellumFirst:
             demands=tuple(DemandStatus() for _ in self.params.demands),
             predicted_idle_s=self.params.initial_idle_prediction_s,
             calibration=calibration if calibration is not None else Calibration(),
+            learned=learned if learned is not None else Learned(),
         )
 
     def unannounced_budget_s(self, state: PolicyState) -> float:
@@ -181,7 +191,7 @@ class CerebellumFirst:
     def step(self, state: PolicyState, inputs: Inputs, now: float) -> tuple[PolicyState, Decision]:
         p = self.params
         ev = self._evaluate(state, inputs, now)
-        cal, wake = self._calibrate(state, inputs, now)
+        cal, wake, learned = self._calibrate(state, inputs, now)
         # Highest priority decides; at equal priority awake beats sleep (fail-safe, the lease
         # rule), whatever order the hold sources (operator store, leases) listed them in.
         holds = sorted(
@@ -204,6 +214,9 @@ class CerebellumFirst:
             denied = denied or "parked"
             normal, anticipatory = [], []
 
+        learned, hint = self._learn(state, learned, inputs, ev, now)
+        if hint is not None and (guard or sleep_hold or inputs.parked):
+            hint = None
         wakers = critical + normal
         awake_hold = top_hold is not None and top_hold.mode is HoldMode.AWAKE
         want: AccelState
@@ -218,12 +231,12 @@ class CerebellumFirst:
         elif inputs.parked:
             want, reason = p.deepest_state, "parked"
         else:
-            want, reason = self._rest_target(state, anticipatory, now, sleep_hold, cal)
+            want, reason = self._rest_target(state, anticipatory, now, sleep_hold, cal, hint)
         # While anticipating, the warm hold has no end; it starts running out at the first
         # step without anticipation (so the result does not depend on how often we step).
         warm_budget, warm_until = state.warm_budget_s, state.warm_until
-        if anticipatory:
-            tightest = min(d.deadline_s for d in anticipatory)
+        if anticipatory or hint is not None:
+            tightest = min([d.deadline_s for d in anticipatory] + ([hint[1]] if hint is not None else []))
             held = warm_budget is not None and now < warm_until - _EPS
             if not held or warm_budget is None or tightest <= warm_budget:
                 warm_budget, warm_until = tightest, math.inf
@@ -235,7 +248,7 @@ class CerebellumFirst:
         if is_wake and not critical and len(wake_times) >= p.max_wake_cycles_per_hour:
             denied = "cap:wake_cycles"
             want, reason = (p.deepest_state, "parked") if inputs.parked else self._rest_target(
-                state, anticipatory, now, sleep_hold, cal)
+                state, anticipatory, now, sleep_hold, cal, hint)
             is_wake = False
 
         # Hysteresis: hold the current target for min_dwell unless a critical demand says go.
@@ -290,6 +303,7 @@ class CerebellumFirst:
             last_wake_latency_s=wake.last_wake_latency_s,
             last_wake_unannounced=wake.last_wake_unannounced,
             last_wake_late=wake.last_wake_late,
+            learned=learned,
         )
         decision = Decision(
             target=want,
@@ -321,22 +335,41 @@ class CerebellumFirst:
         relax_at = next_relax(state.calibration, p.calibration)
         if relax_at is not None:
             times.append(relax_at)
+        if p.learned.enabled:
+            cools_at = next_change(p.learned, state.learned, now)
+            if cools_at is not None:
+                times.append(cools_at)
         future = [t for t in times if t > now and math.isfinite(t)]
         return min(future) if future else None
 
-    def _calibrate(self, state: PolicyState, inputs: Inputs, now: float) -> tuple[Calibration, PolicyState]:
+    def _calibrate(
+        self, state: PolicyState, inputs: Inputs, now: float
+    ) -> tuple[Calibration, PolicyState, Learned]:
         """Relax after a clean stretch; measure the wake under way when the accelerator reports
         `active` (late against its demand's deadline?); learn from late reports. Returns the
-        calibration and `state` with the wake fields updated (only those are read back)."""
+        calibration, `state` with the wake fields updated (only those are read back), and the
+        learned contexts: a lesson about a challenge whose context the policy has learned to keep
+        warm tightens that context's deadline instead of the unannounced budget."""
         cp = self.params.calibration
         cal = relax(state.calibration, now, self.params.latency_budget_s, cp)
+        learned = state.learned
+
+        def lesson(allowed: float, lateness: float, count: bool = True) -> Calibration:
+            nonlocal learned
+            lp = self.params.learned
+            if lp.enabled:
+                learned = teach(learned, allowed - cp.margin_s)
+                if explains(lp, learned):
+                    return cal
+            return tighten(cal, now, allowed, lateness, cp, count=count)
+
         wake = state
         if state.wake_onset is not None and inputs.actual is AccelState.ACTIVE:
             latency = now - state.wake_onset
             late = latency - state.wake_deadline_s
             counted = False
             if state.wake_unannounced and late > _EPS:
-                cal = tighten(cal, now, state.wake_deadline_s, late, cp)
+                cal = lesson(state.wake_deadline_s, late)
                 counted = True
             wake = replace(
                 state,
@@ -348,15 +381,43 @@ class CerebellumFirst:
         if inputs.late_reports and wake.last_wake_latency_s is not None and wake.last_wake_unannounced:
             for lateness in inputs.late_reports:
                 allowed = wake.last_wake_latency_s - lateness
-                cal = tighten(cal, now, allowed, lateness, cp, count=not wake.last_wake_late)
+                cal = lesson(allowed, lateness, count=not wake.last_wake_late)
                 wake = replace(wake, last_wake_late=True)
         if inputs.served_reports and wake.last_wake_latency_s is not None and wake.last_wake_unannounced:
             # Served on time, but the challenge allowed less than the deadline this wake counted
             # on: the config's deadline is wrong for it, and the next one may find us deeper.
             for allowed in inputs.served_reports:
                 if allowed < wake.wake_deadline_s - _EPS:
-                    cal = tighten(cal, now, allowed, 0.0, cp, count=False)
-        return cal, wake
+                    cal = lesson(allowed, 0.0, count=False)
+        return cal, wake, learned
+
+    def _learn(
+        self, state: PolicyState, learned: Learned, inputs: Inputs, ev: _Evaluated, now: float
+    ) -> tuple[Learned, tuple[str, float] | None]:
+        """Count the onset of a waking demand and the exposure of the current context; the
+        learned hint (reason, deadline) when the context is warm."""
+        lp = self.params.learned
+        if not lp.enabled:
+            return learned, None
+        waking = before_waking = False
+        onset: float | None = None
+        for spec, before, after in zip(self.params.demands, state.demands, ev.statuses, strict=True):
+            if spec.demand_class is DemandClass.ANTICIPATORY:
+                continue
+            was = before.active or before.pending_since is not None
+            if after.active or after.pending_since is not None:
+                waking = True
+                if not was:
+                    deadline = max(0.0, spec.deadline_s - spec.confirm_s)
+                    onset = deadline if onset is None else min(onset, deadline)
+            before_waking = before_waking or was
+        if before_waking:
+            onset = None  # a waking demand was already true: not an onset
+        learned = observe(learned, context_of(lp, inputs.samples, ev.stale), waking, onset, now)
+        hot = learned_warm(lp, learned, now)
+        if hot is None:
+            return learned, None
+        return learned, (f"learned:{label(lp, hot[0])}", hot[1])
 
     def _statuses(self, ev: _Evaluated, specs: list[DemandSpec]) -> list[DemandStatus]:
         names = {d.name for d in specs}
@@ -388,6 +449,7 @@ class CerebellumFirst:
         now: float,
         sleep_hold: bool,
         cal: Calibration,
+        hint: tuple[str, float] | None = None,
     ) -> tuple[AccelState, str]:
         p = self.params
         if state.target is AccelState.ACTIVE and not sleep_hold:
@@ -405,12 +467,15 @@ class CerebellumFirst:
         # An unannounced challenge may come during an anticipation as well: its depth also fits
         # the budget for those (with the mid-entry worst case once calibration has tightened it).
         unannounced = self._deepest_unannounced(predicted, budget, whole_entry)
-        if anticipatory:
-            tightest = min(anticipatory, key=lambda d: d.deadline_s)
-            if held is not None and held < tightest.deadline_s:
+        if anticipatory or hint is not None:
+            named = [(d.deadline_s, f"anticipate:{d.name}") for d in anticipatory]
+            if hint is not None:
+                named.append((hint[1], hint[0]))
+            deadline, why = min(named)
+            if held is not None and held < deadline:
                 return _shallower(self.model.deepest_state(predicted, held), unannounced), "anticipate:release"
-            chosen = _shallower(self.model.deepest_state(predicted, tightest.deadline_s), unannounced)
-            return chosen, f"anticipate:{tightest.name}"
+            chosen = _shallower(self.model.deepest_state(predicted, deadline), unannounced)
+            return chosen, why
         if held is not None:
             return _shallower(self.model.deepest_state(predicted, held), unannounced), "anticipate:release"
         return unannounced, f"rest:{unannounced.value}"

@@ -73,6 +73,22 @@ class Guards:
 
 
 @dataclass(frozen=True, slots=True)
+class LearnedParams:
+    """Learned anticipation (policies/learned.py). `features`: (signal, bin edges) pairs; empty
+    edges: categorical (the bin is the value). No features: learning off."""
+
+    features: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    min_rate_per_h: float = 60.0
+    min_ratio: float = 2.0
+    prior_exposure_s: float = 30.0
+    min_onsets: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.features)
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyParams:
     signals: tuple[SignalSpec, ...]
     demands: tuple[DemandSpec, ...]
@@ -87,6 +103,8 @@ class PolicyParams:
     guards: Guards = field(default_factory=Guards)
     # Self-calibrating readiness (policies/calibration.py): on by default.
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
+    # Learned anticipation (policies/learned.py): off without features.
+    learned: LearnedParams = field(default_factory=LearnedParams)
 
 
 @dataclass(frozen=True, slots=True)

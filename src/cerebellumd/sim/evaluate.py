@@ -41,6 +41,7 @@ from ..policies.calibration import Calibration
 from ..policies.cerebellum import CerebellumFirst, PolicyState
 from ..policies.escalation import DEFAULT_LADDERS, LadderSpec
 from ..policies.flapping import TimelinePoint, flap_figures
+from ..policies.learned import Learned
 from ..policies.oracle import need_intervals, plan
 from ..policies.types import Decision, Inputs, PolicyParams, Sample
 from ..profiles import load_profile
@@ -250,6 +251,8 @@ class _Timeline:
             checks.append((frozenset([g.battery_signal]), _below(g.battery_signal, g.battery_min_v)))
         if g.temperature_signal:
             checks.append((frozenset([g.temperature_signal]), _above(g.temperature_signal, g.temperature_max_c)))
+        for name, edges in params.learned.features:  # learned anticipation: a change of bin is a change
+            checks.append((frozenset([name]), _bin_of(name, edges)))
         for name in sorted(path_signals):  # NM, the power fusion and the budget read these
             checks.append((frozenset([name]), _value_of(name)))
         for names, check in checks:
@@ -305,6 +308,12 @@ def _sorted_unique(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 def _value_of(name: str) -> Callable[[dict[str, Any]], Any]:
     return lambda env: env.get(name)
+
+
+def _bin_of(name: str, edges: tuple[float, ...]) -> Callable[[dict[str, Any]], Any]:
+    if not edges:
+        return _value_of(name)
+    return lambda env: None if name not in env else bisect.bisect_right(edges, env[name])
 
 
 def _below(name: str, limit: float) -> Callable[[dict[str, Any]], Any]:
@@ -597,6 +606,7 @@ def run_evaluation(
     causal_baselines: bool = True,
     calibration: Calibration | None = None,
     whole_path: bool | None = None,
+    learned: Learned | None = None,
 ) -> Evaluation:
     """`resume_failure_probability`: chance that a resume fails and needs the ladder's retry;
     `ladder`: whose wake deadline that retry waits for (default: the profile's backend).
@@ -605,6 +615,7 @@ def run_evaluation(
     `causal_baselines`, and list in `dominated_by` those (and `timeout`, `always_on`) at least
     as ready as the configured policy for less energy. `calibration`: what the configured policy
     learned before (a persisted `Calibration`, as the daemon restores it); default: nothing.
+    `learned`: learned anticipation's table from earlier drives (`Learned.from_dict`); default: nothing.
     `whole_path`: run the daemon's whole decision path around `step` (sim/path.py: NM clamp,
     vehicle power state, budget, watchdog, holds); default: when the config enables [nm] or
     [vehicle_power] or the scenario schedules holds or key-offs. Each result then has `path`."""
@@ -651,7 +662,8 @@ def run_evaluation(
             policy, timer, timeline, model, initial, event_driven, fails, retry_after_s, challenges, path
         )
 
-    cerebellum = run(_Restored(core, calibration) if calibration is not None else core, core_timer)
+    restored = calibration is not None or learned is not None
+    cerebellum = run(_Restored(core, calibration, learned) if restored else core, core_timer)
     cerebellum.name = config.policy.name
     runs = [
         cerebellum,
@@ -693,16 +705,16 @@ def run_evaluation(
 
 
 class _Restored:
-    """The configured policy starting from a restored calibration."""
+    """The configured policy starting from a restored calibration and learned table."""
 
-    def __init__(self, core: CerebellumFirst, calibration: Calibration) -> None:
+    def __init__(self, core: CerebellumFirst, calibration: Calibration | None, learned: Learned | None = None) -> None:
         self.name = core.name
         self.params = core.params
-        self._core, self._calibration = core, calibration
+        self._core, self._calibration, self._learned = core, calibration, learned
         self.step = core.step
 
     def initial_state(self, now: float, target: AccelState = AccelState.IDLE) -> PolicyState:
-        return self._core.initial_state(now, target, self._calibration)
+        return self._core.initial_state(now, target, self._calibration, self._learned)
 
 
 def _calibration_figures(run: PolicyRun, scenario: Scenario, core: CerebellumFirst) -> dict[str, Any]:
