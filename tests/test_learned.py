@@ -45,6 +45,20 @@ def test_onsets_and_exposure_are_counted_per_context() -> None:
     assert L.onsets == 1 and L.exposure_s == pytest.approx(40.0)
 
 
+def test_the_table_is_bounded_and_the_rest_is_learned_as_other() -> None:
+    """A categorical feature on a signal with many values cannot grow the table without bound."""
+    from cerebellumd.policies.learned import MAX_CONTEXTS, OTHER_BIN, label
+
+    L, t = Learned(), 0.0
+    for value in range(MAX_CONTEXTS + 50):
+        L = observe(L, (float(value),), False, None, t)
+        t += 1.0
+    L = observe(L, (0.0,), False, None, t)  # back to a known context: the last segment closes
+    assert len(L.table) == MAX_CONTEXTS + 1  # the first MAX_CONTEXTS, and "other"
+    assert L.table[(OTHER_BIN,)].exposure_s == pytest.approx(50.0)
+    assert label(LearnedParams(features=(("x", ()),)), (OTHER_BIN,)) == "x=other"
+
+
 def _drive(p: LearnedParams, rounds: int, onsets_in_b: bool) -> Learned:
     """Rounds of 20 s standing (a) then 60 s moving (b); an onset ends each stand, and with
     `onsets_in_b` one ends each drive as well (the same rate per second of exposure as in a

@@ -39,6 +39,10 @@ _HOUR_S = 3600.0
 _EPS = 1e-9
 #: The bin of a stale or missing signal.
 STALE_BIN = -1.0
+#: At most this many contexts are learned (a categorical feature on a signal with many values
+#: must not grow the table without bound); a new context beyond it is learned as "other".
+MAX_CONTEXTS = 1024
+OTHER_BIN = -2.0
 
 Context = tuple[float, ...]
 
@@ -123,6 +127,10 @@ def observe(
 ) -> Learned:
     """One step: `waking` (some waking demand is true), `onset_deadline_s` (not None: a waking
     demand turned true this step while none was; its tightest deadline - confirm)."""
+    if context != learned.context and context not in learned.table:
+        known = len(learned.table) + (learned.context is not None and learned.context not in learned.table)
+        if known >= MAX_CONTEXTS:
+            context = (OTHER_BIN,) * len(context)
     accruing = learned.since is not None
     if onset_deadline_s is None and accruing != waking and context == learned.context:
         return learned  # nothing changed: same segment
@@ -215,6 +223,8 @@ def label(p: LearnedParams, context: Context) -> str:
     for (name, edges), b in zip(p.features, context, strict=True):
         if b == STALE_BIN:
             parts.append(f"{name}=stale")
+        elif b == OTHER_BIN:
+            parts.append(f"{name}=other")
         elif not edges:
             parts.append(f"{name}={b:g}")
         else:
