@@ -156,3 +156,14 @@ def test_expression_python_only_warns_about_is_rejected() -> None:
     text = broken('when = "collision_risk == 1"', 'when = "collision_risk == 1and gear"')
     [issue] = issues(text)
     assert issue.key == "demands[0].when" and "does not parse" in issue.message
+
+
+def test_an_invalid_escape_is_rejected_not_warned_about() -> None:
+    """Python 3.11 only warns (DeprecationWarning) about `\\>` in a string literal."""
+    import warnings
+
+    text = broken('when = "collision_risk == 1"', "when = 'collision_risk == \"\\>\"'")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        [issue] = issues(text)
+    assert issue.key == "demands[0].when" and "invalid escape sequence" in issue.message

@@ -66,11 +66,13 @@ def compile_expression(source: str, known_names: frozenset[str] | None = None) -
         raise ExpressionError(f"expression longer than {MAX_EXPRESSION_LENGTH} characters")
     try:
         with warnings.catch_warnings():
-            # What Python only warns about (`1and x`: "invalid decimal literal") is an error in
-            # a demand: ambiguous text must not reach a car's wake logic.
+            # What Python only warns about (`1and x`: "invalid decimal literal"; an invalid
+            # escape such as "\>", a DeprecationWarning before 3.12) is an error in a demand:
+            # ambiguous text must not reach a car's wake logic.
             warnings.simplefilter("error", SyntaxWarning)
+            warnings.simplefilter("error", DeprecationWarning)
             tree = ast.parse(source.strip(), mode="eval")
-    except SyntaxWarning as exc:
+    except (SyntaxWarning, DeprecationWarning) as exc:
         raise ExpressionError(f"does not parse: {exc}") from None
     except SyntaxError as exc:
         raise ExpressionError(f"does not parse: {exc.msg}", exc.offset) from None
