@@ -7,32 +7,25 @@ Protocols of `daemon/host.py`.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
-from ..accel import AcceleratorModel
 from ..config import Config
-from ..drivers.base import AcceleratorDriver
 from ..profiles import load_profile
 from .assembly import Assembly, ReloadResult
-from .clock import Clock
 from .core import DaemonCore, PolicyCore, build_driver
 from .host import Snapshot, Undo
 
 
 class Daemon(DaemonCore):
-    def __init__(
-        self,
-        config: Config,
-        *,
-        clock: Clock | None = None,
-        driver: AcceleratorDriver | None = None,
-        config_path: str | None = None,
-        model: AcceleratorModel | None = None,
-    ) -> None:
-        """Inside a running loop, build it with `async_create` (the profile is a file read)."""
-        super().__init__(config, clock=clock, driver=driver, config_path=config_path, model=model)
-        self.assembly = Assembly(self)
+    """The core plus its parts. Built like the core (inside a running loop, with `async_create`:
+    the profile is a file read)."""
+
+    @functools.cached_property
+    def assembly(self) -> Assembly:
+        """The composition root of the parts (built once, on first use)."""
+        return Assembly(self)
 
     @classmethod
     async def async_create(cls, config: Config, **kwargs: Any) -> Daemon:
