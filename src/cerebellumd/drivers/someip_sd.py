@@ -94,13 +94,8 @@ SD_ERROR_KINDS: tuple[str, ...] = (
 )
 
 
-class SdError(ValueError):
-    """Bad SD input; `kind` is one of SD_ERROR_KINDS."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(f"{kind}: {reason}")
-        self.kind = kind
-        self.reason = reason
+class SdError(SomeIpError):
+    """Bad SD input (an SD message is a SOME/IP message); `kind` is one of SD_ERROR_KINDS."""
 
 
 # -- messages ------------------------------------------------------------------------------------
