@@ -35,8 +35,8 @@ FrameReader = Callable[[], "can.Message | None"]
 def _socketcan(bus: can.BusABC) -> FrameReader | None:
     from can.interfaces.socketcan.socketcan import SocketcanBus, capture_message
 
-    sock = getattr(bus, "socket", None)
-    if type(bus) is not SocketcanBus or not isinstance(sock, socket.socket):
+    sock = bus_socket(bus)
+    if type(bus) is not SocketcanBus or sock is None:
         return None
     sock.setblocking(False)
 
@@ -58,8 +58,8 @@ def _udp_multicast(bus: can.BusABC) -> FrameReader | None:
     if type(bus) is not UdpMulticastBus:
         return None
     multicast: Any = getattr(bus, "_multicast", None)
-    sock = getattr(multicast, "_socket", None)
-    if not isinstance(sock, socket.socket) or not getattr(multicast, "timestamp_nanosecond", False):
+    sock = bus_socket(bus)
+    if sock is None or not getattr(multicast, "timestamp_nanosecond", False):
         return None
     sock.setblocking(False)
     max_buffer = int(multicast.max_buffer)
