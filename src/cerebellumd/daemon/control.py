@@ -41,8 +41,6 @@ def is_lease_priority(priority: int) -> bool:
     """A hold ranked as a lease (a remote tool's), not as an operator's manual command."""
     return priority >= min(HOLD_PRIORITY.values())
 MAX_PAYLOAD_BYTES = 4096
-#: Commands that report on a challenge instead of holding (the consumer's reports).
-REPORTS = CONSUMER_REPORTS
 #: What the core does with a report: (kind, seconds).
 ReportHandler = Callable[[str, float], None]
 
@@ -82,7 +80,7 @@ class Command(BaseModel):
             if (self.command == command) != (field is not None):
                 name = "late_ms" if command == "late" else "allowed_ms"
                 raise ValueError(f"{name} goes with command {command}, and command {command} needs {name}")
-        if self.command in REPORTS and self.capped:
+        if self.command in CONSUMER_REPORTS and self.capped:
             raise ValueError(f"command {self.command} takes no cap")
         return self
 
@@ -215,7 +213,7 @@ class CommandProcessor:
         if len(self._times) >= self.rate_per_minute:
             return CommandResult(cmd.id, False, "rate limit: too many commands in the last minute")
         self._times.append(now)
-        if cmd.command in REPORTS:
+        if cmd.command in CONSUMER_REPORTS:  # reports on a challenge, not holds
             if self._report is None:
                 return self._remember_result(CommandResult(cmd.id, False, "no policy takes reports here"))
             ms = cmd.late_ms if cmd.command == "late" else cmd.allowed_ms

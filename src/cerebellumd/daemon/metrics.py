@@ -22,7 +22,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0
 TICK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 DECISION_BUCKETS = (0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01)
 RELOAD_RESULTS = ("ok", "error", "restart_required")
-#: The consumers' reports on wakes (MQTT commands of the same names; daemon/control.py REPORTS).
+#: The consumers' reports on wakes (the MQTT commands of the same names, daemon/control.py).
 CONSUMER_REPORTS = ("late", "served")
 CAN_ERROR_KINDS = ("decode", "unknown_id", "error_frame", "bus_error", "silent", "reconnect")
 
