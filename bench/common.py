@@ -32,6 +32,21 @@ BENCH_GROUP = "239.74.163.7"
 # measurement) would otherwise count each other's frames. The sender gets the port via --port.
 BENCH_PORT = 44000 + os.getpid() % 1000
 CRITICAL_MESSAGE = "AdasStatus"
+SENDER_CPU_ENV = "CEREBELLUMD_BENCH_SENDER_CPU"
+
+
+def pin(receiver_cpu: int = 0) -> str:
+    """Keep this process on `receiver_cpu` and the senders it starts on another core: with both
+    free to migrate, the cost per frame of either receiver moves by ±15 % from run to run with
+    where the scheduler happens to put the two processes. Returns a description."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return f"not pinned: only CPU {cpus} available"
+    receiver = receiver_cpu if receiver_cpu in cpus else cpus[0]
+    sender = next(c for c in cpus if c != receiver)
+    os.sched_setaffinity(0, {receiver})
+    os.environ[SENDER_CPU_ENV] = str(sender)
+    return f"receiver on CPU {receiver}, sender on CPU {sender}"
 CRITICAL_SIGNAL = "CollisionRisk"  # the demo config's `collision` critical demand
 
 
@@ -200,6 +215,8 @@ def _sender_main(args: argparse.Namespace) -> int:
     # ordinary process, like the ECUs it stands for, not a real-time competitor.
     if hasattr(os, "sched_setscheduler"):
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    if os.environ.get(SENDER_CPU_ENV):  # --pin: the sender keeps to its own core
+        os.sched_setaffinity(0, {int(os.environ[SENDER_CPU_ENV])})
     db = load_vehicle_dbc()
     bus = open_bus(args.group, args.port)
     adas_id = db.get_message_by_name(CRITICAL_MESSAGE).frame_id

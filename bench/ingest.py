@@ -13,7 +13,7 @@ With --runs N > 1 the pair (bare, then CanIngest) is measured N times and the re
 {"runs": [one object per pair], "cpu_ratio": [...], "cpu_ratio_median", "cpu_ratio_min",
 "cpu_ratio_max", "daemon_frames_per_s_median", "bare_frames_per_s_median"}.
 
-    python bench/ingest.py [--frames N] [--rate FRAMES_PER_S] [--runs N] [--uvloop] [--floor] [--json] [--quick]
+    python bench/ingest.py [--frames N] [--rate FRAMES_PER_S] [--runs N] [--uvloop] [--floor] [--pin] [--json] [--quick]
 """
 
 from __future__ import annotations
@@ -162,11 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--uvloop", action="store_true", help="run CanIngest on uvloop (the daemon's [realtime] uvloop)")
     p.add_argument("--floor", action="store_true", help="also measure a bare asyncio add_reader + recv(0) reader that "
                                                         "decodes nothing (floor_frames_per_s)")
+    p.add_argument("--pin", action="store_true", help="receiver on CPU 0, sender on another core (less run-to-run spread)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="CI smoke: 5,000 frames")
     a = p.parse_args(argv)
     if a.quick:
         a.frames = 5000
+    if a.pin:
+        print(common.pin(), file=sys.stderr)
     runs = [measure(a.frames, a.rate, a.uvloop, a.floor) for _ in range(max(1, a.runs))]
     if len(runs) > 1:
         ratios = [x["cpu_ratio"] for x in runs]
