@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--uvloop", action="store_true", help="run CanIngest on uvloop (the daemon's [realtime] uvloop)")
     p.add_argument("--floor", action="store_true", help="also measure a bare asyncio add_reader + recv(0) reader that "
                                                         "decodes nothing (floor_frames_per_s)")
-    p.add_argument("--pin", action="store_true", help="receiver on CPU 0, sender on another core (less run-to-run spread)")
+    p.add_argument("--pin", action="store_true", help="receiver on CPU 0, sender on another core")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="CI smoke: 5,000 frames")
     a = p.parse_args(argv)

@@ -76,6 +76,18 @@ def test_ingest_quick() -> None:
     assert is_num(r["cpu_ratio"]) and r["cpu_ratio"] > 0
 
 
+def test_drain_cost_quick() -> None:
+    r = run_bench("drain_cost")
+    assert set(r) == {"frames_per_round", "rounds", "bare_us_per_frame_median", "daemon_us_per_frame_median",
+                      "ratio", "ratio_median", "ratio_min", "ratio_max", "frames_not_drained", "samples"}
+    assert r["frames_per_round"] == 1000 and r["rounds"] == 2 and len(r["ratio"]) == 2
+    assert r["frames_not_drained"] == 0, r  # 100 frames fit any loopback socket buffer
+    assert r["samples"] > 0  # the drain decoded the demo's signals, not just counted frames
+    per_frame = (r["bare_us_per_frame_median"], r["daemon_us_per_frame_median"], *r["ratio"])
+    assert all(is_num(v) and v > 0 for v in per_frame)
+    assert r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+
+
 def test_wake_latency_quick() -> None:
     r = run_bench("wake_latency")
     assert set(r) == {"samples", "transport", "lost", "p50_us", "p99_us", "max_us"}

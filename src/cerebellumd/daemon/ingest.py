@@ -545,7 +545,8 @@ class CanIngest:
             if extract is not None:
                 # Compiled: every wanted signal has a number; the range check inline is the
                 # largest share of this function's cost.
-                samples = [(w[1], float(v)) for w, v in zip(wanted, extract(msg.data)) if w[2] <= v <= w[3]]
+                values = extract(msg.data)
+                samples = [(w[1], float(v)) for w, v in zip(wanted, values, strict=True) if w[2] <= v <= w[3]]
                 if len(samples) != len(wanted):
                     self._count_range(len(wanted) - len(samples))
             else:  # Plain decode (no multiplexer container) returns a dict of numbers.
