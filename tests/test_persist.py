@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cerebellumd.config import Config, parse_config
-from cerebellumd.daemon.persist import SCHEMA_VERSION, Persistence, StateFileError, Totals, read_totals, write_atomic
+from cerebellumd.config.state_file import SCHEMA_VERSION, StateFileError, Totals, read_totals, write_atomic
+from cerebellumd.daemon.persist import Persistence
 from cerebellumd.daemon.runtime import Daemon
 
 from .helpers import until

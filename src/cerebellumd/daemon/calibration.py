@@ -14,19 +14,16 @@ through persistence's own counter); the policy then starts from its configured b
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Protocol
 
-from ..policies.calibration import Calibration
+from ..config.state_file import CALIBRATION_SECTION, LEARNED_SECTION
+from ..policies.calibration import parse_calibration
 from .clock import Clock
 from .host import CalibrationHost, Events, Undo
 from .metrics import Metrics
 from .persist import CORRUPT, MISSING, Persistence
 
 log = logging.getLogger(__name__)
-SECTION = "calibration"
-#: Learned anticipation's table (policies/learned.py), persisted beside the calibration.
-LEARNED_SECTION = "learned_anticipation"
 
 
 class CalibrationPartHost(CalibrationHost, Events, Protocol):
@@ -52,8 +49,8 @@ class CalibrationPart:
 
     async def async_start(self) -> None:
         if self._persistence is not None:
-            self._restore(self._persistence.restored_section(SECTION))
-            self._undo.append(self._persistence.add_section(SECTION, self._dump))
+            self._restore(self._persistence.restored_section(CALIBRATION_SECTION))
+            self._undo.append(self._persistence.add_section(CALIBRATION_SECTION, self._dump))
             self._restore_learned(self._persistence.restored_section(LEARNED_SECTION))
             self._undo.append(self._persistence.add_section(LEARNED_SECTION, self._host.learned_table))
         self._undo.append(self._host.on_telemetry(self._on_telemetry))
@@ -66,7 +63,7 @@ class CalibrationPart:
     def _restore(self, raw: Any) -> None:
         if raw is MISSING:
             return
-        calibration = _parse(raw, self._clock.now()) if raw is not CORRUPT else None
+        calibration = parse_calibration(raw, self._clock.now()) if raw is not CORRUPT else None
         if calibration is None:
             self.m_errors.labels("corrupt").inc()
             log.error("state file: the saved calibration does not read back (%r); starting from the configured "
@@ -106,16 +103,3 @@ class CalibrationPart:
         learned = calibration.to_dict() if calibration is not None else {}
         return {"calibration": {"unannounced_budget_s": round(self._host.unannounced_budget_s(), 3), **learned}}
 
-
-def _parse(raw: Any, now: float) -> Calibration | None:
-    if not isinstance(raw, dict):
-        return None
-    budget = raw.get("budget_s")
-    late = raw.get("late_wakes", 0)
-    worst = raw.get("worst_lateness_s", 0.0)
-    numbers = [v for v in (budget, worst) if v is not None]
-    if any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 for v in numbers):
-        return None
-    if isinstance(late, bool) or not isinstance(late, int) or late < 0:
-        return None
-    return Calibration.from_dict(raw, now)

@@ -63,6 +63,8 @@ class Calibration:
             since=now,
             late_wakes=int(data.get("late_wakes", 0)),
             worst_lateness_s=float(data.get("worst_lateness_s", 0.0)),
+            # A restored lesson was learned before: adaptation counts from the restore.
+            first_late_at=None if budget is None else now,
         )
 
 
@@ -104,3 +106,20 @@ def next_relax(cal: Calibration, p: CalibrationParams) -> float | None:
     if cal.budget_s is None or not p.enabled or not math.isfinite(cal.since):
         return None
     return cal.since + p.relax_after_s
+
+
+def parse_calibration(raw: Any, now: float) -> Calibration | None:
+    """A persisted calibration (`Calibration.to_dict`) read back, or None where it does not read
+    back: not an object, a budget or lateness that is no finite non-negative number, a count that
+    is no non-negative integer."""
+    if not isinstance(raw, dict):
+        return None
+    budget = raw.get("budget_s")
+    late = raw.get("late_wakes", 0)
+    worst = raw.get("worst_lateness_s", 0.0)
+    numbers = [v for v in (budget, worst) if v is not None]
+    if any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 for v in numbers):
+        return None
+    if isinstance(late, bool) or not isinstance(late, int) or late < 0:
+        return None
+    return Calibration.from_dict(raw, now)

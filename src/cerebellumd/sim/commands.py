@@ -85,6 +85,16 @@ def register(subparsers: Any) -> None:
     )
     ev.add_argument("--profile", metavar="NAME", help="accelerator profile (overrides the config)")
     ev.add_argument(
+        "--state", metavar="FILE",
+        help="start the configured policy from what a daemon learned: its state file (daemon.state_file), "
+        "calibration and learned anticipation; default: a first drive, nothing learned",
+    )
+    ev.add_argument(
+        "--save-state", metavar="FILE",
+        help="write what the configured policy learned by the end of the drive into this state file (kept: "
+        "the file's other contents), for the next --state or for a daemon to start from",
+    )
+    ev.add_argument(
         "--resume-failure-probability",
         metavar="P",
         type=float,
@@ -122,6 +132,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .events import build_scenario
 
     if args.day:
+        if args.state or args.save_state:
+            print("error: --state and --save-state go with one drive (--scenario, --cycle or --log), not --day",
+                  file=sys.stderr)
+            return 2
         return _evaluate_day(args)
     if args.log is not None:
         return _evaluate_recording(args)
@@ -132,9 +146,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         config = load_config(args.policy) if args.policy else parse_config(builtin_example(), "demo.toml")
         cycle_name, variant, model = scenario_args(args.scenario, args.cycle, args.variant, args.events)
         scenario = build_scenario(load_cycle(cycle_name), args.seed, model, name=variant)
+        calibration, learned = _learning(args, config)
         evaluation = run_evaluation(
-            config, scenario, profile=args.profile, resume_failure_probability=args.resume_failure_probability
+            config, scenario, profile=args.profile, resume_failure_probability=args.resume_failure_probability,
+            calibration=calibration, learned=learned,
         )
+        _save_learning(args, config, evaluation)
     except (ConfigError, CycleError, EvaluationError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # unwrapped: file:line stays greppable
         return 2
@@ -170,10 +187,12 @@ def _evaluate_recording(args: argparse.Namespace) -> int:
                 return 2
         else:
             config = parse_config(builtin_example(), "demo.toml")
+        calibration, learned = _learning(args, config)
         run = evaluate_recording(
             config, args.log, args.dbc, args.labels, seed=args.seed, profile=args.profile, j1939=args.j1939,
-            resume_failure_probability=args.resume_failure_probability,
+            resume_failure_probability=args.resume_failure_probability, calibration=calibration, learned=learned,
         )
+        _save_learning(args, config, run.evaluation)
     except ConfigError as exc:
         for issue in exc.issues:
             print(f"error: {issue}", file=sys.stderr)
@@ -197,6 +216,27 @@ def _evaluate_recording(args: argparse.Namespace) -> int:
     if result["never_fed"]:
         console.print(f"never fed by this recording: {', '.join(result['never_fed'])}")
     return 0
+
+
+def _learning(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
+    """`--state`: (calibration, learned table) to start the configured policy from."""
+    if not args.state:
+        return None, None
+    from ..config import policy_params
+    from .learning_state import read_learning
+
+    return read_learning(args.state, policy_params(config))
+
+
+def _save_learning(args: argparse.Namespace, config: Any, evaluation: Any) -> None:
+    """`--save-state`: what the configured policy (the first run) learned by the end."""
+    if not args.save_state:
+        return
+    from ..config import policy_params
+    from .learning_state import save_learning
+
+    final = evaluation.runs[0].final_state
+    save_learning(args.save_state, config, policy_params(config), final.calibration, final.learned)
 
 
 def _dbc_gate(path: str, config: Any, db: Any) -> bool:

@@ -36,6 +36,8 @@ import numpy as np
 from cantools.database.can import Database, Message
 
 from ..config import Config
+from ..policies.calibration import Calibration
+from ..policies.learned import Learned
 from .cycles import DriveCycle
 from .evaluate import DEFAULT_TICK_MS, Evaluation, PolicyRun, run_evaluation
 from .events import ChallengeEvent, EventKind, EventModel, Scenario
@@ -267,8 +269,11 @@ def evaluate_recording(
     profile: str | None = None,
     j1939: str = "auto",
     resume_failure_probability: float = 0.0,
+    calibration: Calibration | None = None,
+    learned: Learned | None = None,
 ) -> RecordedEvaluation:
-    """Every policy of `run_evaluation` over the recorded drive, scored on the labels' events."""
+    """Every policy of `run_evaluation` over the recorded drive, scored on the labels' events
+    (`calibration`, `learned`: what the configured policy learned before, as in `run_evaluation`)."""
     name, compiled = load_labels(labels, config.signals)
     db = load_replay_dbc(dbc)
     refs, problems = can_refs(config, db)
@@ -304,6 +309,8 @@ def evaluate_recording(
         profile=profile,
         vehicle=RecordedDrive(recording, scenario),
         resume_failure_probability=resume_failure_probability,
+        calibration=calibration,
+        learned=learned,
     )
     result = evaluation.result
     kinds = [label for _, label in events]

@@ -1,0 +1,113 @@
+"""`cerebellumd evaluate --state / --save-state`: a drive evaluated as a car that has driven
+before (the calibration and learned table a daemon persists), drives chained through the
+daemon's own state file, and a real daemon starting from a state learned by the evaluator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cerebellumd.cli import main
+from cerebellumd.config.state_file import Totals, read_totals, write_atomic
+from tests.test_calibration_daemon import part, start
+
+from .helpers import until
+
+TIGHT = str(resources.files("cerebellumd").joinpath("examples", "events", "tight.toml"))
+
+
+def evaluate(capsys: pytest.CaptureFixture[str], *extra: str, seed: int = 1) -> dict[str, Any]:
+    assert main(["evaluate", "--scenario", "udds", "--events", TIGHT, "--seed", str(seed), "--json", *extra]) == 0
+    result: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return result
+
+
+def readiness(result: dict[str, Any]) -> float:
+    return float(result["results"][0]["readiness"])
+
+
+def test_a_drive_starts_from_what_an_earlier_drive_learned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "car.json"
+    first = evaluate(capsys, "--save-state", str(state), seed=1001)
+    assert first["calibration"]["learned"], "the tight world teaches a first drive"
+    saved = read_totals(state)
+    assert saved is not None
+    assert saved.sections["calibration"]["budget_s"] == pytest.approx(first["calibration"]["budget_s"], abs=1e-6)
+    assert saved.sections["learned_anticipation"] is None  # learning is off in the demo config
+    assert (saved.joules, saved.wakes, saved.sleeps) == ({}, 0, 0)  # a new file: the daemon counts from zero
+
+    cold = evaluate(capsys)
+    warm = evaluate(capsys, "--state", str(state))
+    assert cold["calibration"]["adapted_at_s"] > 0  # the first drive learns on the way
+    assert warm["calibration"]["adapted_at_s"] == 0.0  # a restored lesson holds from the start
+    assert warm["calibration"]["events_after_adaptation"] == warm["events"]
+    # This seed's first surprise finds a cold policy asleep; the restored budget has ruled sleep out.
+    assert readiness(warm) > readiness(cold)
+    assert warm["calibration"]["late_wakes"] == first["calibration"]["late_wakes"]  # and none more
+
+
+def test_saving_into_a_daemons_state_file_keeps_its_totals_and_sections(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state.json"
+    daemon_wrote = Totals(joules={"accelerator": 1234.5}, wakes=7, sleeps=6, wakes_by_reason={"demand:collision": 7.0},
+                          sections={"budget": {"used_wh": 3.0}, "calibration": {"budget_s": None}})
+    write_atomic(state, daemon_wrote.to_json("gateway"))
+    result = evaluate(capsys, "--state", str(state), "--save-state", str(state))
+    kept = read_totals(state)
+    assert kept is not None
+    assert (kept.joules, kept.wakes, kept.sleeps, kept.wakes_by_reason) == (
+        {"accelerator": 1234.5}, 7, 6, {"demand:collision": 7.0})
+    assert kept.sections["budget"] == {"used_wh": 3.0}
+    assert kept.sections["calibration"]["budget_s"] == pytest.approx(result["calibration"]["budget_s"], abs=1e-6)
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    (None, "no such state file"),
+    ("not json", "not a state file a daemon wrote"),
+    (json.dumps({"schema": 99}), "schema"),
+    (Totals(sections={"calibration": {"budget_s": -1}}).to_json("g"), "'calibration' does not read back"),
+    (Totals(sections={"calibration": "x"}).to_json("g"), "'calibration' does not read back"),
+])
+def test_a_state_file_that_does_not_read_back_is_an_error_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, says: str) -> None:
+    state = tmp_path / "bad.json"
+    if content is not None:
+        state.write_text(content, "utf-8")
+    assert main(["evaluate", "--scenario", "udds", "--seed", "1", "--json", "--state", str(state)]) == 2
+    err = capsys.readouterr().err
+    assert str(state) in err and says in err
+
+
+def test_saving_never_replaces_a_file_that_is_not_a_state_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    precious = tmp_path / "notes.txt"
+    precious.write_text("not a state file\n", "utf-8")
+    assert main(["evaluate", "--scenario", "udds", "--seed", "1", "--json", "--save-state", str(precious)]) == 2
+    assert str(precious) in capsys.readouterr().err
+    assert precious.read_text("utf-8") == "not a state file\n"
+
+
+def test_state_goes_with_one_drive_not_a_day(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--day", "commuter", "--state", str(tmp_path / "s.json")]) == 2
+    assert "not --day" in capsys.readouterr().err
+
+
+async def test_a_daemon_starts_from_the_state_the_evaluator_learned(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state.json"
+    assert await asyncio.to_thread(main, ["evaluate", "--scenario", "udds", "--events", TIGHT, "--seed", "1001",
+                                          "--json", "--save-state", str(state)]) == 0
+    learned = json.loads(capsys.readouterr().out)["calibration"]["budget_s"]
+    assert learned < 1.0
+    rig = await start(tmp_path, state)
+    try:
+        assert part(rig.daemon).restored
+        await until(lambda: rig.metric("cerebellumd_unannounced_budget_seconds") == pytest.approx(learned, abs=1e-6),
+                    5, "the budget learned offline exported before any wake")
+    finally:
+        await rig.close()
