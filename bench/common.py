@@ -33,17 +33,21 @@ BENCH_GROUP = "239.74.163.7"
 BENCH_PORT = 44000 + os.getpid() % 1000
 CRITICAL_MESSAGE = "AdasStatus"
 SENDER_CPU_ENV = "CEREBELLUMD_BENCH_SENDER_CPU"
+#: The CPUs this process had before `pin`: cyclictest, the neutral reference, runs on all of them.
+_UNPINNED_CPUS: set[int] | None = None
 
 
 def pin(receiver_cpu: int = 0) -> str:
     """Keep this process on `receiver_cpu` and the senders it starts on another core: with both
     free to migrate, the cost per frame of either receiver moves by ±15 % from run to run with
     where the scheduler happens to put the two processes. Returns a description."""
+    global _UNPINNED_CPUS
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return f"not pinned: only CPU {cpus} available"
     receiver = receiver_cpu if receiver_cpu in cpus else cpus[0]
     sender = next(c for c in cpus if c != receiver)
+    _UNPINNED_CPUS = set(cpus)
     os.sched_setaffinity(0, {receiver})
     os.environ[SENDER_CPU_ENV] = str(sender)
     return f"receiver on CPU {receiver}, sender on CPU {sender}"
@@ -149,8 +153,10 @@ async def run_cyclictest(interval_us: int, seconds: float, hist_max_us: int,
     if cmd is None:
         print("cyclictest not found (install rt-tests): reporting nulls", file=sys.stderr)
         return CyclictestResult(None, None, None, 0, "cyclictest missing")
+    cpus = _UNPINNED_CPUS
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     out, err = await proc.communicate()
     if proc.returncode != 0:
         msg = err.decode(errors="replace").strip()

@@ -9,7 +9,7 @@ interval, duration and scheduling class, as the kernel's reference for this mach
 Lateness = time.monotonic() in the tick callback - the tick's absolute deadline.
 
     python bench/tick_jitter.py [--seconds S] [--load FRAMES_PER_S] [--runs N] [--json] [--quick]
-        [--fifo PRIO] [--uvloop] [--mlockall] [--gc-freeze] [--switch-interval-us US]
+        [--fifo PRIO] [--uvloop] [--mlockall] [--gc-freeze] [--switch-interval-us US] [--pin]
 
 With --runs N > 1 the measurement is repeated N times (a fresh sender and cyclictest each time)
 and the result is {"runs": [one object per run], "ratio_p99": [...], "ratio_p99_median",
@@ -199,11 +199,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the loop; Python's default is 5000 us); 0 = leave the default")
     p.add_argument("--runs", type=int, default=1, help="repeat the measurement; report each, the median "
                                                          "and the spread of ratio_p99")
+    p.add_argument("--pin", action="store_true",
+                   help="this process (the loop) on CPU 0 as the daemon's [realtime] cpu_affinity = [0] pins it, the "
+                        "frame sender on another core (on a gateway the frames come from a CAN controller, not a "
+                        "process sharing the core); cyclictest stays on all CPUs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quick", action="store_true", help="CI smoke: 3 s at 500 frames/s")
     a = p.parse_args(argv)
     if a.quick:
         a.seconds, a.load = 3.0, 500.0
+    if a.pin:
+        print(common.pin(), file=sys.stderr)
     if a.uvloop:
         from cerebellumd.daemon.realtime import install_event_loop_policy_if
 
