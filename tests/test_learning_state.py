@@ -111,3 +111,27 @@ async def test_a_daemon_starts_from_the_state_the_evaluator_learned(
                     5, "the budget learned offline exported before any wake")
     finally:
         await rig.close()
+
+
+def test_a_sweep_starts_every_run_from_the_state_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cerebellumd.sim.sweep import load_sweep, run_sweep
+
+    evaluate(capsys, "--save-state", str(tmp_path / "car.json"), seed=1001)
+    # release_ms 1000 is the demo's own value: the grid point is the demo config.
+    common = f'scenarios = ["udds"]\nevents = ["{TIGHT}"]\nseeds = [1]\n[grid]\nrelease_ms = [1000]\n'
+    (tmp_path / "cold.toml").write_text(common, "utf-8")
+    (tmp_path / "warm.toml").write_text('state = "car.json"\n' + common, "utf-8")  # relative to the sweep file
+    cold = run_sweep(load_sweep(tmp_path / "cold.toml"), workers=2)
+    warm = run_sweep(load_sweep(tmp_path / "warm.toml"), workers=2)
+    assert warm[0]["readiness"] > cold[0]["readiness"]
+    assert warm[0]["readiness"] == readiness(evaluate(capsys, "--state", str(tmp_path / "car.json")))
+
+
+def test_a_sweep_with_a_bad_state_file_fails_before_it_fans_out(tmp_path: Path) -> None:
+    from cerebellumd.sim.sweep import load_sweep
+
+    (tmp_path / "car.json").write_text(Totals(sections={"calibration": {"budget_s": "x"}}).to_json("g"), "utf-8")
+    (tmp_path / "s.toml").write_text('state = "car.json"\nscenarios = ["udds"]\n', "utf-8")
+    with pytest.raises(ValueError, match=r"car\.json: section 'calibration' does not read back"):
+        load_sweep(tmp_path / "s.toml")
+

@@ -392,8 +392,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.log is not None and (not args.dbc or not args.labels or args.dask or args.events):
-        print("error: sweep --log needs --dbc and --labels (and takes no --dask or --events)", file=sys.stderr)
+    if args.log is not None and (not args.dbc or not args.labels or args.dask or args.events or spec.state):
+        print("error: sweep --log needs --dbc and --labels (and takes no --dask, --events or `state`)",
+              file=sys.stderr)
         return 2
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("evaluating", total=None)

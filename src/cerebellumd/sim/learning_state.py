@@ -14,6 +14,7 @@ that does not read back is an error naming it, never silently replaced.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
 from ..config.state_file import CALIBRATION_SECTION, LEARNED_SECTION, StateFileError, Totals, read_totals, write_atomic
@@ -30,10 +31,22 @@ def read_learning(path: str | Path, params: PolicyParams) -> tuple[Calibration |
     """(calibration, learned table) from a daemon's state file; None for a section it lacks (the
     policy then starts from its configuration there). A learned table saved under other features,
     or while learning was off, starts empty, as in the daemon."""
+    return learning_from_sections(read_sections(path), params, path)
+
+
+def read_sections(path: str | Path) -> dict[str, Any]:
+    """The policy's two sections of a daemon's state file, raw (JSON values; absent ones left
+    out): what a sweep ships to its workers, which parse them per grid point."""
     totals = _read(Path(path), must_exist=True)
     assert totals is not None
+    return {k: totals.sections[k] for k in (CALIBRATION_SECTION, LEARNED_SECTION) if k in totals.sections}
+
+
+def learning_from_sections(sections: dict[str, Any], params: PolicyParams,
+                           path: str | Path) -> tuple[Calibration | None, Learned | None]:
+    """`read_sections`' result parsed for a policy (`path` names the file in errors)."""
     calibration: Calibration | None = None
-    raw = totals.sections.get(CALIBRATION_SECTION)
+    raw = sections.get(CALIBRATION_SECTION)
     if raw is not None:
         # The drive's time starts at 0: a restored clean stretch starts with the drive, as the
         # daemon's starts when it restarts.
@@ -41,7 +54,7 @@ def read_learning(path: str | Path, params: PolicyParams) -> tuple[Calibration |
         if calibration is None:
             raise LearningStateError(f"{path}: section {CALIBRATION_SECTION!r} does not read back: {raw!r}")
     learned: Learned | None = None
-    raw = totals.sections.get(LEARNED_SECTION)
+    raw = sections.get(LEARNED_SECTION)
     if raw is not None and params.learned.enabled:
         try:
             learned = Learned.from_dict(raw, params.learned)

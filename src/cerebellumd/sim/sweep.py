@@ -8,6 +8,8 @@ Sweep file (TOML):
     events = ["tight", "my_world.toml"]  # optional: shipped names or event files; crossed
                                          # with every scenario (which then names no variant)
     seeds = [1, 2, 3]
+    state = "car.json"             # optional: every run starts from what a daemon learned
+                                   # (its state file; as `evaluate --state`)
     [grid]                         # keys of the [policy] section, each a list of values
     release_ms = [2000, 4000]
     latency_budget_ms = [1000, 1500]
@@ -26,11 +28,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import PolicyConfig, builtin_example, parse_config
+from ..config import PolicyConfig, builtin_example, parse_config, policy_params
 from .cycles import load_cycle
 from .evaluate import evaluate
 from .events import EventModel, build_scenario, named_scenario
 from .events_config import NAMED_MODELS, resolve_events
+from .learning_state import learning_from_sections, read_sections
 
 
 class SweepSpec(BaseModel):
@@ -44,6 +47,9 @@ class SweepSpec(BaseModel):
         "with every scenario; empty: each scenario's own variant.",
     )
     seeds: list[int] = Field([1], description="Seeds to evaluate every point on.")
+    state: str | None = Field(
+        None, description="A daemon's state file (relative to the sweep file): every run's configured policy starts "
+        "from the calibration and learned table in it, as `evaluate --state`; default: nothing learned.")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="[policy] key -> values.")
 
 
@@ -57,6 +63,13 @@ def load_sweep(path: str | Path) -> SweepSpec:
         spec = spec.model_copy(update={"policy": str(p.parent / spec.policy)})
     events = [e if e in NAMED_MODELS or Path(e).is_absolute() else str(p.parent / e) for e in spec.events]
     spec = spec.model_copy(update={"events": events})
+    if spec.state is not None:
+        if not Path(spec.state).is_absolute():
+            spec = spec.model_copy(update={"state": str(p.parent / spec.state)})
+        assert spec.state is not None
+        base = parse_config(Path(spec.policy).read_text(encoding="utf-8")) if spec.policy else parse_config(
+            builtin_example())
+        learning_from_sections(read_sections(spec.state), policy_params(base), spec.state)  # fail before fanning out
     check_events(spec)
     return spec
 
@@ -100,9 +113,11 @@ def run_one(
     scenario: str,
     seed: int,
     world: tuple[str, str, EventModel] | None = None,
+    state: tuple[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One grid point on one scenario and seed (runs in a worker process). `world` is
-    (cycle, event model name, event model); default: parsed from `scenario`."""
+    (cycle, event model name, event model); default: parsed from `scenario`. `state`: (file,
+    its sections as `read_sections` gives them) to start the configured policy from."""
     config = parse_config(base_text)
     config = config.model_copy(update={"policy": config.policy.model_copy(update=params)})
     if world is None:
@@ -110,7 +125,8 @@ def run_one(
         world = (cycle, variant, named_scenario(variant))
     cycle, variant, model = world
     sc = build_scenario(load_cycle(cycle), seed, model, name=variant)
-    return result_row(params, scenario, seed, evaluate(config, sc))
+    calibration, learned = learning_from_sections(state[1], policy_params(config), state[0]) if state else (None, None)
+    return result_row(params, scenario, seed, evaluate(config, sc, calibration=calibration, learned=learned))
 
 
 def result_row(params: dict[str, Any], scenario: str, seed: int, result: dict[str, Any]) -> dict[str, Any]:
@@ -198,8 +214,10 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     base = Path(spec.policy).read_text(encoding="utf-8") if spec.policy else builtin_example()
     parse_config(base)  # fail before fanning out
+    # Read here, shipped to the workers (a dask worker may not see this file system).
+    state = (spec.state, read_sections(spec.state)) if spec.state else None
     jobs = [
-        (base, p, label, seed, (cycle, name, model))
+        (base, p, label, seed, (cycle, name, model), state)
         for p in points(spec)
         for label, cycle, name, model in worlds(spec)
         for seed in spec.seeds
