@@ -135,3 +135,21 @@ def test_a_sweep_with_a_bad_state_file_fails_before_it_fans_out(tmp_path: Path) 
     with pytest.raises(ValueError, match=r"car\.json: section 'calibration' does not read back"):
         load_sweep(tmp_path / "s.toml")
 
+
+
+def test_the_worlds_table_script_reports_cold_and_warm_per_cell(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "worlds_table.py"
+    rows_file = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(script), "--worlds", "tight", "--cycles", "udds", "--seeds", "1",
+                           "--teach", "1", "--workers", "1", "--json", str(rows_file)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| tight | udds |")]
+    assert len(lines) == 1
+    (row,) = json.loads(rows_file.read_text("utf-8"))
+    assert row["taught"]  # seed 1001 teaches (test_a_drive_starts_from_what_an_earlier_drive_learned)
+    assert row["warm"]["readiness"] > row["cold"]["readiness"]
+    assert f"{row['cold']['readiness']:.3f} / {row['cold']['readiness']:.3f}" in lines[0]
