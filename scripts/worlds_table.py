@@ -66,10 +66,11 @@ def one_cell(job: tuple[str | None, str, str, int, int]) -> dict[str, Any]:
     sections: dict[str, Any] = {}
     for k in range(1, teach + 1):  # the earlier drives, oldest first, each from what the one before left
         calibration, learned = learning_from_sections(sections, params, "<chained drives>")
-        final = run_evaluation(config, build_scenario(cyc, seed + 1000 * k, model, name=name),
-                               calibration=calibration, learned=learned, causal_baselines=False).runs[0].final_state
+        teaching = run_evaluation(config, build_scenario(cyc, seed + 1000 * k, model, name=name),
+                                  calibration=calibration, learned=learned, causal_baselines=False)
+        final = teaching.runs[0].final_state
         assert final is not None
-        sections = {"calibration": final.calibration.to_dict(),
+        sections = {"calibration": final.calibration.to_dict(teaching.result["duration_s"]),
                     "learned_anticipation": final.learned.to_dict(params.learned) if params.learned.enabled else None}
     cold = figures(run_evaluation(config, build_scenario(cyc, seed, model, name=name)).result)
     calibration, learned = learning_from_sections(sections, params, "<chained drives>")

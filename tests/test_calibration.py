@@ -9,7 +9,14 @@ import pytest
 
 from cerebellumd.accel import AccelState
 from cerebellumd.config import builtin_example, parse_config
-from cerebellumd.policies.calibration import Calibration, CalibrationParams, next_relax, relax, tighten
+from cerebellumd.policies.calibration import (
+    Calibration,
+    CalibrationParams,
+    next_relax,
+    parse_calibration,
+    relax,
+    tighten,
+)
 from cerebellumd.policies.cerebellum import CerebellumFirst, PolicyState
 from cerebellumd.policies.expr import compile_expression
 from cerebellumd.policies.types import DemandClass, DemandSpec, Inputs
@@ -51,6 +58,24 @@ def test_persisted_form_round_trips() -> None:
     core = CerebellumFirst(params(), model())
     assert core.unannounced_budget_s(core.initial_state(0.0, calibration=restored)) == pytest.approx(0.7)
     assert core.unannounced_budget_s(core.initial_state(0.0)) == 1.5
+
+
+def test_a_restored_calibration_continues_its_clean_stretch_across_short_drives() -> None:
+    """Drives of 10 minutes, each a restart: a budget tightened in the first must still relax
+    after 15 minutes of clean driving, spread over two drives, not be held forever because each
+    restart began the stretch again."""
+    cal = tighten(Calibration(), 60.0, 0.8, 0.25, P)  # learned one minute into drive 1
+    saved = cal.to_dict(now=600.0)  # drive 1 ends: 540 s of the 900 s stretch run
+    assert saved["clean_s"] == pytest.approx(540.0)
+    drive2 = Calibration.from_dict(saved, now=5000.0)  # another boot, another monotonic clock
+    assert relax(drive2, 5000.0 + 359.0, 1.5, P).budget_s == pytest.approx(0.7)
+    assert relax(drive2, 5000.0 + 360.0, 1.5, P).budget_s == pytest.approx(0.8)
+    # What an older daemon saved (no clean_s) restarts the stretch, as before.
+    old = Calibration.from_dict({k: v for k, v in saved.items() if k != "clean_s"}, now=5000.0)
+    assert relax(old, 5000.0 + 360.0, 1.5, P).budget_s == pytest.approx(0.7)
+    assert parse_calibration({**saved, "clean_s": -1.0}, 0.0) is None
+    assert parse_calibration({**saved, "clean_s": float("nan")}, 0.0) is None
+    assert "clean_s" not in Calibration().to_dict(now=600.0)  # nothing to relax: nothing kept
 
 
 def _step(core: CerebellumFirst, state: PolicyState, t: float, actual: AccelState, **kw: object) -> PolicyState:

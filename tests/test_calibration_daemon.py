@@ -70,6 +70,8 @@ async def test_a_late_wake_tightens_exports_persists_and_is_restored(tmp_path: P
         await rig.close()
     saved = json.loads(await asyncio.to_thread(state_file.read_text))
     assert saved["sections"]["calibration"]["budget_s"] == learned
+    # The clean stretch run so far is kept, for the next start to continue (not restart) it.
+    assert 0.0 <= saved["sections"]["calibration"]["clean_s"] < 900.0
 
     again = await start(tmp_path, state_file)  # a restart: what was learned is kept
     try:

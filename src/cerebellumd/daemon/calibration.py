@@ -91,7 +91,7 @@ class CalibrationPart:
 
     def _dump(self) -> dict[str, Any] | None:
         calibration = self._host.calibration()
-        return calibration.to_dict() if calibration is not None else None
+        return calibration.to_dict(self._clock.now()) if calibration is not None else None
 
     def _on_telemetry(self, _now: float) -> None:
         self.m_budget.set(self._host.unannounced_budget_s())

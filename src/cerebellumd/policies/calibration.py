@@ -15,7 +15,8 @@ timer.
 - After `relax_after_s` without a late wake the budget grows by `relax_step_s`, once per
   `relax_after_s`; when it reaches the configured budget calibration is back to untightened.
 
-The state is a small frozen value: the daemon can export `budget_s` and persist `to_dict()`.
+The state is a small frozen value: the daemon can export `budget_s` and persist `to_dict(now)`
+(with the clean stretch run so far, which a restore continues).
 """
 
 from __future__ import annotations
@@ -50,17 +51,24 @@ class Calibration:
             return configured_s, False
         return self.budget_s, True
 
-    def to_dict(self) -> dict[str, Any]:
-        """Persistable form (times are monotonic seconds of the run that learned them; a
-        restored calibration keeps the budget and counts, and restarts its clean stretch)."""
-        return {"budget_s": self.budget_s, "late_wakes": self.late_wakes, "worst_lateness_s": self.worst_lateness_s}
+    def to_dict(self, now: float | None = None) -> dict[str, Any]:
+        """Persistable form. Times are monotonic seconds of the run that learned them, so none is
+        kept as such: `clean_s` is how far the clean stretch toward the next relax step had run
+        at `now` (the moment of saving). A restored calibration continues that stretch instead of
+        restarting it; otherwise a car whose drives are all shorter than `relax_after_s` would
+        never relax a budget it once tightened."""
+        out: dict[str, Any] = {"budget_s": self.budget_s, "late_wakes": self.late_wakes,
+                               "worst_lateness_s": self.worst_lateness_s}
+        if now is not None and self.budget_s is not None and math.isfinite(self.since):
+            out["clean_s"] = max(0.0, now - self.since)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], now: float) -> Calibration:
         budget = data.get("budget_s")
         return cls(
             budget_s=None if budget is None else float(budget),
-            since=now,
+            since=now - float(data.get("clean_s", 0.0)),
             late_wakes=int(data.get("late_wakes", 0)),
             worst_lateness_s=float(data.get("worst_lateness_s", 0.0)),
             # A restored lesson was learned before: adaptation counts from the restore.
@@ -110,14 +118,14 @@ def next_relax(cal: Calibration, p: CalibrationParams) -> float | None:
 
 def parse_calibration(raw: Any, now: float) -> Calibration | None:
     """A persisted calibration (`Calibration.to_dict`) read back, or None where it does not read
-    back: not an object, a budget or lateness that is no finite non-negative number, a count that
-    is no non-negative integer."""
+    back: not an object, a budget, lateness or clean stretch that is no finite non-negative
+    number, a count that is no non-negative integer."""
     if not isinstance(raw, dict):
         return None
     budget = raw.get("budget_s")
     late = raw.get("late_wakes", 0)
     worst = raw.get("worst_lateness_s", 0.0)
-    numbers = [v for v in (budget, worst) if v is not None]
+    numbers = [v for v in (budget, worst, raw.get("clean_s")) if v is not None]
     if any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 for v in numbers):
         return None
     if isinstance(late, bool) or not isinstance(late, int) or late < 0:

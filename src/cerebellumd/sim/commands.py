@@ -236,7 +236,8 @@ def _save_learning(args: argparse.Namespace, config: Any, evaluation: Any) -> No
     from .learning_state import save_learning
 
     final = evaluation.runs[0].final_state
-    save_learning(args.save_state, config, policy_params(config), final.calibration, final.learned)
+    save_learning(args.save_state, config, policy_params(config), final.calibration, final.learned,
+                  evaluation.result["duration_s"])
 
 
 def _dbc_gate(path: str, config: Any, db: Any) -> bool:

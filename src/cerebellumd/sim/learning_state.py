@@ -64,11 +64,12 @@ def learning_from_sections(sections: dict[str, Any], params: PolicyParams,
 
 
 def save_learning(path: str | Path, config: Config, params: PolicyParams, calibration: Calibration,
-                  learned: Learned) -> None:
-    """Write the policy's two sections into the state file at `path` (created, or updated in place)."""
+                  learned: Learned, now: float) -> None:
+    """Write the policy's two sections into the state file at `path` (created, or updated in
+    place), as the daemon saves them at `now` (the end of the drive, on the drive's clock)."""
     target = Path(path)
     totals = _read(target, must_exist=False) or Totals()
-    totals.sections[CALIBRATION_SECTION] = calibration.to_dict()
+    totals.sections[CALIBRATION_SECTION] = calibration.to_dict(now)
     totals.sections[LEARNED_SECTION] = learned.to_dict(params.learned) if params.learned.enabled else None
     try:
         write_atomic(target, totals.to_json(config.daemon.node))
