@@ -41,6 +41,9 @@ EXTRA_MODULES = {"numpy", "matplotlib", "PIL", "contourpy", "kiwisolver", "fontT
 
 #: Top-level modules of features the demo config does not configure (MQTT, the MCU's serial link).
 UNCONFIGURED_MODULES = {"aiomqtt", "paho", "serial", "serial_asyncio_fast"}
+#: The SOME/IP codec, receiver and SD client: only their option models are needed without `[[someip]]`.
+UNCONFIGURED_OWN_MODULES = {"cerebellumd.drivers.someip", "cerebellumd.drivers.someip_sd",
+                            "cerebellumd.drivers.someip_sd_udp"}
 #: The evaluator's drive cycles and event models: `run` builds the `evaluate` parser only.
 SIM_ONLY_MODULES = {"cerebellumd.sim.cycles", "cerebellumd.sim.events", "cerebellumd.sim.events_config"}
 
@@ -148,8 +151,9 @@ def test_run_loads_no_extra_module(tmp_path: Path) -> None:
     # What only some configs need is imported when configured (docs/PERFORMANCE.md, memory of `run`):
     # the demo has no [mqtt] and no [mcu], and `run` evaluates no scenario.
     sections = tomllib.loads(config.read_text())
-    assert "mqtt" not in sections and "mcu" not in sections
+    assert "mqtt" not in sections and "mcu" not in sections and "someip" not in sections
     assert not tops & UNCONFIGURED_MODULES, sorted(tops & UNCONFIGURED_MODULES)
+    assert not set(loaded) & UNCONFIGURED_OWN_MODULES, sorted(set(loaded) & UNCONFIGURED_OWN_MODULES)
     assert not set(loaded) & SIM_ONLY_MODULES, sorted(set(loaded) & SIM_ONLY_MODULES)
 
 

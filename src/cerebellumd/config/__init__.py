@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..accel import AccelState
 from ..drivers.mcu_link import McuLinkOptions
-from ..drivers.someip import SomeIpOptions
-from ..drivers.someip_sd import SdOptions
+from ..drivers.someip_options import SomeIpOptions
+from ..drivers.someip_sd_options import SdOptions
 from ..policies.expr import ExpressionError, compile_expression
 from ..policies.learned import LearnedParams
 from ..policies.types import (

@@ -32,6 +32,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -52,14 +53,15 @@ from ..drivers.mcu_protocol import (
     StatusFlags,
     WakeRequest,
 )
-from ..drivers.someip import ERROR_KINDS as SOMEIP_DECODE_ERRORS
-from ..drivers.someip import SomeIpReceiver
-from ..drivers.someip_sd import SD_ERROR_KINDS, SdClient
-from ..drivers.someip_sd_udp import SdTransport
+from ..drivers.someip_options import ERROR_KINDS as SOMEIP_DECODE_ERRORS
+from ..drivers.someip_sd_options import SD_ERROR_KINDS
 from .clock import Clock
 from .host import EnergyHost, PowerDownResult, SampleSink, Undo
 from .metrics import Metrics
 from .tasks import cancel_and_wait
+
+if TYPE_CHECKING:
+    from ..drivers.someip_sd_udp import SdTransport
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,12 @@ class SomeIpSource:
         self._routes = routes
         self._sink = sink
         self._clock = clock
+        # The codec, the receiver and the SD client load only where SOME/IP is configured (their
+        # modules hold about 1.5 MB that a gateway without it never needs; docs/PERFORMANCE.md).
+        from ..drivers.someip import SomeIpReceiver
+        from ..drivers.someip_sd import SdClient
+        from ..drivers.someip_sd_udp import SdTransport
+
         self.receiver = SomeIpReceiver(config, self._on_samples)
         self.sd: SdTransport | None = (
             SdTransport(SdClient(config.sd), config.host) if config.sd is not None else None)

@@ -34,7 +34,8 @@ from cantools.database.can import Database
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..drivers.mcu_emulator import McuEmulator
-from ..drivers.someip import SomeIpFieldSpec, build_notification, encode_payload
+from ..drivers.someip import build_notification, encode_payload
+from ..drivers.someip_options import SomeIpFieldSpec
 from .cycles import load_cycle
 from .events import build_scenario
 from .events_config import resolve_events
