@@ -78,6 +78,29 @@ def test_a_restored_calibration_continues_its_clean_stretch_across_short_drives(
     assert "clean_s" not in Calibration().to_dict(now=600.0)  # nothing to relax: nothing kept
 
 
+def test_only_a_deadline_lesson_is_carried_across_a_restart() -> None:
+    """A challenge that allowed about the configured budget and still came late arrived
+    mid-entry: the drive keeps the caution, a restart does not. One that allowed less by more
+    than the margin taught a deadline, and that is persisted."""
+    # 1.45 s: the consumer's "allowed" falls short of the 1.5 s deadline by the detection delay.
+    mid_entry = tighten(Calibration(), 60.0, 1.45, 0.4, P, configured_s=1.5)
+    assert mid_entry.budget_s == pytest.approx(1.35)  # in force for this drive
+    assert mid_entry.to_dict(now=100.0)["budget_s"] is None  # not carried to the next
+    assert mid_entry.to_dict(now=100.0)["late_wakes"] == 1  # the history is
+    deadline = tighten(mid_entry, 200.0, 0.8, 0.25, P, configured_s=1.5)
+    assert deadline.to_dict(now=300.0)["budget_s"] == pytest.approx(0.7)
+    later = tighten(deadline, 400.0, 1.5, 0.4, P, configured_s=1.5)
+    assert later.to_dict(now=500.0)["budget_s"] == pytest.approx(0.7)
+    # Relaxed back to untightened, the deadline lesson is spent: a later mid-entry one stays with its drive.
+    back = relax(deadline, 400.0 + 9 * 900.0, 1.5, P)
+    assert back.budget_s is None and not back.deadline_lesson
+    again = tighten(back, 9000.0, 1.5, 0.4, P, configured_s=1.5)
+    assert again.budget_s == pytest.approx(1.4) and again.to_dict(now=9100.0)["budget_s"] is None
+    # Restored, a persisted budget is a deadline lesson again (only those are persisted).
+    restored = Calibration.from_dict(deadline.to_dict(now=300.0), now=0.0)
+    assert restored.deadline_lesson and restored.to_dict(now=10.0)["budget_s"] == pytest.approx(0.7)
+
+
 def _step(core: CerebellumFirst, state: PolicyState, t: float, actual: AccelState, **kw: object) -> PolicyState:
     reports = {k: kw.pop(k) for k in ("late_reports", "served_reports") if k in kw}
     inputs = Inputs(samples=samples(t, **kw), actual=actual, **reports)  # type: ignore[arg-type]

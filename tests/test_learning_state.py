@@ -153,3 +153,18 @@ def test_the_worlds_table_script_reports_cold_and_warm_per_cell(tmp_path: Path) 
     assert row["taught"]  # seed 1001 teaches (test_a_drive_starts_from_what_an_earlier_drive_learned)
     assert row["warm"]["readiness"] > row["cold"]["readiness"]
     assert f"{row['cold']['readiness']:.3f} / {row['cold']['readiness']:.3f}" in lines[0]
+
+
+def test_a_mid_entry_lesson_stays_with_its_drive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Default world, UDDS seed 1008: a surprise arrives while the accelerator enters sleep and
+    comes late although its 1.5 s deadline is the configured budget. The drive tightens; the
+    state file carries the late wake, not the budget."""
+    state = tmp_path / "car.json"
+    assert main(["evaluate", "--scenario", "udds", "--seed", "1008", "--json", "--save-state", str(state)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["calibration"]["learned"] and result["calibration"]["late_wakes"] == 1
+    assert result["calibration"]["budget_s"] > 1.3  # what it allowed was about the configured 1.5 s
+    saved = read_totals(state)
+    assert saved is not None
+    assert saved.sections["calibration"]["budget_s"] is None
+    assert saved.sections["calibration"]["late_wakes"] == 1

@@ -17,6 +17,13 @@ timer.
 
 The state is a small frozen value: the daemon can export `budget_s` and persist `to_dict(now)`
 (with the clean stretch run so far, which a restore continues).
+
+Only what the world taught is persisted: a challenge that allowed *less* than the configured
+budget by more than `margin_s` (`deadline_lesson`). A tightening whose challenges all allowed
+about the configured budget says only that one arrived while an entry was under way (the
+consumer's "allowed" falls short of the deadline by the detection delay, a few tens of ms). That
+is a coincidence of timing, no likelier in the next drive than in this one. It holds for the
+rest of the drive and is not carried across a restart.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ class Calibration:
     late_wakes: int = 0
     worst_lateness_s: float = 0.0
     first_late_at: float | None = None  # when the first lesson (late or served report) tightened: adaptation start
+    #: Since the last untightening, a lesson showed a challenge allowing less than the configured budget.
+    deadline_lesson: bool = False
 
     def effective(self, configured_s: float) -> tuple[float, bool]:
         """(latency budget, whether the worst case of a mid-entry challenge counts)."""
@@ -57,9 +66,10 @@ class Calibration:
         at `now` (the moment of saving). A restored calibration continues that stretch instead of
         restarting it; otherwise a car whose drives are all shorter than `relax_after_s` would
         never relax a budget it once tightened."""
-        out: dict[str, Any] = {"budget_s": self.budget_s, "late_wakes": self.late_wakes,
+        kept = self.budget_s if self.deadline_lesson else None  # a mid-entry coincidence stays with its drive
+        out: dict[str, Any] = {"budget_s": kept, "late_wakes": self.late_wakes,
                                "worst_lateness_s": self.worst_lateness_s}
-        if now is not None and self.budget_s is not None and math.isfinite(self.since):
+        if now is not None and kept is not None and math.isfinite(self.since):
             out["clean_s"] = max(0.0, now - self.since)
         return out
 
@@ -73,14 +83,18 @@ class Calibration:
             worst_lateness_s=float(data.get("worst_lateness_s", 0.0)),
             # A restored lesson was learned before: adaptation counts from the restore.
             first_late_at=None if budget is None else now,
+            deadline_lesson=budget is not None,  # only those are persisted
         )
 
 
 def tighten(
-    cal: Calibration, now: float, allowed_s: float, lateness_s: float, p: CalibrationParams, count: bool = True
+    cal: Calibration, now: float, allowed_s: float, lateness_s: float, p: CalibrationParams, count: bool = True,
+    configured_s: float = math.inf,
 ) -> Calibration:
     """A wake for an unannounced challenge came `lateness_s` late; the challenge allowed
-    `allowed_s` from its onset. Idempotent for the same evidence (`count`: a new late wake)."""
+    `allowed_s` from its onset. Idempotent for the same evidence (`count`: a new late wake).
+    `configured_s`: the configured budget; a challenge that allowed less by more than `margin_s`
+    taught a deadline."""
     if not p.enabled:
         return cal
     learned = max(p.floor_s, allowed_s - p.margin_s)
@@ -91,6 +105,7 @@ def tighten(
         late_wakes=cal.late_wakes + (1 if count else 0),
         worst_lateness_s=max(cal.worst_lateness_s, lateness_s),
         first_late_at=cal.first_late_at if cal.first_late_at is not None else now,
+        deadline_lesson=(cal.deadline_lesson and cal.budget_s is not None) or allowed_s < configured_s - p.margin_s,
     )
 
 
@@ -106,7 +121,7 @@ def relax(cal: Calibration, now: float, configured_s: float, p: CalibrationParam
     budget = cal.budget_s + steps * p.relax_step_s
     since = cal.since + steps * p.relax_after_s
     if budget >= configured_s - 1e-9:
-        return replace(cal, budget_s=None, since=since)
+        return replace(cal, budget_s=None, since=since, deadline_lesson=False)
     return replace(cal, budget_s=budget, since=since)
 
 

@@ -361,7 +361,7 @@ class CerebellumFirst:
                 learned = teach(learned, allowed - cp.margin_s)
                 if explains(lp, learned):
                     return cal
-            return tighten(cal, now, allowed, lateness, cp, count=count)
+            return tighten(cal, now, allowed, lateness, cp, count=count, configured_s=self.params.latency_budget_s)
 
         wake = state
         if state.wake_onset is not None and inputs.actual is AccelState.ACTIVE:
