@@ -100,6 +100,10 @@ class CalibrationPart:
 
     def state_extra(self) -> dict[str, Any]:
         calibration = self._host.calibration()
-        learned = calibration.to_dict() if calibration is not None else {}
+        # What is in force now (not the persisted form, which leaves out a tightening that only
+        # this drive keeps).
+        learned: dict[str, Any] = {} if calibration is None else {
+            "budget_s": calibration.budget_s, "late_wakes": calibration.late_wakes,
+            "worst_lateness_s": calibration.worst_lateness_s}
         return {"calibration": {"unannounced_budget_s": round(self._host.unannounced_budget_s(), 3), **learned}}
 
