@@ -53,11 +53,12 @@ def figures(result: dict[str, Any]) -> dict[str, Any]:
 def one_cell(job: tuple[str | None, str, str, int, int]) -> dict[str, Any]:
     policy, world, cycle, seed, teach = job
     from cerebellumd.config import builtin_example, load_config, parse_config, policy_params
+    from cerebellumd.config.state_file import CALIBRATION_SECTION
     from cerebellumd.sim.cycles import load_cycle
     from cerebellumd.sim.evaluate import run_evaluation
     from cerebellumd.sim.events import build_scenario
     from cerebellumd.sim.events_config import resolve_events
-    from cerebellumd.sim.learning_state import learning_from_sections
+    from cerebellumd.sim.learning_state import learning_from_sections, learning_sections
 
     config = load_config(policy) if policy else parse_config(builtin_example(), "demo.toml")
     params = policy_params(config)
@@ -70,13 +71,12 @@ def one_cell(job: tuple[str | None, str, str, int, int]) -> dict[str, Any]:
                                   calibration=calibration, learned=learned, causal_baselines=False)
         final = teaching.runs[0].final_state
         assert final is not None
-        sections = {"calibration": final.calibration.to_dict(teaching.result["duration_s"]),
-                    "learned_anticipation": final.learned.to_dict(params.learned) if params.learned.enabled else None}
+        sections = learning_sections(params, final.calibration, final.learned, teaching.result["duration_s"])
     cold = figures(run_evaluation(config, build_scenario(cyc, seed, model, name=name)).result)
     calibration, learned = learning_from_sections(sections, params, "<chained drives>")
     warm = figures(run_evaluation(config, build_scenario(cyc, seed, model, name=name),
                                   calibration=calibration, learned=learned).result)
-    taught = sections.get("calibration", {}).get("budget_s") is not None
+    taught = sections.get(CALIBRATION_SECTION, {}).get("budget_s") is not None
     return {"world": world, "cycle": cycle, "seed": seed, "cold": cold, "warm": warm, "taught": taught}
 
 

@@ -69,12 +69,19 @@ def save_learning(path: str | Path, config: Config, params: PolicyParams, calibr
     place), as the daemon saves them at `now` (the end of the drive, on the drive's clock)."""
     target = Path(path)
     totals = _read(target, must_exist=False) or Totals()
-    totals.sections[CALIBRATION_SECTION] = calibration.to_dict(now)
-    totals.sections[LEARNED_SECTION] = learned.to_dict(params.learned) if params.learned.enabled else None
+    totals.sections.update(learning_sections(params, calibration, learned, now))
     try:
         write_atomic(target, totals.to_json(config.daemon.node))
     except OSError as exc:
         raise LearningStateError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def learning_sections(params: PolicyParams, calibration: Calibration, learned: Learned,
+                      now: float) -> dict[str, Any]:
+    """The policy's two sections as a daemon persists them at `now` (`learning_from_sections`
+    reads them back)."""
+    return {CALIBRATION_SECTION: calibration.to_dict(now),
+            LEARNED_SECTION: learned.to_dict(params.learned) if params.learned.enabled else None}
 
 
 def _read(path: Path, *, must_exist: bool) -> Totals | None:
