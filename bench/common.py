@@ -32,15 +32,17 @@ BENCH_GROUP = "239.74.163.7"
 # measurement) would otherwise count each other's frames. The sender gets the port via --port.
 BENCH_PORT = 44000 + os.getpid() % 1000
 CRITICAL_MESSAGE = "AdasStatus"
+CRITICAL_SIGNAL = "CollisionRisk"  # the demo config's `collision` critical demand
 SENDER_CPU_ENV = "CEREBELLUMD_BENCH_SENDER_CPU"
 #: The CPUs this process had before `pin`: cyclictest, the neutral reference, runs on all of them.
 _UNPINNED_CPUS: set[int] | None = None
 
 
 def pin(receiver_cpu: int = 0) -> str:
-    """Keep this process on `receiver_cpu` and the senders it starts on another core: with both
-    free to migrate, the cost per frame of either receiver moves by ±15 % from run to run with
-    where the scheduler happens to put the two processes. Returns a description."""
+    """Keep this process on `receiver_cpu` and the senders it starts on another core, as on a
+    gateway, where frames come from a CAN controller and not from a process sharing the core.
+    (On this 2-vCPU VM it did not narrow the run-to-run spread: docs/PERFORMANCE.md.) Returns a
+    description."""
     global _UNPINNED_CPUS
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -51,7 +53,6 @@ def pin(receiver_cpu: int = 0) -> str:
     os.sched_setaffinity(0, {receiver})
     os.environ[SENDER_CPU_ENV] = str(sender)
     return f"receiver on CPU {receiver}, sender on CPU {sender}"
-CRITICAL_SIGNAL = "CollisionRisk"  # the demo config's `collision` critical demand
 
 
 # -- statistics --------------------------------------------------------------------------------
