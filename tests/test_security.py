@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from cerebellumd.config import Config, PrometheusConfig, parse_config
+from cerebellumd.config.state_file import write_atomic
 from cerebellumd.daemon.control import CommandProcessor, HoldStore
-from cerebellumd.daemon.persist import write_atomic
 from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.daemon.security import FileCheck, check_files
 from tests.test_persist import minimal_toml, sample
@@ -33,8 +33,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cerebellumd"
 ACCEPTED = {
     ("B310", "daemon/status.py"): "urlopen of the operator-given metrics URL; the scheme is checked to be http(s) "
                                   "just before (ruff S310 is suppressed with that reason)",
-    ("B104", "drivers/someip.py"): "multicast_interface defaults to 0.0.0.0 (INADDR_ANY) for the IP_ADD_MEMBERSHIP "
-                                   "join only; the socket binds 127.0.0.1 or the group address (S-1, resolved)",
+    ("B104", "drivers/someip_options.py"): "multicast_interface defaults to 0.0.0.0 (INADDR_ANY) for the "
+                                           "IP_ADD_MEMBERSHIP join only; the socket binds 127.0.0.1 or the group "
+                                           "address (S-1, resolved)",
 }
 
 
