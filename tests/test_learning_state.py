@@ -168,3 +168,24 @@ def test_a_mid_entry_lesson_stays_with_its_drive(tmp_path: Path, capsys: pytest.
     assert saved is not None
     assert saved.sections["calibration"]["budget_s"] is None
     assert saved.sections["calibration"]["late_wakes"] == 1
+
+
+def test_a_learned_anticipation_table_chains_through_the_state_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cerebellumd.config import builtin_example, load_config, policy_params
+    from cerebellumd.sim.learning_state import read_learning
+
+    config_file = tmp_path / "learning.toml"
+    config_file.write_text(builtin_example() + "\n[policy.learned_anticipation]\n"
+                           "features = { speed_kmh = [1, 10, 20, 40, 60, 80, 100, 130], gear = [] }\n", "utf-8")
+    state = tmp_path / "car.json"
+    evaluate(capsys, "--policy", str(config_file), "--save-state", str(state), seed=1001)
+    params = policy_params(load_config(str(config_file)))
+    _, learned = read_learning(state, params)
+    assert learned is not None and learned.table  # the drive's contexts, restorable
+    exposure = sum(c.exposure_s for c in learned.table.values())
+    # Chained: the second drive (the same cycle, as long) starts from that table and adds its own
+    # exposure, about as much again; without the restore it would hold only its own.
+    evaluate(capsys, "--policy", str(config_file), "--state", str(state), "--save-state", str(state))
+    _, again = read_learning(state, params)
+    assert again is not None and sum(c.exposure_s for c in again.table.values()) > 1.9 * exposure
