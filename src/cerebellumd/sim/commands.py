@@ -382,7 +382,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from .sweep import aggregate, check_events, load_sweep, pareto, per_world, run_sweep, write_rows
+    from .sweep import aggregate, base_text, check_events, load_sweep, pareto, per_world, run_sweep, write_rows
 
     console = Console()
     try:
@@ -405,12 +405,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         if args.log is not None:
             # The sweep file's grid and policy on the recording (its scenarios and seeds are not used).
-            from pathlib import Path
-
             from .recorded import RecordedError, sweep_recording
             from .sweep import points
 
-            base = Path(spec.policy).read_text(encoding="utf-8") if spec.policy else builtin_example()
+            base = base_text(spec)
             try:
                 rows = sweep_recording(base, points(spec), args.log, args.dbc, args.labels, workers=args.workers,
                                        j1939=args.j1939, progress=advance)

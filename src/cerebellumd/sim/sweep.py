@@ -64,14 +64,17 @@ def load_sweep(path: str | Path) -> SweepSpec:
     events = [e if e in NAMED_MODELS or Path(e).is_absolute() else str(p.parent / e) for e in spec.events]
     spec = spec.model_copy(update={"events": events})
     if spec.state is not None:
-        if not Path(spec.state).is_absolute():
-            spec = spec.model_copy(update={"state": str(p.parent / spec.state)})
-        assert spec.state is not None
-        base = parse_config(Path(spec.policy).read_text(encoding="utf-8")) if spec.policy else parse_config(
-            builtin_example())
-        learning_from_sections(read_sections(spec.state), policy_params(base), spec.state)  # fail before fanning out
+        state = spec.state if Path(spec.state).is_absolute() else str(p.parent / spec.state)
+        spec = spec.model_copy(update={"state": state})
+        base = parse_config(base_text(spec))
+        learning_from_sections(read_sections(state), policy_params(base), state)  # fail before fanning out
     check_events(spec)
     return spec
+
+
+def base_text(spec: SweepSpec) -> str:
+    """The text of the sweep's base config: its `policy` file, or the shipped demo."""
+    return Path(spec.policy).read_text(encoding="utf-8") if spec.policy else builtin_example()
 
 
 def check_events(spec: SweepSpec) -> None:
@@ -212,7 +215,7 @@ def run_sweep(
     dask_address: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    base = Path(spec.policy).read_text(encoding="utf-8") if spec.policy else builtin_example()
+    base = base_text(spec)
     parse_config(base)  # fail before fanning out
     # Read here, shipped to the workers (a dask worker may not see this file system).
     state = (spec.state, read_sections(spec.state)) if spec.state else None
