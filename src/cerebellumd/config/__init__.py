@@ -27,6 +27,7 @@ from ..accel import AccelState
 from ..drivers.mcu_link import McuLinkOptions
 from ..drivers.someip_options import SomeIpOptions
 from ..drivers.someip_sd_options import SdOptions
+from ..policies.entry_risk import EntryRiskParams
 from ..policies.expr import ExpressionError, compile_expression
 from ..policies.learned import LearnedParams
 from ..policies.types import (
@@ -181,6 +182,12 @@ class PolicyConfig(Section):
     initial_idle_prediction_s: float = Field(30.0, gt=0, description="Idle-time guess before any history.")
     idle_prediction_weight: float = Field(0.3, gt=0, le=1, description="EWMA weight of the newest idle gap.")
     deepest_state: Literal["off", "sleep", "idle"] = Field("off", description="Never rest deeper than this.")
+    mid_entry_late_share: float = Field(
+        0.005, ge=0, lt=1,
+        description="Challenges that may come late because they arrived while the accelerator was entering a "
+        "resting state whose entry plus exit is over the latency budget, as a share of all challenges: such "
+        "entries are spaced out to keep under it, given the share of challenges that came unannounced "
+        "(policies/entry_risk.py). 0 turns the spacing off.")
     timeout_idle_s: float = Field(30.0, gt=0, description="Idle timeout of the `timeout` baseline.")
     timeout_state: Literal["off", "sleep", "idle"] = Field("sleep", description="Rest state of the `timeout` baseline.")
     learned_anticipation: LearnedAnticipationConfig | None = Field(
@@ -768,6 +775,7 @@ def policy_params(config: Config) -> PolicyParams:
         initial_idle_prediction_s=p.initial_idle_prediction_s,
         idle_prediction_weight=p.idle_prediction_weight,
         deepest_state=AccelState(p.deepest_state),
+        entry_risk=EntryRiskParams(late_share=p.mid_entry_late_share),
         guards=Guards(
             battery_signal=g.battery_signal,
             battery_min_v=g.battery_min_v,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from ..accel import RESTING_STATES, AcceleratorModel, AccelState
 from .calibration import Calibration, next_relax, relax, tighten
+from .entry_risk import EntryRisk, count_challenge, entry_window_s, spend
 from .expr import Value
 from .learned import Learned, context_of, explains, label, next_change, observe, teach
 from .learned import warm as learned_warm
@@ -64,6 +65,8 @@ class PolicyState:
     last_wake_late: bool = False
     # Learned anticipation (policies/learned.py): onsets and exposure per context.
     learned: Learned = field(default_factory=Learned)
+    # Entry risk (policies/entry_risk.py): challenges seen, and the window seconds entries may take.
+    entry_risk: EntryRisk = field(default_factory=EntryRisk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +195,7 @@ class CerebellumFirst:
         p = self.params
         ev = self._evaluate(state, inputs, now)
         cal, wake, learned = self._calibrate(state, inputs, now)
+        risk = self._count_challenges(state, ev, now)
         # Highest priority decides; at equal priority awake beats sleep (fail-safe, the lease
         # rule), whatever order the hold sources (operator store, leases) listed them in.
         holds = sorted(
@@ -231,7 +235,7 @@ class CerebellumFirst:
         elif inputs.parked:
             want, reason = p.deepest_state, "parked"
         else:
-            want, reason = self._rest_target(state, anticipatory, now, sleep_hold, cal, hint)
+            want, reason = self._rest_target(state, anticipatory, now, sleep_hold, cal, risk, hint)
         # While anticipating, the warm hold has no end; it starts running out at the first
         # step without anticipation (so the result does not depend on how often we step).
         warm_budget, warm_until = state.warm_budget_s, state.warm_until
@@ -248,7 +252,7 @@ class CerebellumFirst:
         if is_wake and not critical and len(wake_times) >= p.max_wake_cycles_per_hour:
             denied = "cap:wake_cycles"
             want, reason = (p.deepest_state, "parked") if inputs.parked else self._rest_target(
-                state, anticipatory, now, sleep_hold, cal, hint)
+                state, anticipatory, now, sleep_hold, cal, risk, hint)
             is_wake = False
 
         # Hysteresis: hold the current target for min_dwell unless a critical demand says go.
@@ -284,6 +288,8 @@ class CerebellumFirst:
                 predicted = (1 - w) * predicted + w * gap
 
         changed = want is not state.target
+        if changed and not inputs.parked and _deeper(want, state.target):
+            risk = spend(risk, now, entry_window_s(self.model, want, p.latency_budget_s), p.entry_risk)
         new_state = PolicyState(
             target=want,
             target_since=now if changed else state.target_since,
@@ -304,6 +310,7 @@ class CerebellumFirst:
             last_wake_unannounced=wake.last_wake_unannounced,
             last_wake_late=wake.last_wake_late,
             learned=learned,
+            entry_risk=risk,
         )
         decision = Decision(
             target=want,
@@ -335,6 +342,11 @@ class CerebellumFirst:
         relax_at = next_relax(state.calibration, p.calibration)
         if relax_at is not None:
             times.append(relax_at)
+        for rest in RESTING_STATES:  # an entry waiting for its window seconds
+            window = entry_window_s(self.model, rest, p.latency_budget_s)
+            refilled = state.entry_risk.available_at(window, now, p.entry_risk) if window > 0 else None
+            if refilled is not None:
+                times.append(refilled)
         if p.learned.enabled:
             cools_at = next_change(p.learned, state.learned, now)
             if cools_at is not None:
@@ -449,6 +461,7 @@ class CerebellumFirst:
         now: float,
         sleep_hold: bool,
         cal: Calibration,
+        risk: EntryRisk,
         hint: tuple[str, float] | None = None,
     ) -> tuple[AccelState, str]:
         p = self.params
@@ -466,7 +479,7 @@ class CerebellumFirst:
         budget, whole_entry = cal.effective(p.latency_budget_s)
         # An unannounced challenge may come during an anticipation as well: its depth also fits
         # the budget for those (with the mid-entry worst case once calibration has tightened it).
-        unannounced = self._deepest_unannounced(predicted, budget, whole_entry)
+        unannounced = self._deepest_unannounced(predicted, budget, whole_entry, state.target, risk, now)
         if anticipatory or hint is not None:
             named = [(d.deadline_s, f"anticipate:{d.name}") for d in anticipatory]
             if hint is not None:
@@ -478,20 +491,56 @@ class CerebellumFirst:
             return chosen, why
         if held is not None:
             return _shallower(self.model.deepest_state(predicted, held), unannounced), "anticipate:release"
+        if unannounced is not self._deepest_unannounced(predicted, budget, whole_entry):
+            return unannounced, "cap:entry_risk"  # a deeper entry waits for its window seconds
         return unannounced, f"rest:{unannounced.value}"
 
-    def _deepest_unannounced(self, predicted_idle_s: float, budget_s: float, whole_entry: bool) -> AccelState:
+    def _deepest_unannounced(
+        self, predicted_idle_s: float, budget_s: float, whole_entry: bool,
+        current: AccelState = AccelState.ACTIVE, risk: EntryRisk | None = None, now: float = 0.0,
+    ) -> AccelState:
         """The deepest state for unannounced challenges. With `whole_entry` (calibration has
         tightened the budget) a challenge may arrive just as the entry starts: it waits for the
-        whole entry and then the exit, and that worst case must fit the budget."""
-        if not whole_entry:
-            return self.model.deepest_state(predicted_idle_s, budget_s, floor=self.params.deepest_state)
+        whole entry and then the exit, and that worst case must fit the budget. Otherwise the exit
+        must fit, and a new entry whose first seconds would make such a challenge late must be
+        allowed by `risk` at `now` (entry_risk.py; None: not limited)."""
         allowed = RESTING_STATES[RESTING_STATES.index(self.params.deepest_state) :]
         for state in allowed:
-            worst = self.model.enter[state].latency_s + self.model.exit_latency_s(state)
-            if worst <= budget_s + _EPS and self.model.break_even_s(state) <= predicted_idle_s:
+            if self.model.break_even_s(state) > predicted_idle_s:
+                continue
+            if whole_entry:
+                if self.model.enter[state].latency_s + self.model.exit_latency_s(state) <= budget_s + _EPS:
+                    return state
+            elif self.model.exit_latency_s(state) <= budget_s and (
+                risk is None or not _deeper(state, current)
+                or risk.allows(entry_window_s(self.model, state, budget_s), now, self.params.entry_risk)
+            ):
                 return state
         return AccelState.IDLE
+
+    def _count_challenges(self, state: PolicyState, ev: _Evaluated, now: float) -> EntryRisk:
+        """Count the onsets of waking demands for entry risk: unannounced is a critical one, or
+        one that began while no anticipation (or its warm hold) was in force."""
+        rp = self.params.entry_risk
+        risk = state.entry_risk
+        if not rp.enabled:
+            return risk
+        anticipating = state.reason.startswith(("anticipate", "learned")) or now < state.warm_until - _EPS
+        for spec, before, after in zip(self.params.demands, state.demands, ev.statuses, strict=True):
+            if spec.demand_class is DemandClass.ANTICIPATORY:
+                continue
+            was = before.active or before.pending_since is not None
+            if (after.active or after.pending_since is not None) and not was:
+                unannounced = spec.demand_class is DemandClass.CRITICAL or not anticipating
+                risk = count_challenge(risk, now, unannounced, rp)
+        return risk
+
+
+def _deeper(a: AccelState, b: AccelState) -> bool:
+    """Whether resting state `a` is deeper than `b` (any resting state is deeper than a state that is not)."""
+    if a not in RESTING_STATES:
+        return False
+    return b not in RESTING_STATES or RESTING_STATES.index(a) < RESTING_STATES.index(b)
 
 
 def _shallower(a: AccelState, b: AccelState) -> AccelState:

@@ -8,6 +8,7 @@ from enum import StrEnum
 
 from ..accel import AccelState
 from .calibration import CalibrationParams
+from .entry_risk import EntryRiskParams
 from .expr import Expression
 
 
@@ -103,6 +104,8 @@ class PolicyParams:
     guards: Guards = field(default_factory=Guards)
     # Self-calibrating readiness (policies/calibration.py): on by default.
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
+    # How much time entries may spend where an unannounced challenge would be late (policies/entry_risk.py).
+    entry_risk: EntryRiskParams = field(default_factory=EntryRiskParams)
     # Learned anticipation (policies/learned.py): off without features.
     learned: LearnedParams = field(default_factory=LearnedParams)
 

@@ -1,0 +1,127 @@
+"""Entry risk: entries whose first seconds would make an unannounced challenge late are spaced
+out so that such challenges stay under `late_share` of all, given the unannounced share learned
+from the challenges seen."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cerebellumd.accel import AccelState
+from cerebellumd.policies.cerebellum import CerebellumFirst, PolicyState
+from cerebellumd.policies.entry_risk import EntryRisk, EntryRiskParams, count_challenge, entry_window_s, spend
+from cerebellumd.policies.types import Inputs
+
+from .policy_helpers import model, params, samples
+
+P = EntryRiskParams(late_share=0.01, burst_s=2.0, prior_challenges=10.0, prior_unannounced_share=0.5)
+
+
+def test_the_window_is_the_part_of_an_entry_that_a_challenge_cannot_wait_for() -> None:
+    m = model()  # sleep: 1.5 s in, 1.0 s out
+    assert entry_window_s(m, AccelState.SLEEP, 1.5) == pytest.approx(1.0)
+    assert entry_window_s(m, AccelState.SLEEP, 2.5) == 0.0
+    assert entry_window_s(m, AccelState.SLEEP, 0.5) == pytest.approx(1.5)  # the whole entry, no more
+    assert entry_window_s(m, AccelState.IDLE, 1.5) == 0.0
+
+
+def test_the_bucket_refills_at_the_late_share_over_the_unannounced_share() -> None:
+    risk = EntryRisk()
+    assert risk.available_s(0.0, P) == 2.0  # full before the first entry
+    assert risk.unannounced_share(P) == pytest.approx(0.5)
+    risk = spend(risk, 100.0, 1.0, P)
+    risk = spend(risk, 100.0, 1.0, P)
+    assert risk.available_s(100.0, P) == pytest.approx(0.0)
+    # 0.01 / 0.5 = 0.02 window seconds per second: 1.0 s again after 50 s.
+    assert risk.available_s(125.0, P) == pytest.approx(0.5)
+    assert risk.available_at(1.0, 100.0, P) == pytest.approx(150.0)
+    assert risk.available_s(1e6, P) == 2.0  # never more than the burst
+    # Ten announced challenges halve the share (5 of 20): twice the refill from then on.
+    for t in range(100, 110):
+        risk = count_challenge(risk, float(t), unannounced=False, p=P)
+    assert risk.unannounced_share(P) == pytest.approx(0.25)
+    assert risk.refill_per_s(P) == pytest.approx(0.04)
+    settled = risk.available_s(109.0, P)
+    # Each second refilled at the share then in force: 0.01 / (5 / (10 + k)), k = 1 .. 9.
+    assert settled == pytest.approx(sum(0.01 * (10 + k) / 5 for k in range(1, 10)))
+    assert risk.available_at(1.0, 109.0, P) == pytest.approx(109.0 + (1.0 - settled) / 0.04)
+    # A window longer than the bucket holds is paid from a full one (a debt), never ruled out.
+    assert risk.available_at(3.0, 109.0, P) == pytest.approx(109.0 + (2.0 - settled) / 0.04)
+    full = EntryRisk()
+    assert full.allows(3.0, 0.0, P) and not risk.allows(3.0, 109.0, P)
+    debt = spend(full, 0.0, 3.0, P)
+    assert debt.available_s(0.0, P) == pytest.approx(-1.0)
+    assert debt.available_at(1.0, 0.0, P) == pytest.approx(2.0 / 0.02)
+
+
+def test_disabled_it_changes_nothing() -> None:
+    off = EntryRiskParams(late_share=0.0)
+    risk = spend(EntryRisk(), 0.0, 1.0, off)
+    assert risk == EntryRisk() and risk.available_s(0.0, off) == math.inf
+    assert count_challenge(risk, 0.0, True, off) == EntryRisk()
+
+
+def _step(core: CerebellumFirst, state: PolicyState, t: float, actual: AccelState, **kw: float) -> PolicyState:
+    return core.step(state, Inputs(samples=samples(t, **kw), actual=actual), t)[0]
+
+
+def _surprise_then_rest(core: CerebellumFirst, state: PolicyState, t: float) -> PolicyState:
+    """A surprise at `t` served from wherever the accelerator rests; quiet from t + 1."""
+    state = _step(core, state, t, AccelState.SLEEP, crit=1.0)
+    assert state.target is AccelState.ACTIVE
+    state = _step(core, state, t + 0.9, AccelState.ACTIVE, crit=1.0)
+    return _step(core, state, t + 1.0, AccelState.ACTIVE)
+
+
+def test_surprises_space_out_the_entries_into_sleep_and_the_timer_names_when_sleep_is_allowed() -> None:
+    risk_p = EntryRiskParams(late_share=0.01, burst_s=1.0, prior_challenges=1.0, prior_unannounced_share=1.0)
+    core = CerebellumFirst(params(release_s=1.0, initial_idle_prediction_s=1000.0, entry_risk=risk_p), model())
+    state = core.initial_state(0.0, AccelState.ACTIVE)
+    state = _step(core, state, 0.0, AccelState.ACTIVE)
+    state = _step(core, state, 2.0, AccelState.ACTIVE)
+    assert state.target is AccelState.SLEEP  # the first entry: the bucket was full
+    assert state.entry_risk.available_s(2.0, risk_p) == pytest.approx(0.0)
+    state = _surprise_then_rest(core, state, 10.0)  # unannounced: the share stays 1, refill 0.01/s
+    assert state.entry_risk.challenges == 1 and state.entry_risk.unannounced == 1
+    state = _step(core, state, 12.0, AccelState.ACTIVE)
+    assert state.target is AccelState.IDLE and state.reason == "cap:entry_risk"  # 0.1 s of the 1.0 needed
+    at = core.next_timer(state, 12.0)
+    assert at is not None and at <= 102.0 + 1e-6  # the window is back 100 s after the entry
+    state = _step(core, state, 101.0, AccelState.IDLE)
+    assert state.target is AccelState.IDLE
+    state = _step(core, state, 102.0, AccelState.IDLE)
+    assert state.target is AccelState.SLEEP and state.reason == "rest:sleep"
+
+
+def test_announced_challenges_leave_entries_as_they_were() -> None:
+    risk_p = EntryRiskParams(late_share=0.01, burst_s=1.0, prior_challenges=1.0, prior_unannounced_share=1.0)
+    core = CerebellumFirst(params(release_s=1.0, initial_idle_prediction_s=1000.0, entry_risk=risk_p), model())
+    state = core.initial_state(0.0, AccelState.ACTIVE)
+    state = _step(core, state, 0.0, AccelState.ACTIVE)
+    state = _step(core, state, 2.0, AccelState.ACTIVE)
+    assert state.target is AccelState.SLEEP
+    t = 10.0
+    for _ in range(20):  # announced (a precursor first), each served from idle
+        state = _step(core, state, t, AccelState.SLEEP, ant=1.0)
+        state = _step(core, state, t + 0.5, AccelState.IDLE, ant=1.0, norm=1.0)
+        state = _step(core, state, t + 0.8, AccelState.IDLE, ant=1.0, norm=1.0)
+        state = _step(core, state, t + 0.9, AccelState.ACTIVE, norm=1.0)
+        state = _step(core, state, t + 1.0, AccelState.ACTIVE)
+        t += 5.0
+    assert state.entry_risk.challenges == 20 and state.entry_risk.unannounced == 0
+    # Share 1/21: the refill is 0.21 window s per s, so 5 s after the last entry sleep is allowed.
+    state = _step(core, state, t + 5.0, AccelState.ACTIVE)
+    assert state.target is AccelState.SLEEP
+
+
+def test_without_entry_risk_every_entry_may_go_to_sleep() -> None:
+    core = CerebellumFirst(params(release_s=1.0, initial_idle_prediction_s=1000.0,
+                                  entry_risk=EntryRiskParams(late_share=0.0)), model())
+    state = core.initial_state(0.0, AccelState.ACTIVE)
+    state = _step(core, state, 0.0, AccelState.ACTIVE)
+    state = _step(core, state, 2.0, AccelState.ACTIVE)
+    assert state.target is AccelState.SLEEP
+    state = _surprise_then_rest(core, state, 10.0)
+    state = _step(core, state, 12.0, AccelState.ACTIVE)
+    assert state.target is AccelState.SLEEP
