@@ -9,6 +9,7 @@ import math
 import pytest
 
 from cerebellumd.accel import AccelState
+from cerebellumd.config import ConfigError, builtin_example, parse_config, policy_params
 from cerebellumd.policies.cerebellum import CerebellumFirst, PolicyState
 from cerebellumd.policies.entry_risk import EntryRisk, EntryRiskParams, count_challenge, entry_window_s, spend
 from cerebellumd.policies.types import Inputs
@@ -125,3 +126,14 @@ def test_without_entry_risk_every_entry_may_go_to_sleep() -> None:
     state = _surprise_then_rest(core, state, 10.0)
     state = _step(core, state, 12.0, AccelState.ACTIVE)
     assert state.target is AccelState.SLEEP
+
+
+def test_the_config_sets_the_share_and_refuses_one_out_of_range() -> None:
+    text = builtin_example("demo.toml")
+    assert policy_params(parse_config(text)).entry_risk.late_share == 0.005
+    tuned = text.replace('deepest_state = "off"\n', 'deepest_state = "off"\nmid_entry_late_share = 0.02\n', 1)
+    assert policy_params(parse_config(tuned)).entry_risk.late_share == 0.02
+    broken = text.replace('deepest_state = "off"\n', 'deepest_state = "off"\nmid_entry_late_share = 1.5\n', 1)
+    with pytest.raises(ConfigError) as err:
+        parse_config(broken, "car.toml")
+    assert "policy.mid_entry_late_share" in str(err.value) and "car.toml" in str(err.value)
