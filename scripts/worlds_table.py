@@ -66,16 +66,15 @@ def one_cell(job: tuple[str | None, str, str, int, int]) -> dict[str, Any]:
     cyc = load_cycle(cycle)
     sections: dict[str, Any] = {}
     for k in range(1, teach + 1):  # the earlier drives, oldest first, each from what the one before left
-        calibration, learned = learning_from_sections(sections, params, "<chained drives>")
+        learning = learning_from_sections(sections, params, "<chained drives>")
         teaching = run_evaluation(config, build_scenario(cyc, seed + 1000 * k, model, name=name),
-                                  calibration=calibration, learned=learned, causal_baselines=False)
+                                  causal_baselines=False, **learning.as_kwargs())
         final = teaching.runs[0].final_state
         assert final is not None
-        sections = learning_sections(params, final.calibration, final.learned, teaching.result["duration_s"])
+        sections = learning_sections(params, final, teaching.result["duration_s"])
     cold = figures(run_evaluation(config, build_scenario(cyc, seed, model, name=name)).result)
-    calibration, learned = learning_from_sections(sections, params, "<chained drives>")
-    warm = figures(run_evaluation(config, build_scenario(cyc, seed, model, name=name),
-                                  calibration=calibration, learned=learned).result)
+    learning = learning_from_sections(sections, params, "<chained drives>")
+    warm = figures(run_evaluation(config, build_scenario(cyc, seed, model, name=name), **learning.as_kwargs()).result)
     taught = sections.get(CALIBRATION_SECTION, {}).get("budget_s") is not None
     return {"world": world, "cycle": cycle, "seed": seed, "cold": cold, "warm": warm, "taught": taught}
 

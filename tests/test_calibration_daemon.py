@@ -72,10 +72,15 @@ async def test_a_late_wake_tightens_exports_persists_and_is_restored(tmp_path: P
     assert saved["sections"]["calibration"]["budget_s"] == learned
     # The clean stretch run so far is kept, for the next start to continue (not restart) it.
     assert 0.0 <= saved["sections"]["calibration"]["clean_s"] < 900.0
+    # Entry risk's counts: the collision was a challenge, and an unannounced one.
+    counts = saved["sections"]["entry_risk"]
+    assert counts["challenges"] >= 1 and counts["unannounced"] >= 1
 
     again = await start(tmp_path, state_file)  # a restart: what was learned is kept
     try:
         assert part(again.daemon).restored
+        risk = again.daemon.entry_risk()
+        assert risk is not None and risk.to_dict() == counts  # restored before any challenge
         await until(lambda: again.metric("cerebellumd_unannounced_budget_seconds") == learned, 5,
                     "the restored budget exported before any wake")
     finally:
@@ -88,11 +93,14 @@ async def test_a_corrupt_saved_calibration_is_counted_and_ignored(tmp_path: Path
     await rig.close()
     body = json.loads(await asyncio.to_thread(state_file.read_text))
     body["sections"]["calibration"] = {"budget_s": -3, "late_wakes": "many"}
+    body["sections"]["entry_risk"] = {"challenges": 2, "unannounced": 5}  # more unannounced than all
     await asyncio.to_thread(state_file.write_text, json.dumps(body))
     again = await start(tmp_path, state_file)
     try:
         assert not part(again.daemon).restored
-        assert again.metric("cerebellumd_state_file_errors_total", kind="corrupt") == 1
+        assert again.metric("cerebellumd_state_file_errors_total", kind="corrupt") == 2
+        risk = again.daemon.entry_risk()
+        assert risk is not None and risk.challenges == 0  # the prior share, not the broken counts
         await until(lambda: again.metric("cerebellumd_unannounced_budget_seconds") == CONFIGURED_S, 5,
                     "the configured budget")
     finally:

@@ -11,7 +11,15 @@ import pytest
 from cerebellumd.accel import AccelState
 from cerebellumd.config import ConfigError, builtin_example, parse_config, policy_params
 from cerebellumd.policies.cerebellum import CerebellumFirst, PolicyState
-from cerebellumd.policies.entry_risk import EntryRisk, EntryRiskParams, count_challenge, entry_window_s, spend
+from cerebellumd.policies.entry_risk import (
+    REMEMBERED,
+    EntryRisk,
+    EntryRiskParams,
+    count_challenge,
+    entry_window_s,
+    parse_entry_risk,
+    spend,
+)
 from cerebellumd.policies.types import Inputs
 
 from .policy_helpers import model, params, samples
@@ -137,3 +145,15 @@ def test_the_config_sets_the_share_and_refuses_one_out_of_range() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(broken, "car.toml")
     assert "policy.mid_entry_late_share" in str(err.value) and "car.toml" in str(err.value)
+
+
+def test_the_counts_persist_scaled_to_what_is_remembered_and_bad_ones_do_not_read_back() -> None:
+    risk = EntryRisk(challenges=40.0, unannounced=10.0, tokens_s=-0.5, at=100.0)
+    back = parse_entry_risk(risk.to_dict())
+    assert back == EntryRisk(challenges=40.0, unannounced=10.0)  # the bucket restarts full
+    many = parse_entry_risk(EntryRisk(challenges=1000.0, unannounced=600.0).to_dict())
+    assert many is not None and many.challenges == REMEMBERED and many.unannounced_share(P) == pytest.approx(
+        (120.0 + 0.5 * 10) / (200.0 + 10))
+    for bad in ("x", {"challenges": -1, "unannounced": 0}, {"challenges": 2, "unannounced": 3},
+                {"challenges": True, "unannounced": 0}, {"challenges": float("nan"), "unannounced": 0}, {}):
+        assert parse_entry_risk(bad) is None

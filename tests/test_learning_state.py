@@ -72,6 +72,8 @@ def test_saving_into_a_daemons_state_file_keeps_its_totals_and_sections(
     (json.dumps({"schema": 99}), "schema"),
     (Totals(sections={"calibration": {"budget_s": -1}}).to_json("g"), "'calibration' does not read back"),
     (Totals(sections={"calibration": "x"}).to_json("g"), "'calibration' does not read back"),
+    (Totals(sections={"entry_risk": {"challenges": 1, "unannounced": 3}}).to_json("g"),
+     "'entry_risk' does not read back"),
 ])
 def test_a_state_file_that_does_not_read_back_is_an_error_naming_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, says: str) -> None:
@@ -181,11 +183,26 @@ def test_a_learned_anticipation_table_chains_through_the_state_file(
     state = tmp_path / "car.json"
     evaluate(capsys, "--policy", str(config_file), "--save-state", str(state), seed=1001)
     params = policy_params(load_config(str(config_file)))
-    _, learned = read_learning(state, params)
+    learned = read_learning(state, params).learned
     assert learned is not None and learned.table  # the drive's contexts, restorable
     exposure = sum(c.exposure_s for c in learned.table.values())
     # Chained: the second drive (the same cycle, as long) starts from that table and adds its own
     # exposure, about as much again; without the restore it would hold only its own.
     evaluate(capsys, "--policy", str(config_file), "--state", str(state), "--save-state", str(state))
-    _, again = read_learning(state, params)
+    again = read_learning(state, params).learned
     assert again is not None and sum(c.exposure_s for c in again.table.values()) > 1.9 * exposure
+
+
+def test_entry_risk_counts_chain_through_the_state_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "car.json"
+    evaluate(capsys, "--save-state", str(state), seed=1001)
+    saved = read_totals(state)
+    assert saved is not None
+    first = saved.sections["entry_risk"]
+    assert first["challenges"] > 0 and 0 < first["unannounced"] <= first["challenges"]
+    evaluate(capsys, "--state", str(state), "--save-state", str(state), seed=1002)
+    saved = read_totals(state)
+    assert saved is not None
+    second = saved.sections["entry_risk"]
+    # The second drive counted on from the first's counts (far from the 200 kept).
+    assert second["challenges"] > first["challenges"] and second["unannounced"] > first["unannounced"]

@@ -4,8 +4,9 @@ sleep counts, and parts' sections such as what calibration learned) and by the e
 (`evaluate --state` starts the configured policy from what a daemon learned; `--save-state`
 writes what a drive taught it in a file a daemon can start from).
 
-The policy's own sections, by name: `calibration` (policies/calibration.py `Calibration.to_dict`)
-and `learned_anticipation` (policies/learned.py `Learned.to_dict`).
+The policy's own sections, by name: `calibration` (policies/calibration.py `Calibration.to_dict`),
+`learned_anticipation` (policies/learned.py `Learned.to_dict`) and `entry_risk`
+(policies/entry_risk.py `EntryRisk.to_dict`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MAX_RESTORED_LABELS = 256
 #: Sections of the policy's learning.
 CALIBRATION_SECTION = "calibration"
 LEARNED_SECTION = "learned_anticipation"
+ENTRY_RISK_SECTION = "entry_risk"
 
 
 class StateFileError(Exception):

@@ -5,6 +5,9 @@ file's `calibration` section so that a restart does not forget what late wakes t
 Learned anticipation's table (onsets and exposure per context, policies/learned.py) is persisted
 in the `learned_anticipation` section the same way, when the config enables it; a table learned
 on other features starts empty, one that does not read back is counted as corrupt and ignored.
+Entry risk's challenge counts (policies/entry_risk.py: the share of challenges that came
+unannounced) are persisted in the `entry_risk` section, so that a restart does not fall back to
+the prior share; counts that do not read back are counted as corrupt and ignored.
 
 A saved calibration that does not read back (not an object, a budget that is no finite
 non-negative number) is ignored and counted (`cerebellumd_state_file_errors_total{kind="corrupt"}`
@@ -16,8 +19,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from ..config.state_file import CALIBRATION_SECTION, LEARNED_SECTION
+from ..config.state_file import CALIBRATION_SECTION, ENTRY_RISK_SECTION, LEARNED_SECTION
 from ..policies.calibration import parse_calibration
+from ..policies.entry_risk import parse_entry_risk
 from .clock import Clock
 from .host import CalibrationHost, Events, Undo
 from .metrics import Metrics
@@ -53,6 +57,8 @@ class CalibrationPart:
             self._undo.append(self._persistence.add_section(CALIBRATION_SECTION, self._dump))
             self._restore_learned(self._persistence.restored_section(LEARNED_SECTION))
             self._undo.append(self._persistence.add_section(LEARNED_SECTION, self._host.learned_table))
+            self._restore_entry_risk(self._persistence.restored_section(ENTRY_RISK_SECTION))
+            self._undo.append(self._persistence.add_section(ENTRY_RISK_SECTION, self._dump_entry_risk))
         self._undo.append(self._host.on_telemetry(self._on_telemetry))
         self._on_telemetry(self._clock.now())
 
@@ -88,6 +94,22 @@ class CalibrationPart:
                       "nothing", exc)
             return
         log.info("learned anticipation restored: %d contexts", self.restored_contexts)
+
+    def _restore_entry_risk(self, raw: Any) -> None:
+        if raw is MISSING or raw is None:
+            return
+        risk = parse_entry_risk(raw) if raw is not CORRUPT else None
+        if risk is None:
+            self.m_errors.labels("corrupt").inc()
+            log.error("state file: the saved entry-risk counts do not read back (%r); starting from the prior share",
+                      raw)
+            return
+        self._host.restore_entry_risk(risk)
+        log.info("entry risk restored: %.0f challenges, %.0f unannounced", risk.challenges, risk.unannounced)
+
+    def _dump_entry_risk(self) -> dict[str, Any] | None:
+        risk = self._host.entry_risk()
+        return risk.to_dict() if risk is not None else None
 
     def _dump(self) -> dict[str, Any] | None:
         calibration = self._host.calibration()

@@ -25,6 +25,7 @@ from ..drivers import registry
 from ..drivers.base import AcceleratorDriver
 from ..policies.calibration import Calibration
 from ..policies.cerebellum import CerebellumFirst, PolicyState
+from ..policies.entry_risk import EntryRisk
 from ..policies.learned import Learned
 from ..policies.types import DemandClass, Hold, Inputs, PolicyParams, Sample
 from ..profiles import load_profile
@@ -322,6 +323,15 @@ class DaemonCore:
         """A calibration persisted by an earlier run, applied to the running policy state."""
         if self._state is not None:
             self._state = dataclasses.replace(self._state, calibration=calibration)
+
+    def entry_risk(self) -> EntryRisk | None:
+        """The challenges entry risk has counted (None before the policy began)."""
+        return self._state.entry_risk if self._state is not None else None
+
+    def restore_entry_risk(self, risk: EntryRisk) -> None:
+        """Counts persisted by an earlier run, applied to the running policy state."""
+        if self._state is not None:
+            self._state = dataclasses.replace(self._state, entry_risk=risk)
 
     def learned_table(self) -> dict[str, Any] | None:
         """Learned anticipation's table, persistable (None when learning is off or not begun)."""

@@ -15,6 +15,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..accel import AccelState
 from ..policies.calibration import Calibration
+from ..policies.entry_risk import EntryRisk
 from ..policies.types import Hold, Sample
 
 #: Undoes one registration; calling it twice is harmless.
@@ -167,6 +168,8 @@ class CalibrationHost(Protocol):
     def unannounced_budget_s(self) -> float: ...
     def learned_table(self) -> dict[str, Any] | None: ...
     def restore_learned(self, data: Any) -> int: ...
+    def entry_risk(self) -> EntryRisk | None: ...
+    def restore_entry_risk(self, risk: EntryRisk) -> None: ...
 
 
 class StateExtra(Protocol):

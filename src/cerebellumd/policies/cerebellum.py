@@ -94,9 +94,11 @@ class CerebellumFirst:
         target: AccelState = AccelState.IDLE,
         calibration: Calibration | None = None,
         learned: Learned | None = None,
+        entry_risk: EntryRisk | None = None,
     ) -> PolicyState:
         """`calibration`: a persisted one (`Calibration.from_dict`) to start from; `learned`:
-        learned anticipation's table from earlier runs (`Learned.from_dict`)."""
+        learned anticipation's table from earlier runs (`Learned.from_dict`); `entry_risk`: the
+        challenges counted in earlier runs (`parse_entry_risk`)."""
         return PolicyState(
             target=target,
             target_since=now,
@@ -105,6 +107,7 @@ class CerebellumFirst:
             predicted_idle_s=self.params.initial_idle_prediction_s,
             calibration=calibration if calibration is not None else Calibration(),
             learned=learned if learned is not None else Learned(),
+            entry_risk=entry_risk if entry_risk is not None else EntryRisk(),
         )
 
     def unannounced_budget_s(self, state: PolicyState) -> float:

@@ -23,7 +23,11 @@ Where unannounced challenges are a small share of all (an urban drive with a sur
 then), the refill is several times what the policy spends and nothing changes; where they are
 most of them (surprises at one a minute on a motorway), entries are spaced out.
 
-Pure: no I/O, no clock; `CerebellumFirst` keeps an `EntryRisk` in its state.
+Pure: no I/O, no clock; `CerebellumFirst` keeps an `EntryRisk` in its state. The counts are
+persisted (`to_dict`, the state file's `entry_risk` section) so that a restart starts from the
+share the car has seen, not from the prior; the bucket is not (a restart starts it full). Only
+the last `REMEMBERED` challenges' worth is kept, so that a car that moves to another world
+learns it within a few drives.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from ..accel import AcceleratorModel, AccelState
 
 #: The bucket refills at most this fast (a share of 0 unannounced would be an infinite rate).
 _MIN_SHARE = 1e-3
+#: Challenges' worth of counts a persisted `EntryRisk` keeps (the share, scaled down to this many).
+REMEMBERED = 200.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +61,15 @@ class EntryRisk:
     """Challenges seen, and the bucket: `tokens_s` window seconds left at time `at` (before the
     first entry: full)."""
 
-    challenges: int = 0
-    unannounced: int = 0
+    challenges: float = 0.0
+    unannounced: float = 0.0
     tokens_s: float = 0.0
     at: float = -math.inf
+
+    def to_dict(self) -> dict[str, float]:
+        """The counts, persistable: at most `REMEMBERED` challenges' worth, the share kept."""
+        scale = min(1.0, REMEMBERED / self.challenges) if self.challenges > 0 else 1.0
+        return {"challenges": round(self.challenges * scale, 3), "unannounced": round(self.unannounced * scale, 3)}
 
     def unannounced_share(self, p: EntryRiskParams) -> float:
         prior = p.prior_challenges
@@ -87,6 +98,21 @@ class EntryRisk:
         if window_s <= 0 or have >= need - 1e-9:
             return None
         return now + (need - have) / self.refill_per_s(p)
+
+
+def parse_entry_risk(raw: object) -> EntryRisk | None:
+    """Persisted counts (`EntryRisk.to_dict`) read back with a full bucket, or None where they do
+    not read back: not an object, a count that is no finite non-negative number, more
+    unannounced challenges than challenges."""
+    if not isinstance(raw, dict):
+        return None
+    counts = [raw.get("challenges"), raw.get("unannounced")]
+    if any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 for v in counts):
+        return None
+    challenges, unannounced = (float(v) for v in counts)  # type: ignore[arg-type]
+    if unannounced > challenges:
+        return None
+    return EntryRisk(challenges=challenges, unannounced=unannounced)
 
 
 def count_challenge(risk: EntryRisk, now: float, unannounced: bool, p: EntryRiskParams) -> EntryRisk:

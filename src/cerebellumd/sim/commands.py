@@ -146,10 +146,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         config = load_config(args.policy) if args.policy else parse_config(builtin_example(), "demo.toml")
         cycle_name, variant, model = scenario_args(args.scenario, args.cycle, args.variant, args.events)
         scenario = build_scenario(load_cycle(cycle_name), args.seed, model, name=variant)
-        calibration, learned = _learning(args, config)
         evaluation = run_evaluation(
             config, scenario, profile=args.profile, resume_failure_probability=args.resume_failure_probability,
-            calibration=calibration, learned=learned,
+            **_learning(args, config),
         )
         _save_learning(args, config, evaluation)
     except (ConfigError, CycleError, EvaluationError, ValueError) as exc:
@@ -187,10 +186,9 @@ def _evaluate_recording(args: argparse.Namespace) -> int:
                 return 2
         else:
             config = parse_config(builtin_example(), "demo.toml")
-        calibration, learned = _learning(args, config)
         run = evaluate_recording(
             config, args.log, args.dbc, args.labels, seed=args.seed, profile=args.profile, j1939=args.j1939,
-            resume_failure_probability=args.resume_failure_probability, calibration=calibration, learned=learned,
+            resume_failure_probability=args.resume_failure_probability, **_learning(args, config),
         )
         _save_learning(args, config, run.evaluation)
     except ConfigError as exc:
@@ -218,14 +216,14 @@ def _evaluate_recording(args: argparse.Namespace) -> int:
     return 0
 
 
-def _learning(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
-    """`--state`: (calibration, learned table) to start the configured policy from."""
+def _learning(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """`--state`: what to start the configured policy from, as keyword arguments (none: nothing)."""
     if not args.state:
-        return None, None
+        return {}
     from ..config import policy_params
     from .learning_state import read_learning
 
-    return read_learning(args.state, policy_params(config))
+    return read_learning(args.state, policy_params(config)).as_kwargs()
 
 
 def _save_learning(args: argparse.Namespace, config: Any, evaluation: Any) -> None:
@@ -236,8 +234,7 @@ def _save_learning(args: argparse.Namespace, config: Any, evaluation: Any) -> No
     from .learning_state import save_learning
 
     final = evaluation.runs[0].final_state
-    save_learning(args.save_state, config, policy_params(config), final.calibration, final.learned,
-                  evaluation.result["duration_s"])
+    save_learning(args.save_state, config, policy_params(config), final, evaluation.result["duration_s"])
 
 
 def _dbc_gate(path: str, config: Any, db: Any) -> bool:

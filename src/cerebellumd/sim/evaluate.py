@@ -39,6 +39,7 @@ from ..config import Config, policy_params
 from ..policies.baselines import AlwaysOn, Timeout
 from ..policies.calibration import Calibration
 from ..policies.cerebellum import CerebellumFirst, PolicyState
+from ..policies.entry_risk import EntryRisk
 from ..policies.escalation import DEFAULT_LADDERS, LadderSpec
 from ..policies.flapping import TimelinePoint, flap_figures
 from ..policies.learned import Learned
@@ -607,6 +608,7 @@ def run_evaluation(
     calibration: Calibration | None = None,
     whole_path: bool | None = None,
     learned: Learned | None = None,
+    entry_risk: EntryRisk | None = None,
 ) -> Evaluation:
     """`resume_failure_probability`: chance that a resume fails and needs the ladder's retry;
     `ladder`: whose wake deadline that retry waits for (default: the profile's backend).
@@ -616,6 +618,7 @@ def run_evaluation(
     as ready as the configured policy for less energy. `calibration`: what the configured policy
     learned before (a persisted `Calibration`, as the daemon restores it); default: nothing.
     `learned`: learned anticipation's table from earlier drives (`Learned.from_dict`); default: nothing.
+    `entry_risk`: the challenges entry risk counted on earlier drives (`parse_entry_risk`); default: none.
     `whole_path`: run the daemon's whole decision path around `step` (sim/path.py: NM clamp,
     vehicle power state, budget, watchdog, holds); default: when the config enables [nm] or
     [vehicle_power] or the scenario schedules holds or key-offs. Each result then has `path`."""
@@ -662,8 +665,8 @@ def run_evaluation(
             policy, timer, timeline, model, initial, event_driven, fails, retry_after_s, challenges, path
         )
 
-    restored = calibration is not None or learned is not None
-    cerebellum = run(_Restored(core, calibration, learned) if restored else core, core_timer)
+    restored = calibration is not None or learned is not None or entry_risk is not None
+    cerebellum = run(_Restored(core, calibration, learned, entry_risk) if restored else core, core_timer)
     cerebellum.name = config.policy.name
     runs = [
         cerebellum,
@@ -707,14 +710,15 @@ def run_evaluation(
 class _Restored:
     """The configured policy starting from a restored calibration and learned table."""
 
-    def __init__(self, core: CerebellumFirst, calibration: Calibration | None, learned: Learned | None = None) -> None:
+    def __init__(self, core: CerebellumFirst, calibration: Calibration | None, learned: Learned | None = None,
+                 entry_risk: EntryRisk | None = None) -> None:
         self.name = core.name
         self.params = core.params
-        self._core, self._calibration, self._learned = core, calibration, learned
+        self._core, self._calibration, self._learned, self._entry_risk = core, calibration, learned, entry_risk
         self.step = core.step
 
     def initial_state(self, now: float, target: AccelState = AccelState.IDLE) -> PolicyState:
-        return self._core.initial_state(now, target, self._calibration, self._learned)
+        return self._core.initial_state(now, target, self._calibration, self._learned, self._entry_risk)
 
 
 def _calibration_figures(run: PolicyRun, scenario: Scenario, core: CerebellumFirst) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from cantools.database.can import Database, Message
 
 from ..config import Config
 from ..policies.calibration import Calibration
+from ..policies.entry_risk import EntryRisk
 from ..policies.learned import Learned
 from .cycles import DriveCycle
 from .evaluate import DEFAULT_TICK_MS, Evaluation, PolicyRun, run_evaluation
@@ -271,9 +272,11 @@ def evaluate_recording(
     resume_failure_probability: float = 0.0,
     calibration: Calibration | None = None,
     learned: Learned | None = None,
+    entry_risk: EntryRisk | None = None,
 ) -> RecordedEvaluation:
     """Every policy of `run_evaluation` over the recorded drive, scored on the labels' events
-    (`calibration`, `learned`: what the configured policy learned before, as in `run_evaluation`)."""
+    (`calibration`, `learned`, `entry_risk`: what the configured policy learned before, as in
+    `run_evaluation`)."""
     name, compiled = load_labels(labels, config.signals)
     db = load_replay_dbc(dbc)
     refs, problems = can_refs(config, db)
@@ -311,6 +314,7 @@ def evaluate_recording(
         resume_failure_probability=resume_failure_probability,
         calibration=calibration,
         learned=learned,
+        entry_risk=entry_risk,
     )
     result = evaluation.result
     kinds = [label for _, label in events]

@@ -33,7 +33,7 @@ from .cycles import load_cycle
 from .evaluate import evaluate
 from .events import EventModel, build_scenario, named_scenario
 from .events_config import NAMED_MODELS, resolve_events
-from .learning_state import learning_from_sections, read_sections
+from .learning_state import Learning, learning_from_sections, read_sections
 
 
 class SweepSpec(BaseModel):
@@ -128,8 +128,8 @@ def run_one(
         world = (cycle, variant, named_scenario(variant))
     cycle, variant, model = world
     sc = build_scenario(load_cycle(cycle), seed, model, name=variant)
-    calibration, learned = learning_from_sections(state[1], policy_params(config), state[0]) if state else (None, None)
-    return result_row(params, scenario, seed, evaluate(config, sc, calibration=calibration, learned=learned))
+    learning = learning_from_sections(state[1], policy_params(config), state[0]) if state else Learning()
+    return result_row(params, scenario, seed, evaluate(config, sc, **learning.as_kwargs()))
 
 
 def result_row(params: dict[str, Any], scenario: str, seed: int, result: dict[str, Any]) -> dict[str, Any]:
