@@ -18,6 +18,7 @@ from cerebellumd.policies.calibration import (
     tighten,
 )
 from cerebellumd.policies.cerebellum import CerebellumFirst, PolicyState
+from cerebellumd.policies.entry_risk import EntryRiskParams
 from cerebellumd.policies.expr import compile_expression
 from cerebellumd.policies.types import DemandClass, DemandSpec, Inputs
 from cerebellumd.sim.cycles import load_cycle
@@ -108,7 +109,9 @@ def _step(core: CerebellumFirst, state: PolicyState, t: float, actual: AccelStat
 
 
 def test_a_late_unannounced_wake_tightens_and_then_sleep_is_not_chosen() -> None:
-    core = CerebellumFirst(params(release_s=1.0), model())
+    # Entry risk off: a wake late although its challenge allowed the configured budget (it came
+    # mid-entry) is calibration's to answer, as before entry risk existed.
+    core = CerebellumFirst(params(release_s=1.0, entry_risk=EntryRiskParams(late_share=0.0)), model())
     state = core.initial_state(0.0, AccelState.IDLE)
     for t in (0.0, 100.0):  # a long quiet spell: sleep pays off
         state = _step(core, state, t, AccelState.IDLE)
@@ -128,6 +131,22 @@ def test_a_late_unannounced_wake_tightens_and_then_sleep_is_not_chosen() -> None
     assert state.target is AccelState.IDLE and state.reason == "rest:idle"
     assert core.unannounced_budget_s(state) == pytest.approx(0.7)
     assert core.next_timer(state, 400.0) is not None
+
+
+def test_with_entry_risk_only_a_deadline_tightens_and_a_mid_entry_late_wake_is_counted() -> None:
+    core = CerebellumFirst(params(release_s=1.0), model())  # entry risk on (the default)
+    state = core.initial_state(0.0, AccelState.IDLE)
+    for t in (0.0, 100.0):
+        state = _step(core, state, t, AccelState.IDLE)
+    state = _step(core, state, 200.0, AccelState.SLEEP)
+    state = _step(core, state, 210.0, AccelState.SLEEP, crit=1.0)
+    state = _step(core, state, 212.0, AccelState.ACTIVE, crit=1.0)  # 0.5 s late; it allowed the configured 1.5 s
+    assert state.calibration.late_wakes == 1 and state.calibration.worst_lateness_s == pytest.approx(0.5)
+    assert state.calibration.budget_s is None and state.calibration.first_late_at is None
+    assert core.unannounced_budget_s(state) == 1.5
+    # Its consumer says it allowed 0.8 s (1.2 s late): a deadline the config does not know.
+    state = _step(core, state, 212.01, AccelState.ACTIVE, crit=1.0, late_reports=(1.2,))
+    assert state.calibration.budget_s == pytest.approx(0.7) and state.calibration.late_wakes == 1
 
 
 def test_mid_entry_worst_case_counts_once_tightened() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from cerebellumd.cli import main
+from cerebellumd.config import builtin_example
 from cerebellumd.config.state_file import Totals, read_totals, write_atomic
 from tests.test_calibration_daemon import part, start
 
@@ -159,17 +160,28 @@ def test_the_worlds_table_script_reports_cold_and_warm_per_cell(tmp_path: Path) 
 
 def test_a_mid_entry_lesson_stays_with_its_drive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Default world, UDDS seed 1008: a surprise arrives while the accelerator enters sleep and
-    comes late although its 1.5 s deadline is the configured budget. The drive tightens; the
-    state file carries the late wake, not the budget."""
-    state = tmp_path / "car.json"
-    assert main(["evaluate", "--scenario", "udds", "--seed", "1008", "--json", "--save-state", str(state)]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["calibration"]["learned"] and result["calibration"]["late_wakes"] == 1
-    assert result["calibration"]["budget_s"] > 1.3  # what it allowed was about the configured 1.5 s
-    saved = read_totals(state)
-    assert saved is not None
-    assert saved.sections["calibration"]["budget_s"] is None
-    assert saved.sections["calibration"]["late_wakes"] == 1
+    comes late although its 1.5 s deadline is the configured budget. With entry risk (the
+    default) that teaches no budget at all; with it off, the drive tightens. Either way the state
+    file carries the late wake, not a budget."""
+    unspaced = tmp_path / "unspaced.toml"
+    text = builtin_example("demo.toml")
+    unspaced.write_text(text.replace('deepest_state = "off"\n', 'deepest_state = "off"\nmid_entry_late_share = 0\n', 1))
+    for policy, tightens in ((None, False), (str(unspaced), True)):
+        state = tmp_path / f"car-{tightens}.json"
+        args = ["--policy", policy] if policy else []
+        assert main(["evaluate", "--scenario", "udds", "--seed", "1008", "--json", "--save-state", str(state),
+                     *args]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["calibration"]["late_wakes"] == 1
+        assert result["calibration"]["learned"] is tightens
+        if tightens:
+            assert result["calibration"]["budget_s"] > 1.3  # what it allowed was about the configured 1.5 s
+        else:
+            assert result["calibration"]["budget_s"] == 1.5
+        saved = read_totals(state)
+        assert saved is not None
+        assert saved.sections["calibration"]["budget_s"] is None
+        assert saved.sections["calibration"]["late_wakes"] == 1
 
 
 def test_a_learned_anticipation_table_chains_through_the_state_file(

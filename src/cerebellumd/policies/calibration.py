@@ -109,6 +109,14 @@ def tighten(
     )
 
 
+def note_late(cal: Calibration, lateness_s: float, p: CalibrationParams, count: bool = True) -> Calibration:
+    """A late wake that teaches no budget: it is counted, the budget stays."""
+    if not p.enabled:
+        return cal
+    return replace(cal, late_wakes=cal.late_wakes + (1 if count else 0),
+                   worst_lateness_s=max(cal.worst_lateness_s, lateness_s))
+
+
 def relax(cal: Calibration, now: float, configured_s: float, p: CalibrationParams) -> Calibration:
     """One relax step per clean `relax_after_s` (call at any time; it applies the steps due)."""
     if cal.budget_s is None:

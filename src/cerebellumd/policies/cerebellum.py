@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from ..accel import RESTING_STATES, AcceleratorModel, AccelState
-from .calibration import Calibration, next_relax, relax, tighten
+from .calibration import Calibration, next_relax, note_late, relax, tighten
 from .entry_risk import EntryRisk, count_challenge, entry_window_s, spend
 from .expr import Value
 from .learned import Learned, context_of, explains, label, next_change, observe, teach
@@ -369,6 +369,8 @@ class CerebellumFirst:
         cal = relax(state.calibration, now, self.params.latency_budget_s, cp)
         learned = state.learned
 
+        configured = self.params.latency_budget_s
+
         def lesson(allowed: float, lateness: float, count: bool = True) -> Calibration:
             nonlocal learned
             lp = self.params.learned
@@ -376,7 +378,12 @@ class CerebellumFirst:
                 learned = teach(learned, allowed - cp.margin_s)
                 if explains(lp, learned):
                     return cal
-            return tighten(cal, now, allowed, lateness, cp, count=count, configured_s=self.params.latency_budget_s)
+            if self.params.entry_risk.enabled and allowed >= configured - cp.margin_s - _EPS:
+                # The challenge allowed the configured budget: it came late because it arrived
+                # while an entry was under way. Entry risk keeps such arrivals rare; ruling the
+                # state out would only cost energy (calibration.py, "deadline lesson").
+                return note_late(cal, lateness, cp, count=count)
+            return tighten(cal, now, allowed, lateness, cp, count=count, configured_s=configured)
 
         wake = state
         if state.wake_onset is not None and inputs.actual is AccelState.ACTIVE:
