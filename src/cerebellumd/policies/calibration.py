@@ -18,6 +18,11 @@ timer.
 The state is a small frozen value: the daemon can export `budget_s` and persist `to_dict(now)`
 (with the clean stretch run so far, which a restore continues).
 
+With entry risk on (policies/entry_risk.py, the default), `CerebellumFirst` tightens only for a
+challenge that allowed less than the configured budget by more than `margin_s`; a late wake whose
+challenge allowed the configured budget arrived mid-entry, and is only counted (`note_late`):
+keeping such arrivals rare is entry risk's job.
+
 Only what the world taught is persisted: a challenge that allowed *less* than the configured
 budget by more than `margin_s` (`deadline_lesson`). A tightening whose challenges all allowed
 about the configured budget says only that one arrived while an entry was under way (the
