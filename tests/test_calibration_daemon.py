@@ -66,6 +66,8 @@ async def test_a_late_wake_tightens_exports_persists_and_is_restored(tmp_path: P
         body = json.loads(state_payload(rig.daemon.snapshot(), part(rig.daemon).state_extra()))
         assert body["calibration"]["unannounced_budget_s"] == round(learned, 3)
         assert body["calibration"]["late_wakes"] == 1
+        # The collision was a challenge, and an unannounced one: above the prior share of 0.3.
+        assert body["calibration"]["challenges"] >= 1 and body["calibration"]["unannounced_share"] > 0.3
     finally:
         await rig.close()
     saved = json.loads(await asyncio.to_thread(state_file.read_text))

@@ -127,5 +127,9 @@ class CalibrationPart:
         learned: dict[str, Any] = {} if calibration is None else {
             "budget_s": calibration.budget_s, "late_wakes": calibration.late_wakes,
             "worst_lateness_s": calibration.worst_lateness_s}
+        risk = self._host.entry_risk()
+        if risk is not None:  # what spaces out entries into sleep (policies/entry_risk.py)
+            learned["challenges"] = round(risk.challenges, 3)
+            learned["unannounced_share"] = round(risk.unannounced_share(self._host.entry_risk_params()), 3)
         return {"calibration": {"unannounced_budget_s": round(self._host.unannounced_budget_s(), 3), **learned}}
 

@@ -25,7 +25,7 @@ from ..drivers import registry
 from ..drivers.base import AcceleratorDriver
 from ..policies.calibration import Calibration
 from ..policies.cerebellum import CerebellumFirst, PolicyState
-from ..policies.entry_risk import EntryRisk
+from ..policies.entry_risk import EntryRisk, EntryRiskParams
 from ..policies.learned import Learned
 from ..policies.types import DemandClass, Hold, Inputs, PolicyParams, Sample
 from ..profiles import load_profile
@@ -327,6 +327,9 @@ class DaemonCore:
     def entry_risk(self) -> EntryRisk | None:
         """The challenges entry risk has counted (None before the policy began)."""
         return self._state.entry_risk if self._state is not None else None
+
+    def entry_risk_params(self) -> EntryRiskParams:
+        return self.policy.params.entry_risk
 
     def restore_entry_risk(self, risk: EntryRisk) -> None:
         """Counts persisted by an earlier run, applied to the running policy state."""

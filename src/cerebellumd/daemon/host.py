@@ -15,7 +15,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..accel import AccelState
 from ..policies.calibration import Calibration
-from ..policies.entry_risk import EntryRisk
+from ..policies.entry_risk import EntryRisk, EntryRiskParams
 from ..policies.types import Hold, Sample
 
 #: Undoes one registration; calling it twice is harmless.
@@ -169,6 +169,7 @@ class CalibrationHost(Protocol):
     def learned_table(self) -> dict[str, Any] | None: ...
     def restore_learned(self, data: Any) -> int: ...
     def entry_risk(self) -> EntryRisk | None: ...
+    def entry_risk_params(self) -> EntryRiskParams: ...
     def restore_entry_risk(self, risk: EntryRisk) -> None: ...
 
 
