@@ -157,3 +157,13 @@ def test_the_counts_persist_scaled_to_what_is_remembered_and_bad_ones_do_not_rea
     for bad in ("x", {"challenges": -1, "unannounced": 0}, {"challenges": 2, "unannounced": 3},
                 {"challenges": True, "unannounced": 0}, {"challenges": float("nan"), "unannounced": 0}, {}):
         assert parse_entry_risk(bad) is None
+
+
+def test_the_counts_fade_past_what_is_remembered_so_that_a_new_world_is_learned() -> None:
+    risk = EntryRisk()
+    for t in range(1000):  # a world of announced challenges
+        risk = count_challenge(risk, float(t), unannounced=False, p=P)
+    assert risk.challenges == pytest.approx(REMEMBERED) and risk.unannounced_share(P) < 0.03
+    for t in range(1000, 1200):  # then one of surprises: the share follows within 200 challenges
+        risk = count_challenge(risk, float(t), unannounced=True, p=P)
+    assert risk.challenges == pytest.approx(REMEMBERED) and risk.unannounced_share(P) > 0.6

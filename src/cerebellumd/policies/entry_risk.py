@@ -25,9 +25,10 @@ most of them (surprises at one a minute on a motorway), entries are spaced out.
 
 Pure: no I/O, no clock; `CerebellumFirst` keeps an `EntryRisk` in its state. The counts are
 persisted (`to_dict`, the state file's `entry_risk` section) so that a restart starts from the
-share the car has seen, not from the prior; the bucket is not (a restart starts it full). Only
-the last `REMEMBERED` challenges' worth is kept, so that a car that moves to another world
-learns it within a few drives.
+share the car has seen, not from the prior; the bucket is not (a restart starts it full). The
+counts hold at most `REMEMBERED` challenges' worth (older ones fade in proportion), so that a
+car that moves to another world, or a daemon that has run for months, learns it within a few
+drives.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..accel import AcceleratorModel, AccelState
 
 #: The bucket refills at most this fast (a share of 0 unannounced would be an infinite rate).
 _MIN_SHARE = 1e-3
-#: Challenges' worth of counts a persisted `EntryRisk` keeps (the share, scaled down to this many).
+#: Challenges' worth of counts an `EntryRisk` keeps (the share, scaled down to this many).
 REMEMBERED = 200.0
 
 
@@ -120,7 +121,9 @@ def count_challenge(risk: EntryRisk, now: float, unannounced: bool, p: EntryRisk
     if not p.enabled:
         return risk
     settled = risk.available_s(now, p)
-    return EntryRisk(risk.challenges + 1, risk.unannounced + (1 if unannounced else 0), settled, now)
+    challenges, late = risk.challenges + 1, risk.unannounced + (1 if unannounced else 0)
+    fade = min(1.0, REMEMBERED / challenges)
+    return EntryRisk(challenges * fade, late * fade, settled, now)
 
 
 def spend(risk: EntryRisk, now: float, window_s: float, p: EntryRiskParams) -> EntryRisk:
