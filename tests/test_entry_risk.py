@@ -83,13 +83,23 @@ def _surprise_then_rest(core: CerebellumFirst, state: PolicyState, t: float) -> 
     return _step(core, state, t + 1.0, AccelState.ACTIVE)
 
 
-def test_surprises_space_out_the_entries_into_sleep_and_the_timer_names_when_sleep_is_allowed() -> None:
-    risk_p = EntryRiskParams(late_share=0.01, burst_s=1.0, prior_challenges=1.0, prior_unannounced_share=1.0)
+#: A bucket of one window (sleep's 1.0 s) refilled at 0.01 / share; a prior share of 1.
+SPACED = EntryRiskParams(late_share=0.01, burst_s=1.0, prior_challenges=1.0, prior_unannounced_share=1.0)
+
+
+def _asleep_after_the_first_entry(risk_p: EntryRiskParams) -> tuple[CerebellumFirst, PolicyState]:
+    """Active at 0, released into sleep at 2 s (a long idle predicted: sleep pays off)."""
     core = CerebellumFirst(params(release_s=1.0, initial_idle_prediction_s=1000.0, entry_risk=risk_p), model())
     state = core.initial_state(0.0, AccelState.ACTIVE)
     state = _step(core, state, 0.0, AccelState.ACTIVE)
     state = _step(core, state, 2.0, AccelState.ACTIVE)
     assert state.target is AccelState.SLEEP  # the first entry: the bucket was full
+    return core, state
+
+
+def test_surprises_space_out_the_entries_into_sleep_and_the_timer_names_when_sleep_is_allowed() -> None:
+    risk_p = SPACED
+    core, state = _asleep_after_the_first_entry(risk_p)
     assert state.entry_risk.available_s(2.0, risk_p) == pytest.approx(0.0)
     state = _surprise_then_rest(core, state, 10.0)  # unannounced: the share stays 1, refill 0.01/s
     assert state.entry_risk.challenges == 1 and state.entry_risk.unannounced == 1
@@ -104,12 +114,7 @@ def test_surprises_space_out_the_entries_into_sleep_and_the_timer_names_when_sle
 
 
 def test_announced_challenges_leave_entries_as_they_were() -> None:
-    risk_p = EntryRiskParams(late_share=0.01, burst_s=1.0, prior_challenges=1.0, prior_unannounced_share=1.0)
-    core = CerebellumFirst(params(release_s=1.0, initial_idle_prediction_s=1000.0, entry_risk=risk_p), model())
-    state = core.initial_state(0.0, AccelState.ACTIVE)
-    state = _step(core, state, 0.0, AccelState.ACTIVE)
-    state = _step(core, state, 2.0, AccelState.ACTIVE)
-    assert state.target is AccelState.SLEEP
+    core, state = _asleep_after_the_first_entry(SPACED)
     t = 10.0
     for _ in range(20):  # announced (a precursor first), each served from idle
         state = _step(core, state, t, AccelState.SLEEP, ant=1.0)
@@ -125,12 +130,7 @@ def test_announced_challenges_leave_entries_as_they_were() -> None:
 
 
 def test_without_entry_risk_every_entry_may_go_to_sleep() -> None:
-    core = CerebellumFirst(params(release_s=1.0, initial_idle_prediction_s=1000.0,
-                                  entry_risk=EntryRiskParams(late_share=0.0)), model())
-    state = core.initial_state(0.0, AccelState.ACTIVE)
-    state = _step(core, state, 0.0, AccelState.ACTIVE)
-    state = _step(core, state, 2.0, AccelState.ACTIVE)
-    assert state.target is AccelState.SLEEP
+    core, state = _asleep_after_the_first_entry(EntryRiskParams(late_share=0.0))
     state = _surprise_then_rest(core, state, 10.0)
     state = _step(core, state, 12.0, AccelState.ACTIVE)
     assert state.target is AccelState.SLEEP
