@@ -37,6 +37,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .numbers import is_finite_number
+
 
 @dataclass(frozen=True, slots=True)
 class CalibrationParams:
@@ -154,7 +156,7 @@ def parse_calibration(raw: Any, now: float) -> Calibration | None:
     late = raw.get("late_wakes", 0)
     worst = raw.get("worst_lateness_s", 0.0)
     numbers = [v for v in (budget, worst, raw.get("clean_s")) if v is not None]
-    if any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 for v in numbers):
+    if any(not is_finite_number(v) or v < 0 for v in numbers):
         return None
     if isinstance(late, bool) or not isinstance(late, int) or late < 0:
         return None

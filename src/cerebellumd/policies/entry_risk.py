@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass, replace
 
 from ..accel import AcceleratorModel, AccelState
+from .numbers import is_finite_number
 
 #: The bucket refills at most this fast (a share of 0 unannounced would be an infinite rate).
 _MIN_SHARE = 1e-3
@@ -107,13 +108,10 @@ def parse_entry_risk(raw: object) -> EntryRisk | None:
     unannounced challenges than challenges."""
     if not isinstance(raw, dict):
         return None
-    counts = [raw.get("challenges"), raw.get("unannounced")]
-    if any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 for v in counts):
+    challenges, unannounced = raw.get("challenges"), raw.get("unannounced")
+    if not (is_finite_number(challenges) and is_finite_number(unannounced)) or not 0 <= unannounced <= challenges:
         return None
-    challenges, unannounced = (float(v) for v in counts)  # type: ignore[arg-type]
-    if unannounced > challenges:
-        return None
-    return EntryRisk(challenges=challenges, unannounced=unannounced)
+    return EntryRisk(challenges=float(challenges), unannounced=float(unannounced))
 
 
 def count_challenge(risk: EntryRisk, now: float, unannounced: bool, p: EntryRiskParams) -> EntryRisk:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from .numbers import is_finite_number
 from .types import LearnedParams, Sample
 
 __all__ = ["Cell", "Learned", "LearnedParams", "context_of", "explains", "label", "next_change", "observe", "teach",
@@ -97,8 +98,7 @@ class Learned:
                 raise ValueError(f"cell {entry!r} does not read back")
             ctx, onsets, exposure, deadline = entry
             numbers = [*ctx, onsets, exposure, *([] if deadline is None else [deadline])]
-            if len(ctx) != len(p.features) or any(
-                    isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) for v in numbers):
+            if len(ctx) != len(p.features) or not all(is_finite_number(v) for v in numbers):
                 raise ValueError(f"cell {entry!r} does not read back")
             if not isinstance(onsets, int) or onsets < 0 or exposure < 0 or (deadline is not None and deadline < 0):
                 raise ValueError(f"cell {entry!r} does not read back")
