@@ -147,6 +147,28 @@ def test_the_config_sets_the_share_and_refuses_one_out_of_range() -> None:
     assert "policy.mid_entry_late_share" in str(err.value) and "car.toml" in str(err.value)
 
 
+def test_the_config_sets_the_burst_and_the_prior_and_they_pace_the_entries() -> None:
+    text = builtin_example("demo.toml")
+    default = policy_params(parse_config(text)).entry_risk
+    assert (default.burst_s, default.prior_challenges, default.prior_unannounced_share) == (2.0, 5.0, 0.3)
+    tuned_text = text.replace('deepest_state = "off"\n', 'deepest_state = "off"\nmid_entry_burst_ms = 500\n'
+                              'mid_entry_prior_challenges = 20\nmid_entry_prior_unannounced_share = 0.8\n', 1)
+    tuned = policy_params(parse_config(tuned_text)).entry_risk
+    assert (tuned.burst_s, tuned.prior_challenges, tuned.prior_unannounced_share) == (0.5, 20.0, 0.8)
+    # A 0.5 s bucket holds half a sleep window (1.0 s): the first entry is paid from a full
+    # bucket, the next waits for it to refill at 0.005 / 0.8 window s per s.
+    first = spend(EntryRisk(), 0.0, 1.0, tuned)
+    assert first.available_s(0.0, tuned) == pytest.approx(-0.5)
+    assert first.available_at(1.0, 0.0, tuned) == pytest.approx(1.0 / (0.005 / 0.8))
+    assert spend(EntryRisk(), 0.0, 1.0, default).available_at(1.0, 0.0, default) is None  # 1.0 s left of 2.0
+    for key, bad in (("mid_entry_burst_ms", "0"), ("mid_entry_prior_challenges", "0"),
+                     ("mid_entry_prior_unannounced_share", "1.5"), ("mid_entry_burst_ms", '"2s"')):
+        broken = text.replace('deepest_state = "off"\n', f'deepest_state = "off"\n{key} = {bad}\n', 1)
+        with pytest.raises(ConfigError) as err:
+            parse_config(broken, "car.toml")
+        assert f"policy.{key}" in str(err.value) and "car.toml" in str(err.value)
+
+
 def test_the_counts_persist_scaled_to_what_is_remembered_and_bad_ones_do_not_read_back() -> None:
     risk = EntryRisk(challenges=40.0, unannounced=10.0, tokens_s=-0.5, at=100.0)
     back = parse_entry_risk(risk.to_dict())

@@ -188,6 +188,15 @@ class PolicyConfig(Section):
         "resting state whose entry plus exit is over the latency budget, as a share of all challenges: such "
         "entries are spaced out to keep under it, given the share of challenges that came unannounced "
         "(policies/entry_risk.py). 0 turns the spacing off.")
+    mid_entry_burst_ms: PositiveMs = Field(
+        2000, description="Window time (ms) that such entries may spend back to back before the spacing paces "
+        "them: the size of the bucket that `mid_entry_late_share` refills.")
+    mid_entry_prior_unannounced_share: float = Field(
+        0.3, ge=0, le=1, description="Share of challenges assumed to come unannounced before any was counted "
+        "(the spacing's prior; the counted share replaces it as challenges are seen).")
+    mid_entry_prior_challenges: float = Field(
+        5.0, gt=0, description="Weight of that prior, in challenges: how many counted challenges it takes for "
+        "the counted share to outweigh it.")
     timeout_idle_s: float = Field(30.0, gt=0, description="Idle timeout of the `timeout` baseline.")
     timeout_state: Literal["off", "sleep", "idle"] = Field("sleep", description="Rest state of the `timeout` baseline.")
     learned_anticipation: LearnedAnticipationConfig | None = Field(
@@ -775,7 +784,9 @@ def policy_params(config: Config) -> PolicyParams:
         initial_idle_prediction_s=p.initial_idle_prediction_s,
         idle_prediction_weight=p.idle_prediction_weight,
         deepest_state=AccelState(p.deepest_state),
-        entry_risk=EntryRiskParams(late_share=p.mid_entry_late_share),
+        entry_risk=EntryRiskParams(late_share=p.mid_entry_late_share, burst_s=p.mid_entry_burst_ms / 1000,
+                                   prior_challenges=p.mid_entry_prior_challenges,
+                                   prior_unannounced_share=p.mid_entry_prior_unannounced_share),
         guards=Guards(
             battery_signal=g.battery_signal,
             battery_min_v=g.battery_min_v,

@@ -49,9 +49,9 @@ REMEMBERED = 200.0
 class EntryRiskParams:
     #: Challenges made late by a mid-entry arrival, as a share of all challenges; 0 disables.
     late_share: float = 0.005  # [policy] mid_entry_late_share: half of a 0.99 readiness target's misses
-    burst_s: float = 2.0  # window seconds that may be spent back to back
-    prior_challenges: float = 5.0  # weight of the prior share, in challenges
-    prior_unannounced_share: float = 0.3
+    burst_s: float = 2.0  # [policy] mid_entry_burst_ms: window seconds that may be spent back to back
+    prior_challenges: float = 5.0  # [policy] mid_entry_prior_challenges: weight of the prior share
+    prior_unannounced_share: float = 0.3  # [policy] mid_entry_prior_unannounced_share
 
     @property
     def enabled(self) -> bool:
