@@ -13,7 +13,8 @@ With --runs N > 1 the pair (bare, then CanIngest) is measured N times and the re
 {"runs": [one object per pair], "cpu_ratio": [...], "cpu_ratio_median", "cpu_ratio_min",
 "cpu_ratio_max", "daemon_frames_per_s_median", "bare_frames_per_s_median"}.
 
-    python bench/ingest.py [--frames N] [--rate FRAMES_PER_S] [--runs N] [--uvloop] [--floor] [--pin] [--json] [--quick]
+    python bench/ingest.py [--frames N] [--rate FRAMES_PER_S] [--runs N] [--uvloop] [--floor] [--thread-floor]
+                           [--pin] [--json] [--quick]
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import statistics
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cantools.database.can import Database
 
 import common
 from cerebellumd.config import CanBusConfig, Config, builtin_example
@@ -45,36 +48,52 @@ def bare(frames: int, rate: float) -> tuple[int, float]:
     db = common.load_vehicle_dbc()
     bus = common.open_bus()
     got = 0
+
+    def receive() -> None:
+        nonlocal got
+        while got < frames:
+            msg = bus.recv(IDLE_END_S)
+            if msg is None:
+                break
+            db.decode_message(msg.arbitration_id, msg.data)
+            got += 1
+
+    cpu = cpu_of(receive, bus, frames, rate)
+    return got, cpu
+
+
+def cpu_of(receive: Callable[[], None], bus: Any, frames: int, rate: float) -> float:
+    """CPU seconds of this process while `receive` takes in what a sender process sends at
+    `rate` (the sender's own CPU not counted); the bus is shut down after."""
     try:
         sender = common.start_sender(rate, frames / rate + 30, count=frames)
         cpu0 = time.process_time()
         try:
-            while got < frames:
-                msg = bus.recv(IDLE_END_S)
-                if msg is None:
-                    break
-                db.decode_message(msg.arbitration_id, msg.data)
-                got += 1
-            cpu = time.process_time() - cpu0
+            receive()
+            return time.process_time() - cpu0
         finally:
             common.stop_process(sender)
     finally:
         bus.shutdown()
-    return got, cpu
+
+
+def demo_bus() -> tuple[CanBusConfig, Database, dict[tuple[str, str], str]]:
+    """The bench's bus, its DBC, and the demo config's CAN signals (DBC message, signal) -> ours."""
+    demo = Config.model_validate(tomllib.loads(builtin_example("demo.toml")))
+    cfg = CanBusConfig.model_validate(common.bench_bus_config("bench"))
+    wanted = {(m, sig): name for name, s in demo.signals.items() if s.can for m, sig in [s.can.split(".", 1)]}
+    return cfg, load_dbc(cfg.dbc, cfg.dbc_strict), wanted
 
 
 async def daemon_path(frames: int, rate: float) -> tuple[int, float]:
-    demo = Config.model_validate(tomllib.loads(builtin_example("demo.toml")))
-    cfg = CanBusConfig.model_validate(common.bench_bus_config("bench"))
-    db = load_dbc(cfg.dbc, cfg.dbc_strict)
-    wanted = {tuple(s.can.split(".", 1)): name for name, s in demo.signals.items() if s.can}
+    cfg, db, wanted = demo_bus()
     got = 0
 
     def sink(_samples: Sequence[tuple[str, float]], _t: float) -> None:
         nonlocal got
         got += 1
 
-    ingest = CanIngest(cfg, db, wanted, sink, Metrics(buses=["bench"]))  # type: ignore[arg-type]
+    ingest = CanIngest(cfg, db, wanted, sink, Metrics(buses=["bench"]))
     await ingest.async_start()
     try:
         sender = await asyncio.to_thread(
@@ -129,7 +148,61 @@ async def loop_floor(frames: int, rate: float) -> tuple[int, float]:
     return got, cpu
 
 
-def measure(frames: int, rate: float, uvloop: bool = False, floor: bool = False) -> dict[str, Any]:
+def thread_floor(frames: int, rate: float) -> tuple[int, float]:
+    """What a reader thread that decodes off the loop could reach at best: one blocking
+    `recvmsg` per frame (no select; the kernel's SO_RCVTIMEO ends the phase), python-can's
+    `unpack_message`, the same routes and compiled extractors as CanIngest, the range check, and
+    the samples stored under a lock (the loop would read them at its tick). Nothing is handed to
+    the loop, no NM tap, no J1939, no counters: a lower bound for that design, not a daemon."""
+    import socket
+    import struct
+    import threading
+
+    from can.interfaces.udp_multicast.utils import unpack_message
+
+    cfg, db, wanted = demo_bus()
+    routes = CanIngest(cfg, db, wanted, lambda _s, _t: None, Metrics(buses=["bench"]))._routes
+    bus = common.open_bus()
+    multicast: Any = bus._multicast
+    sock: socket.socket = multicast._socket
+    sock.settimeout(None)  # blocking, no poll before each read ...
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(IDLE_END_S), 0))  # ... but ends
+    stamp = struct.Struct(str(multicast.received_timestamp_struct))
+    size, ancillary = int(multicast.max_buffer), int(multicast.received_ancillary_buffer_size)
+    store: dict[str, tuple[float, float]] = {}
+    lock = threading.Lock()
+    got = 0
+
+    def read() -> None:
+        nonlocal got
+        while got < frames:
+            try:
+                data, anc, _flags, _sender = sock.recvmsg(size, ancillary)
+            except OSError:  # SO_RCVTIMEO: the sender is done
+                return
+            seconds, nanoseconds = stamp.unpack(anc[0][2])
+            msg = unpack_message(data, replace={"timestamp": seconds + nanoseconds * 1e-9}, check=True)
+            got += 1
+            route = routes.get((msg.arbitration_id, msg.is_extended_id))
+            if route is None or not route.wanted or route.extract is None:
+                continue
+            values = route.extract(msg.data)
+            samples = [(w[1], float(v)) for w, v in zip(route.wanted, values, strict=True) if w[2] <= v <= w[3]]
+            with lock:
+                for name, value in samples:
+                    store[name] = (value, msg.timestamp)
+
+    def receive() -> None:
+        reader = threading.Thread(target=read, name="thread-floor")
+        reader.start()
+        reader.join()
+
+    cpu = cpu_of(receive, bus, frames, rate)
+    return got, cpu
+
+
+def measure(frames: int, rate: float, uvloop: bool = False, floor: bool = False,
+            threaded: bool = False) -> dict[str, Any]:
     bare_n, bare_cpu = bare(frames, rate)
     if uvloop:  # the daemon's [realtime] uvloop = true
         import uvloop as uv
@@ -150,6 +223,10 @@ def measure(frames: int, rate: float, uvloop: bool = False, floor: bool = False)
     if floor:
         f_n, f_cpu = asyncio.run(loop_floor(frames, rate))
         result["floor_frames_per_s"] = round(f_n / f_cpu) if f_cpu > 0 else None
+    if threaded:
+        t_n, t_cpu = thread_floor(frames, rate)
+        result["thread_floor_frames_per_s"] = round(t_n / t_cpu) if t_cpu > 0 else None
+        result["thread_floor_cpu_ratio"] = round((t_cpu / t_n) / bare_per, 2) if t_n and bare_per > 0 else None
     return result
 
 
@@ -162,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--uvloop", action="store_true", help="run CanIngest on uvloop (the daemon's [realtime] uvloop)")
     p.add_argument("--floor", action="store_true", help="also measure a bare asyncio add_reader + recv(0) reader that "
                                                         "decodes nothing (floor_frames_per_s)")
+    p.add_argument("--thread-floor", action="store_true",
+                   help="also measure a reader thread that decodes off the loop with a blocking recvmsg and hands "
+                        "nothing to it (thread_floor_frames_per_s, thread_floor_cpu_ratio): a lower bound")
     p.add_argument("--pin", action="store_true", help="receiver on CPU 0, sender on another core")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="CI smoke: 5,000 frames")
@@ -170,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.frames = 5000
     if a.pin:
         print(common.pin(), file=sys.stderr)
-    runs = [measure(a.frames, a.rate, a.uvloop, a.floor) for _ in range(max(1, a.runs))]
+    runs = [measure(a.frames, a.rate, a.uvloop, a.floor, a.thread_floor) for _ in range(max(1, a.runs))]
     if len(runs) > 1:
         ratios = [x["cpu_ratio"] for x in runs]
         known = [x for x in ratios if x is not None]
