@@ -3,12 +3,13 @@ on real buses (udp_multicast on loopback, virtual), and never wait."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 
 import can
 
-from cerebellumd.drivers.can_read import frame_reader
+from cerebellumd.drivers.can_read import device_gone, frame_reader
 
 from .helpers import free_port
 
@@ -140,3 +141,19 @@ def test_a_reader_is_registered_for_every_loop_read_interface() -> None:
     from cerebellumd.drivers.can_read import _READERS
 
     assert set(_READERS) == set(_LOOP_READ_INTERFACES)
+
+
+def test_only_errors_that_say_the_device_is_gone_recreate_the_bus() -> None:
+    def raised_from(cause: OSError) -> can.CanOperationError:
+        try:
+            raise can.CanOperationError("Error receiving") from cause
+        except can.CanOperationError as exc:
+            return exc
+
+    for gone in (OSError(errno.ENODEV, "No such device"), can.CanOperationError("Error receiving", errno.ENODEV),
+                 raised_from(OSError(errno.ENXIO, "No such device or address")), OSError(errno.EBADF, "closed")):
+        assert device_gone(gone), gone
+    for kept in (OSError(errno.ENETDOWN, "Network is down"), raised_from(BlockingIOError(errno.EAGAIN, "again")),
+                 can.CanOperationError("could not unpack received message"), ValueError("bad datagram"),
+                 can.CanOperationError("Error receiving", errno.ENETDOWN)):
+        assert not device_gone(kept), kept

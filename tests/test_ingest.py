@@ -4,6 +4,8 @@ silence, reconnect, and the fast path that wakes before the next tick."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import itertools
 import os
 import random
@@ -13,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import can
 import pytest
@@ -527,6 +530,151 @@ async def test_can_fd_64_byte_frames_over_socketcan_decode_as_cantools_does(vcan
         sender.shutdown()
         await ingest.async_stop()
     assert got == [as_today(speed, wanted, data) for data in sent]
+
+
+class UnpluggableSocket(socket.socket):
+    """A socket that, once `gone` is set, fails its next read with ENODEV and then finds
+    nothing (EAGAIN), as Linux's CAN_RAW does for a socket whose netdev was unregistered: the
+    kernel reports the error once and unbinds the socket (net/can/raw.c `raw_notify`)."""
+
+    gone = False
+    reported = False
+
+    def recvmsg(self, *args: int) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
+        if not self.gone:
+            return super().recvmsg(*args)
+        with contextlib.suppress(BlockingIOError):
+            super().recvmsg(*args)  # what made the fd readable (the kernel's error report)
+        if not self.reported:
+            self.reported = True
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+
+@pytest.fixture
+def socketcan_over_unix(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[socket.socket]]:
+    """python-can's SocketcanBus on a real kernel socket where this kernel has no AF_CAN (no vcan):
+    each bus gets one end of an AF_UNIX datagram socket pair, the test the other end, on which
+    it writes the `can_frame` / `canfd_frame` bytes python-can builds. python-can sets
+    SO_TIMESTAMPNS on it as on a CAN socket, and the kernel stamps each datagram, so python-can's
+    `capture_message` and our loop reader (drivers/can_read.py) run unchanged. Only the socket
+    family is replaced (`create_socket`, and `bind_socket`, which would bind to an interface);
+    the CAN_RAW options python-can sets fail on it and are logged, as on a kernel without them.
+    The first list entry is the peer of the first bus, and so on; the bus's own end is an
+    `UnpluggableSocket`."""
+    from can.interfaces.socketcan import socketcan
+
+    peers: list[socket.socket] = []
+
+    def create_socket() -> socket.socket:
+        ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        peers.append(peer)
+        return UnpluggableSocket(fileno=ours.detach())
+
+    monkeypatch.setattr(socketcan, "create_socket", create_socket)
+    monkeypatch.setattr(socketcan, "bind_socket", lambda sock, channel="can0": None)
+    yield peers
+    for peer in peers:
+        peer.close()
+
+
+def socketcan_bytes(msg: can.Message) -> bytes:
+    from can.interfaces.socketcan.socketcan import build_can_frame
+
+    return build_can_frame(msg)
+
+
+def socketcan_ingest(sink, **cfg: object) -> tuple[CanIngest, Metrics]:
+    metrics = Metrics(buses=["vehicle"])
+    config = CanBusConfig(name="vehicle", interface="socketcan", channel="can0", **cfg)  # type: ignore[arg-type]
+    wanted = {("VehicleDynamics", "VehicleSpeed"): "speed_kmh", ("AdasStatus", "CollisionRisk"): "collision_risk"}
+    return CanIngest(config, DB, wanted, sink, metrics), metrics
+
+
+async def test_socketcan_is_read_on_the_loop_at_the_kernel_receive_time_and_bad_frames_are_counted(
+        socketcan_over_unix: list[socket.socket]) -> None:
+    got: list[tuple[list[tuple[str, float]], float]] = []
+    ingest, metrics = socketcan_ingest(lambda samples, t: got.append((list(samples), t)))
+    await ingest.async_start()
+    try:
+        assert ingest.reads_on_loop
+        peer = socketcan_over_unix[0]
+        sent_at = time.monotonic()
+        peer.send(socketcan_bytes(frame("VehicleDynamics", VehicleSpeed=42.5)))
+        peer.send(socketcan_bytes(can.Message(arbitration_id=0x7AB, data=b"\x01\x02", is_extended_id=False)))
+        peer.send(socketcan_bytes(can.Message(arbitration_id=0x101, data=b"\x01", is_extended_id=False)))  # short
+        peer.send(socketcan_bytes(can.Message(is_error_frame=True, arbitration_id=0x80, is_extended_id=True)))
+        burn(0.05)  # the loop is held up: the frames are read 50 ms after the kernel received them
+        await until(lambda: ingest.frames >= 4)
+    finally:
+        await ingest.async_stop()
+    assert [samples for samples, _ in got] == [[("speed_kmh", pytest.approx(42.5))]]
+    # The sample carries the kernel's receive time (SO_TIMESTAMPNS), not the read 50 ms later.
+    assert sent_at - 0.005 <= got[0][1] < sent_at + 0.03
+    assert ingest.errors == {"unknown_id": 1, "decode": 1, "error_frame": 1}
+    assert metrics.registry.get_sample_value("cerebellumd_can_frames_total", {"bus": "vehicle"}) == 4.0
+
+
+async def test_can_fd_64_byte_frames_over_a_socketcan_socket_decode_as_cantools_does(
+        socketcan_over_unix: list[socket.socket]) -> None:
+    """The CAN FD twin of the vcan test above, on the socket pair: python-can's 72-byte
+    canfd_frame, parsed by its capture_message and decoded by our compiled extractor."""
+    db = await asyncio.to_thread(opendbc_db, "gwm_haval_h6_phev_2024.dbc", False)
+    speed = db.get_message_by_name("SPEED")
+    wanted = {(speed.name, s.name): s.name for s in speed.signals}
+    got: list[list[tuple[str, float]]] = []
+    config = CanBusConfig(name="vehicle", interface="socketcan", channel="can0", fd=True)
+    ingest = CanIngest(config, db, wanted, lambda samples, t: got.append(sorted(samples)), Metrics(buses=["vehicle"]))
+    rng = random.Random(22)
+    sent = [rng.randbytes(64) for _ in range(20)]
+    await ingest.async_start()
+    try:
+        assert ingest.reads_on_loop
+        for data in sent:
+            socketcan_over_unix[0].send(socketcan_bytes(
+                can.Message(arbitration_id=speed.frame_id, data=data, is_extended_id=False, is_fd=True)))
+        await until(lambda: ingest.frames >= len(sent))
+    finally:
+        await ingest.async_stop()
+    assert got == [as_today(speed, wanted, data) for data in sent]
+    assert not ingest.errors
+
+
+async def test_an_unplugged_socketcan_adapter_is_reopened_at_its_first_error_and_sends_reach_the_bus(
+        socketcan_over_unix: list[socket.socket]) -> None:
+    """The kernel reports an unplugged adapter once (ENODEV) and unbinds the socket, whose later
+    reads find nothing: waiting for a second failing read would leave the bus deaf for good. The
+    error is counted once, the reader leaves the loop at once, and the supervisor opens a new bus
+    (here at once; with a real adapter, once it is back), which reads and sends."""
+    got: list[tuple[str, float]] = []
+    ingest, metrics = socketcan_ingest(lambda samples, t: got.extend(samples), reconnect_backoff_ms=10,
+                                       listen_only=False)
+    await ingest.async_start()
+    try:
+        first = ingest._bus
+        assert first is not None and ingest.reads_on_loop
+        first_socket = first.socket  # type: ignore[attr-defined]
+        assert isinstance(first_socket, UnpluggableSocket)
+        first_socket.gone = True
+        socketcan_over_unix[0].send(b"\0")  # the fd becomes readable, as by the kernel's error report
+        await until(lambda: ingest.errors["reconnect"] >= 1 and ingest.connected and len(socketcan_over_unix) == 2,
+                    what="the bus recreated")
+        assert first_socket.reported and ingest.reads_on_loop and ingest._bus is not first
+        peer = socketcan_over_unix[1]
+        peer.send(socketcan_bytes(frame("VehicleDynamics", VehicleSpeed=7)))
+        await until(lambda: bool(got))
+        out = can.Message(arbitration_id=0x51B, data=b"\x10\x00", is_extended_id=False)
+        await asyncio.to_thread(ingest.send, out)
+        from can.interfaces.socketcan.socketcan import dissect_can_frame
+
+        can_id, dlc, _flags, data = dissect_can_frame(await asyncio.to_thread(peer.recv, 72))
+    finally:
+        await ingest.async_stop()
+    assert got == [("speed_kmh", 7.0)]
+    assert ingest.errors["bus_error"] == 1
+    assert (can_id, dlc, data) == (0x51B, 2, b"\x10\x00")
+    sent = metrics.registry.get_sample_value("cerebellumd_can_tx_frames_total", {"bus": "vehicle", "result": "ok"})
+    assert sent == 1.0
 
 
 async def test_frames_the_kernel_drops_on_a_loop_read_bus_are_counted() -> None:

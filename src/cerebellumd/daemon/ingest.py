@@ -39,7 +39,7 @@ from cantools.database.can import Database, Message
 
 from ..config import CanBusConfig
 from ..drivers.can_extract import Extractor, try_compile
-from ..drivers.can_read import FrameReader, bus_socket, frame_reader, socket_drops
+from ..drivers.can_read import FrameReader, bus_socket, device_gone, frame_reader, socket_drops
 from ..drivers.j1939 import (
     PGN_ADDRESS_CLAIMED,
     PGN_TP_CM,
@@ -460,14 +460,19 @@ class CanIngest:
     def _recv_failed(self, exc: Exception, *, again: bool) -> bool:
         """A receive error is counted once (`bus_error`). If the very next read works, the bus
         reads on: one bad datagram on udp_multicast consumed only itself, and recreating the
-        socket would throw away the frames queued behind it. If it fails again, the reader goes (a
+        socket would throw away the frames queued behind it. If it fails again, or the error says
+        the device is gone (`drivers/can_read.device_gone`: an unplugged socketcan adapter leaves
+        its socket unbound, so later reads find nothing and fail no more), the reader goes (a
         broken fd would spin the loop) and the supervisor recreates the bus with backoff, as for
         the reader thread. Returns whether the bus is given up."""
+        gone = device_gone(exc)
         if not again:
             self._count_error("bus_error")
             log.warning("bus %s: receive failed: %s", self.name, exc)
-            return False
-        log.warning("bus %s: receive failed again (%s): recreating the bus", self.name, exc)
+            if not gone:
+                return False
+        log.warning("bus %s: receive failed %s (%s): recreating the bus", self.name,
+                    "with the device gone" if gone else "again", exc)
         self._remove_reader()
         self._bus_failed.set()
         return True

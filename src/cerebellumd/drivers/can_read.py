@@ -21,6 +21,7 @@ skipped, as `recv` skips them.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import time
@@ -99,6 +100,26 @@ def _slcan(bus: can.BusABC) -> FrameReader | None:
     if port is not None and hasattr(port, "timeout"):
         port.timeout = 0
     return None
+
+
+#: Read errors that say the device behind the fd is gone for good. Linux's CAN_RAW answers the
+#: unregistering of its netdev (a USB adapter unplugged, a driver unloaded) with ENODEV on the
+#: next read and unbinds the socket (net/can/raw.c `raw_notify`): every later read finds
+#: nothing, even once the adapter is back. Only a new bus binds again. ENETDOWN (the interface
+#: set down) keeps the binding, and frames come again when it is up: not among these.
+_DEVICE_GONE_ERRNOS = frozenset({errno.ENODEV, errno.ENXIO, errno.EBADF})
+
+
+def device_gone(exc: BaseException) -> bool:
+    """Whether a read error says the device behind the bus is gone (the bus must be recreated,
+    not read again): an OSError with such an errno, or python-can's CanOperationError carrying
+    one (`error_code`) or raised from one."""
+    for err in (exc, exc.__cause__):
+        if isinstance(err, OSError) and err.errno in _DEVICE_GONE_ERRNOS:
+            return True
+        if isinstance(err, can.CanOperationError) and err.error_code in _DEVICE_GONE_ERRNOS:
+            return True
+    return False
 
 
 def bus_socket(bus: can.BusABC) -> socket.socket | None:
