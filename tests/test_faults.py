@@ -191,40 +191,51 @@ def load_text() -> str:
     return resources.files("cerebellumd").joinpath("data", "vehicle.dbc").read_text("utf-8")
 
 
+class Adapter(can.BusABC):
+    """A USB adapter on a virtual bus that can be unplugged (`plugged` cleared): opening it then
+    fails, and so does every receive of a bus opened before."""
+
+    def __init__(self, channel: str, plugged: threading.Event) -> None:
+        if not plugged.is_set():
+            raise can.CanInitializationError("No such device")
+        self._plugged = plugged
+        self._inner = REAL_BUS(interface="virtual", channel=channel)
+        super().__init__(channel=channel)
+
+    def _recv_internal(self, timeout: float | None) -> tuple[can.Message | None, bool]:
+        if not self._plugged.is_set():
+            raise can.CanOperationError("adapter unplugged")
+        return self._inner._recv_internal(timeout)
+
+    def send(self, msg: can.Message, timeout: float | None = None) -> None:
+        self._inner.send(msg, timeout)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+        super().shutdown()
+
+
+async def rig_on_adapter(monkeypatch: pytest.MonkeyPatch, plugged: threading.Event,
+                         opened: list[can.BusABC]) -> Rig:
+    """A rig whose bus is an `Adapter` (CanIngest opens its bus through can.Bus, patched for as
+    long as the daemon keeps opening it), reopened with a 20 ms backoff."""
+
+    def factory(*, interface: str, channel: str, **kwargs: object) -> can.BusABC:
+        bus = Adapter(channel, plugged)
+        opened.append(bus)
+        return bus
+
+    monkeypatch.setattr(can, "Bus", factory)
+    return await make_rig(replace={"silence_timeout_ms = 1000": "silence_timeout_ms = 1000\nreconnect_backoff_ms = 20"})
+
+
 async def test_adapter_disappears_and_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """The USB adapter is unplugged: recv fails, the reopen fails (backoff), then it is back:
     reconnected and decoding again without a restart."""
     plugged = threading.Event()
     plugged.set()
     opened: list[can.BusABC] = []
-
-    class Adapter(can.BusABC):
-        def __init__(self, channel: str, **kwargs: object) -> None:
-            if not plugged.is_set():
-                raise can.CanInitializationError("No such device")
-            self._inner = REAL_BUS(interface="virtual", channel=channel)
-            super().__init__(channel=channel)
-
-        def _recv_internal(self, timeout: float | None) -> tuple[can.Message | None, bool]:
-            if not plugged.is_set():
-                raise can.CanOperationError("adapter unplugged")
-            return self._inner._recv_internal(timeout)
-
-        def send(self, msg: can.Message, timeout: float | None = None) -> None:
-            self._inner.send(msg, timeout)
-
-        def shutdown(self) -> None:
-            self._inner.shutdown()
-            super().shutdown()
-
-    def factory(*, interface: str, channel: str, **kwargs: object) -> can.BusABC:
-        bus = Adapter(channel)
-        opened.append(bus)
-        return bus
-
-    monkeypatch.setattr(can, "Bus", factory)  # CanIngest opens its bus through can.Bus
-    rig = await make_rig(replace={"silence_timeout_ms = 1000": "silence_timeout_ms = 1000\nreconnect_backoff_ms = 20"})
-    monkeypatch.setattr(can, "Bus", REAL_BUS)
+    rig = await rig_on_adapter(monkeypatch, plugged, opened)
     try:
         d = rig.daemon
         await until(lambda: d.ingests[0].frames > 20, what="traffic")
@@ -240,6 +251,31 @@ async def test_adapter_disappears_and_comes_back(monkeypatch: pytest.MonkeyPatch
         await until(lambda: len(opened) == 2 and d.ingests[0].connected, what="reconnected")
         frames = d.ingests[0].frames
         await until(lambda: d.ingests[0].frames > frames + 20, what="decoding again")
+        await until(lambda: rig.metric("cerebellumd_signal_stale", signal="collision_risk") == 0, what="fresh")
+    finally:
+        await rig.close()
+
+
+async def test_adapter_absent_at_start_the_daemon_starts_decides_and_opens_it_when_it_comes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter enumerates after the daemon started (a USB CAN adapter late at boot): the
+    start does not fail (systemd would give up after five failed starts), the failed open is
+    counted, the daemon decides without the bus (stale inputs wake the brain), and the bus opens
+    and decodes once the adapter is there."""
+    plugged = threading.Event()
+    opened: list[can.BusABC] = []
+    rig = await rig_on_adapter(monkeypatch, plugged, opened)
+    try:
+        d = rig.daemon
+        assert not d.ingests[0].connected and not opened
+        assert rig.can_errors("bus_error") == 1
+        await until(lambda: rig.can_errors("reconnect") >= 3, what="open attempts while absent")
+        decisions = d.decisions
+        await until(lambda: d.decisions > decisions + 20, what="deciding without the bus")
+        await until(lambda: rig.metric("cerebellumd_wakes_total", reason="stale:collision_risk") == 1, what="wake")
+        plugged.set()
+        await until(lambda: len(opened) == 1 and d.ingests[0].connected, what="opened")
+        await until(lambda: d.ingests[0].frames > 20, what="decoding")
         await until(lambda: rig.metric("cerebellumd_signal_stale", signal="collision_risk") == 0, what="fresh")
     finally:
         await rig.close()

@@ -171,6 +171,48 @@ async def test_failed_bus_is_recreated_with_backoff() -> None:
     assert got[0][1] == pytest.approx(7)
 
 
+async def test_a_bus_that_cannot_be_opened_at_start_is_opened_later_and_the_start_goes_on() -> None:
+    """An adapter that enumerates after the daemon started: the start does not fail, the failed
+    open is counted once, the supervisor retries with the counted backoff and decodes once the
+    bus opens. A backend python-can cannot load is still an error at start."""
+    ch = channel()
+    attempts: list[str] = []
+
+    def factory(**kwargs: object) -> can.BusABC:
+        attempts.append(str(kwargs["channel"]))
+        if len(attempts) <= 3:
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        return can.Bus(**kwargs)  # type: ignore[arg-type]
+
+    metrics = Metrics(buses=["vehicle"])
+    config = CanBusConfig(name="vehicle", interface="virtual", channel=ch, reconnect_backoff_ms=10)
+    got: list[tuple[str, float]] = []
+    ingest = CanIngest(config, DB, {("VehicleDynamics", "VehicleSpeed"): "speed_kmh"},
+                       lambda s, t: got.extend(s), metrics, bus_factory=factory)
+    await ingest.async_start()
+    try:
+        assert not ingest.connected and ingest.errors == {"bus_error": 1}
+        await until(lambda: ingest.connected, what="the bus opened by the supervisor")
+        sender = can.Bus(interface="virtual", channel=ch)
+        sender.send(frame("VehicleDynamics", VehicleSpeed=9))
+        await until(lambda: bool(got))
+        sender.shutdown()
+    finally:
+        await ingest.async_stop()
+    assert attempts == [ch] * 4
+    assert ingest.errors["bus_error"] == 1 and ingest.errors["reconnect"] == 3
+    labels = {"bus": "vehicle", "kind": "reconnect"}
+    assert metrics.registry.get_sample_value("cerebellumd_can_errors_total", labels) == 3.0
+    assert got == [("speed_kmh", 9.0)]
+
+    def unloadable(**kwargs: object) -> can.BusABC:
+        raise can.CanInterfaceNotImplementedError("no backend")
+
+    broken = CanIngest(config, DB, {}, lambda s, t: None, Metrics(buses=["vehicle"]), bus_factory=unloadable)
+    with pytest.raises(can.CanInterfaceNotImplementedError):
+        await broken.async_start()
+
+
 def test_kernel_filters_cover_exactly_the_wanted_ids() -> None:
     ingest, _ = make_ingest(channel(), lambda s, t: None)
     ids = sorted(f["can_id"] for f in ingest.can_filters)

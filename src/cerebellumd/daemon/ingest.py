@@ -282,9 +282,23 @@ class CanIngest:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def async_start(self) -> None:
+        """Open the bus and start its supervisor. A bus that cannot be opened yet (an adapter
+        that enumerates after the daemon starts, a netdev not created yet) does not stop the
+        start: the failure is counted (`bus_error`) and logged, and the supervisor opens it with
+        the counted backoff (`reconnect`) while the daemon decides without its signals, which go
+        stale. Only a backend python-can cannot load at all is raised."""
         self._loop = asyncio.get_running_loop()
         self._stop.clear()
-        await self._async_connect()
+        try:
+            await self._async_connect()
+        except can.CanInterfaceNotImplementedError:
+            raise
+        except (OSError, can.CanError) as exc:
+            self._count_error("bus_error")
+            log.error("bus %s: cannot open %s channel %r (%s); retrying from %d ms, doubling up to %.0f s",
+                      self.name, self.config.interface, self.config.channel, exc, self.config.reconnect_backoff_ms,
+                      _MAX_RECONNECT_BACKOFF_S)
+            self._bus_failed.set()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"can-supervisor-{self.name}")
 
     async def async_stop(self) -> None:
