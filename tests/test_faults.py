@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -513,3 +514,37 @@ async def mqtt_roundtrip(aiomqtt: Any, port: int, topics: Any, command: str) -> 
                     body["status"] = status
                     return body
     raise AssertionError("no response")
+
+
+# -- start -----------------------------------------------------------------------------------------
+
+def _run_until_exit(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "car.toml"
+    config.write_text(text)
+    return subprocess.run([sys.executable, "-m", "cerebellumd", "run", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.timeout(120)
+def test_a_part_that_cannot_start_is_named_in_one_line_and_the_run_exits_1(tmp_path: Path) -> None:
+    """A metrics port another process holds, and a lease socket path taken by a regular file:
+    `run` exits 1 with one line that names the part and the cause (systemd restarts it and the
+    journal shows why), not a traceback."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        busy = _run_until_exit(tmp_path, DEMO_TEXT.replace("port = 9108", f"port = {port}"))
+    assert busy.returncode == 1, busy.stderr
+    assert f"cerebellumd run: cannot start: metrics endpoint 127.0.0.1:{port}: [Errno 98] Address already in use" \
+        in busy.stderr.splitlines()
+    taken = tmp_path / "leases.sock"
+    taken.write_text("not a socket")
+    leases = _run_until_exit(tmp_path, DEMO_TEXT.replace("port = 9108", "port = 0")
+                             + f'\n[leases]\nenabled = true\npath = "{taken}"\n')
+    assert leases.returncode == 1, leases.stderr
+    assert f"cerebellumd run: cannot start: leases: {taken} exists and is not a socket; not removing it" \
+        in leases.stderr.splitlines()
+    for run in (busy, leases):
+        assert "Traceback" not in run.stderr
+    assert taken.read_text() == "not a socket"

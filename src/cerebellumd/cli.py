@@ -158,11 +158,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not _dbc_gate(args.config, config):
         print("cerebellumd run: refusing to start: a configured CAN signal is not in its DBC", file=sys.stderr)
         return 1
+    from .daemon.assembly import StartError
     from .daemon.realtime import apply_realtime, install_event_loop_policy_if
 
     install_event_loop_policy_if(config.realtime.uvloop)
     apply_realtime(config.realtime)
-    return asyncio.run(_async_run(config, args.config, args.speedup))
+    try:
+        return asyncio.run(_async_run(config, args.config, args.speedup))
+    except StartError as exc:  # what failed and why, in one line rather than a traceback
+        print(f"cerebellumd run: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 async def _async_demo(args: argparse.Namespace, config: Config) -> int:
@@ -255,7 +260,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except (OSError, ConfigError) as exc:
         print(exc, file=sys.stderr)
         return 1
-    return asyncio.run(_async_demo(args, fit_to_speedup(config, args.speedup)))
+    from .daemon.assembly import StartError
+
+    try:
+        return asyncio.run(_async_demo(args, fit_to_speedup(config, args.speedup)))
+    except StartError as exc:
+        print(f"cerebellumd demo: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:

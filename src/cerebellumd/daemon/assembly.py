@@ -27,8 +27,9 @@ started for the new config are stopped and the old ones rebuilt from the old con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +64,26 @@ log = logging.getLogger(__name__)
 ACCELERATOR_DOMAIN = "accelerator"
 #: A stop step that takes longer is abandoned (and counted as failed) so the rest still run.
 STOP_STEP_TIMEOUT_S = 10.0
+
+
+class StartError(RuntimeError):
+    """A part of the daemon could not start; the parts started before it have been stopped (in
+    reverse, as at any stop). `part` names it as the stop steps do ("metrics endpoint", "CAN bus
+    vehicle", "leases", ...), so that `run` can say in one line what failed and why."""
+
+    def __init__(self, part: str, cause: Exception) -> None:
+        super().__init__(f"{part}: {cause}")
+        self.part = part
+
+
+@contextlib.contextmanager
+def _starting(part: str) -> Iterator[None]:
+    try:
+        yield
+    except StartError:
+        raise
+    except Exception as exc:
+        raise StartError(part, exc) from exc
 
 
 @dataclass(frozen=True)
@@ -223,12 +244,14 @@ class Assembly:
     # -- start / stop ----------------------------------------------------------------------------
 
     async def _start(self, name: str, part: Part) -> None:
-        await part.async_start()
+        with _starting(name):
+            await part.async_start()
         self._stack.push(name, lambda: part.async_stop())
 
     async def _start_role(self, name: str, holders: Callable[[], Sequence[Part | None]]) -> None:
         """A role a reload may hand to a new part: its stop step stops whoever holds it then."""
-        await _start_all(holders())
+        with _starting(name):
+            await _start_all(holders())
 
         async def stop_holders() -> None:
             for part in reversed(holders()):
@@ -241,11 +264,14 @@ class Assembly:
         d = self.daemon
         cfg = d.config
         try:
-            await d.actuator.async_start()
+            with _starting("actuator"):
+                await d.actuator.async_start()
             self._stack.push("actuator (safe state)", self._async_safe_stop)
             d.begin()
             if cfg.prometheus.enabled:
-                d.port = await d.metrics.async_serve(cfg.prometheus.address, cfg.prometheus.port, self.scrape_timer)
+                with _starting(f"metrics endpoint {cfg.prometheus.address}:{cfg.prometheus.port}"):
+                    d.port = await d.metrics.async_serve(cfg.prometheus.address, cfg.prometheus.port,
+                                                         self.scrape_timer)
                 self._stack.push("metrics endpoint", d.metrics.async_stop)
                 log.info("metrics on http://%s:%d/metrics", cfg.prometheus.address, d.port)
             self.file_check = FileCheck(d.config_path, cfg.daemon.state_file, d.metrics)
@@ -260,7 +286,8 @@ class Assembly:
                                            wake_at=self._async_wake_at if cfg.mcu is not None else None,
                                            commands=d.commands)
                 await self._start("leases", self.leases)
-            self.ingests = await self._async_build_ingests(cfg)
+            with _starting("CAN DBCs"):
+                self.ingests = await self._async_build_ingests(cfg)
             if cfg.vehicle_power.enabled:  # built before NM (NM takes its ignition), started after the sources
                 self.vehicle_power = VehiclePower(cfg.vehicle_power, cfg.battery, host=d, actuator=d.actuator,
                                                   model=d.model, clock=d.clock, metrics=d.metrics,
