@@ -646,13 +646,14 @@ async def test_socketcan_is_read_on_the_loop_at_the_kernel_receive_time_and_bad_
         peer.send(socketcan_bytes(can.Message(arbitration_id=0x7AB, data=b"\x01\x02", is_extended_id=False)))
         peer.send(socketcan_bytes(can.Message(arbitration_id=0x101, data=b"\x01", is_extended_id=False)))  # short
         peer.send(socketcan_bytes(can.Message(is_error_frame=True, arbitration_id=0x80, is_extended_id=True)))
-        burn(0.05)  # the loop is held up: the frames are read 50 ms after the kernel received them
+        all_sent_at = time.monotonic()
+        burn(0.05)  # the loop is held up: the frames are read 50 ms or more after the kernel received them
         await until(lambda: ingest.frames >= 4)
     finally:
         await ingest.async_stop()
     assert [samples for samples, _ in got] == [[("speed_kmh", pytest.approx(42.5))]]
     # The sample carries the kernel's receive time (SO_TIMESTAMPNS), not the read 50 ms later.
-    assert sent_at - 0.005 <= got[0][1] < sent_at + 0.03
+    assert sent_at - 0.005 <= got[0][1] <= all_sent_at + 0.005
     assert ingest.errors == {"unknown_id": 1, "decode": 1, "error_frame": 1}
     assert metrics.registry.get_sample_value("cerebellumd_can_frames_total", {"bus": "vehicle"}) == 4.0
 
