@@ -34,7 +34,7 @@ from cerebellumd.drivers.dbc import load_dbc
 from cerebellumd.profiles import load_profile
 from tests.test_persist import sample
 
-from .helpers import free_port, until
+from .helpers import FailingBus, free_port, until
 
 DEMO_TEXT = builtin_example()
 DB = load_dbc("builtin:vehicle.dbc")
@@ -192,37 +192,17 @@ def load_text() -> str:
     return resources.files("cerebellumd").joinpath("data", "vehicle.dbc").read_text("utf-8")
 
 
-class Adapter(can.BusABC):
-    """A USB adapter on a virtual bus that can be unplugged (`plugged` cleared): opening it then
-    fails, and so does every receive of a bus opened before."""
-
-    def __init__(self, channel: str, plugged: threading.Event) -> None:
-        if not plugged.is_set():
-            raise can.CanInitializationError("No such device")
-        self._plugged = plugged
-        self._inner = REAL_BUS(interface="virtual", channel=channel)
-        super().__init__(channel=channel)
-
-    def _recv_internal(self, timeout: float | None) -> tuple[can.Message | None, bool]:
-        if not self._plugged.is_set():
-            raise can.CanOperationError("adapter unplugged")
-        return self._inner._recv_internal(timeout)
-
-    def send(self, msg: can.Message, timeout: float | None = None) -> None:
-        self._inner.send(msg, timeout)
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-        super().shutdown()
-
-
 async def rig_on_adapter(monkeypatch: pytest.MonkeyPatch, plugged: threading.Event,
                          opened: list[can.BusABC]) -> Rig:
-    """A rig whose bus is an `Adapter` (CanIngest opens its bus through can.Bus, patched for as
-    long as the daemon keeps opening it), reopened with a 20 ms backoff."""
+    """A rig whose bus is a USB adapter on a virtual bus that can be unplugged (`plugged`
+    cleared): opening it then fails, and so does every receive of a bus opened before. CanIngest
+    opens its bus through can.Bus, patched for as long as the daemon keeps opening it; it reopens
+    with a 20 ms backoff."""
 
     def factory(*, interface: str, channel: str, **kwargs: object) -> can.BusABC:
-        bus = Adapter(channel, plugged)
+        if not plugged.is_set():
+            raise can.CanInitializationError("No such device")
+        bus = FailingBus(channel, lambda: not plugged.is_set())
         opened.append(bus)
         return bus
 

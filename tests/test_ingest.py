@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from cerebellumd.drivers.accel_simulated import SimulatedAccelerator
 from cerebellumd.drivers.dbc import load_dbc
 from cerebellumd.profiles import load_profile
 
-from .helpers import free_port, until
+from .helpers import FailingBus, free_port, until
 
 _channels = itertools.count()
 DB = load_dbc("builtin:vehicle.dbc")
@@ -125,46 +125,47 @@ async def test_silent_bus_is_flagged_and_counted_once() -> None:
         await ingest.async_stop()
 
 
+def virtual_speed_ingest(ch: str, factory: Callable[..., can.BusABC]
+                         ) -> tuple[CanIngest, Metrics, list[tuple[str, float]]]:
+    """A virtual-bus ingest of the vehicle speed whose bus `factory` opens, reopened after 10 ms;
+    the samples it hands on go to the returned list."""
+    config = CanBusConfig(name="vehicle", interface="virtual", channel=ch, reconnect_backoff_ms=10)
+    metrics = Metrics(buses=["vehicle"])
+    got: list[tuple[str, float]] = []
+    ingest = CanIngest(config, DB, {("VehicleDynamics", "VehicleSpeed"): "speed_kmh"},
+                       lambda s, t: got.extend(s), metrics, bus_factory=factory)
+    return ingest, metrics, got
+
+
+async def speed_arrives(ch: str, got: list[tuple[str, float]], kmh: float) -> None:
+    """Send one VehicleSpeed frame on the virtual channel and wait until the ingest handed it on."""
+    sender = can.Bus(interface="virtual", channel=ch)
+    try:
+        sender.send(frame("VehicleDynamics", VehicleSpeed=kmh))
+        await until(lambda: bool(got), what="the speed handed on")
+    finally:
+        sender.shutdown()
+
+
 async def test_failed_bus_is_recreated_with_backoff() -> None:
     ch = channel()
     created: list[can.BusABC] = []
     failures = {"left": 1}
 
-    class FlakyBus(can.BusABC):
-        def __init__(self, **kwargs: object) -> None:
-            self._inner = can.Bus(interface="virtual", channel=ch)
-            super().__init__(channel=ch)
-
-        def _recv_internal(self, timeout: float | None):
-            if failures["left"] > 0:
-                failures["left"] -= 1
-                raise can.CanOperationError("adapter unplugged")
-            return self._inner._recv_internal(timeout)
-
-        def send(self, msg: can.Message, timeout: float | None = None) -> None:
-            self._inner.send(msg, timeout)
-
-        def shutdown(self) -> None:
-            self._inner.shutdown()
-            super().shutdown()
+    def failing() -> bool:
+        failures["left"] -= 1
+        return failures["left"] >= 0
 
     def factory(**kwargs: object) -> can.BusABC:
-        bus = FlakyBus(**kwargs)
+        bus = FailingBus(ch, failing)
         created.append(bus)
         return bus
 
-    metrics = Metrics(buses=["vehicle"])
-    config = CanBusConfig(name="vehicle", interface="virtual", channel=ch, reconnect_backoff_ms=10)
-    got: list[tuple[str, float]] = []
-    ingest = CanIngest(config, DB, {("VehicleDynamics", "VehicleSpeed"): "speed_kmh"},
-                       lambda s, t: got.extend(s), metrics, bus_factory=factory)
+    ingest, _metrics, got = virtual_speed_ingest(ch, factory)
     await ingest.async_start()
     try:
         await until(lambda: ingest.errors["reconnect"] >= 1 and ingest.connected and len(created) == 2)
-        sender = can.Bus(interface="virtual", channel=ch)
-        sender.send(frame("VehicleDynamics", VehicleSpeed=7))
-        await until(lambda: bool(got))
-        sender.shutdown()
+        await speed_arrives(ch, got, 7)
     finally:
         await ingest.async_stop()
     assert ingest.errors["bus_error"] == 1
@@ -184,19 +185,12 @@ async def test_a_bus_that_cannot_be_opened_at_start_is_opened_later_and_the_star
             raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
         return can.Bus(**kwargs)  # type: ignore[arg-type]
 
-    metrics = Metrics(buses=["vehicle"])
-    config = CanBusConfig(name="vehicle", interface="virtual", channel=ch, reconnect_backoff_ms=10)
-    got: list[tuple[str, float]] = []
-    ingest = CanIngest(config, DB, {("VehicleDynamics", "VehicleSpeed"): "speed_kmh"},
-                       lambda s, t: got.extend(s), metrics, bus_factory=factory)
+    ingest, metrics, got = virtual_speed_ingest(ch, factory)
     await ingest.async_start()
     try:
         assert not ingest.connected and ingest.errors == {"bus_error": 1}
         await until(lambda: ingest.connected, what="the bus opened by the supervisor")
-        sender = can.Bus(interface="virtual", channel=ch)
-        sender.send(frame("VehicleDynamics", VehicleSpeed=9))
-        await until(lambda: bool(got))
-        sender.shutdown()
+        await speed_arrives(ch, got, 9)
     finally:
         await ingest.async_stop()
     assert attempts == [ch] * 4
@@ -208,7 +202,7 @@ async def test_a_bus_that_cannot_be_opened_at_start_is_opened_later_and_the_star
     def unloadable(**kwargs: object) -> can.BusABC:
         raise can.CanInterfaceNotImplementedError("no backend")
 
-    broken = CanIngest(config, DB, {}, lambda s, t: None, Metrics(buses=["vehicle"]), bus_factory=unloadable)
+    broken, _, _ = virtual_speed_ingest(ch, unloadable)
     with pytest.raises(can.CanInterfaceNotImplementedError):
         await broken.async_start()
 
