@@ -77,8 +77,9 @@ class Metrics:
             "cerebellumd_can_tx_frames", "Frames the daemon transmitted or tried to, by bus and result (refused: "
             "the bus is listen_only).", ["bus", "result"], registry=r)
         self.can_errors = Counter(
-            "cerebellumd_can_errors", "CAN errors by kind (decode, unknown_id, error_frame, "
-            "bus_error, silent, reconnect).", ["bus", "kind"], registry=r)
+            "cerebellumd_can_errors", "CAN errors by kind (decode, range: a value outside its DBC range, unknown_id, "
+            "error_frame, bus_error: the bus failed to read or to open, silent, reconnect: an attempt to reopen it).",
+            ["bus", "kind"], registry=r)
         self.ingest_dropped = Counter(
             "cerebellumd_ingest_dropped", "Frames dropped: the ingest queue was full (reader-thread buses), "
             "or the kernel's socket receive buffer was (buses read on the loop).",
