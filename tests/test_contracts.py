@@ -54,7 +54,7 @@ def test_metric_families_have_the_contract_types_and_labels() -> None:
 def test_fixed_label_values_are_the_contract_sets() -> None:
     values = contracts.label_values()
     assert values["`state` (accelerator)"] == tuple(s.value for s in ALL_STATES)
-    assert set(values["`kind` (CAN errors)"]) == {*CAN_ERROR_KINDS, "range"}
+    assert values["`kind` (CAN errors)"] == CAN_ERROR_KINDS
     assert values["`result` (config reloads)"] == RELOAD_RESULTS
     assert values["`loop`"] == ("decision", "telemetry")
     assert values["`kind` (consumer reports)"] == CONSUMER_REPORTS

@@ -50,7 +50,7 @@ from ..drivers.j1939 import (
     acceptance_filter,
     is_j1939_message,
 )
-from .metrics import Metrics
+from .metrics import CAN_ERROR_KINDS, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,7 @@ class CanIngest:
         # Counter children resolved once: label lookups are a measurable share of per-frame cost.
         self._c_frames = metrics.can_frames.labels(self.name)
         self._c_dropped = metrics.ingest_dropped.labels(self.name)
-        self._c_errors = {k: metrics.can_errors.labels(self.name, k) for k in
-                          ("decode", "range", "unknown_id", "error_frame", "bus_error", "silent", "reconnect")}
+        self._c_errors = {k: metrics.can_errors.labels(self.name, k) for k in CAN_ERROR_KINDS}
         self._wall_to_mono = time.time() - time.monotonic()
         self._c_tx = {r: metrics.can_tx_frames.labels(self.name, r) for r in TX_RESULTS}
         self.sent = 0

@@ -24,7 +24,7 @@ DECISION_BUCKETS = (0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.
 RELOAD_RESULTS = ("ok", "error", "restart_required")
 #: The consumers' reports on wakes (the MQTT commands of the same names, daemon/control.py).
 CONSUMER_REPORTS = ("late", "served")
-CAN_ERROR_KINDS = ("decode", "unknown_id", "error_frame", "bus_error", "silent", "reconnect")
+CAN_ERROR_KINDS = ("decode", "range", "unknown_id", "error_frame", "bus_error", "silent", "reconnect")
 
 
 class Metrics:
