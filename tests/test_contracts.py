@@ -26,7 +26,7 @@ from . import contracts
 
 def test_the_tables_parse() -> None:
     """Guard the parser: a table it silently skipped would make every check below vacuous."""
-    assert len(contracts.metrics()) == 20
+    assert len(contracts.metrics()) == 21
     assert "cerebellumd_wakes" in contracts.metrics()
     assert contracts.mqtt_topics() == ("status", "state", "set", "response")
     assert len(contracts.cli_commands()) >= 8 and len(contracts.evaluation_row_keys()) == 8

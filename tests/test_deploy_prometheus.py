@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(shutil.which("promtool") is None, reason="promto
 EXPECTED_ALERTS = {
     "CerebellumdDown", "CerebellumdAcceleratorStuckActive", "CerebellumdWakeStorm",
     "CerebellumdTickOverruns", "CerebellumdSignalStale", "CerebellumdMqttDisconnected",
-    "CerebellumdAcceleratorEnergyBudget", "CerebellumdIngestDrops",
+    "CerebellumdAcceleratorEnergyBudget", "CerebellumdIngestDrops", "CerebellumdCanBusDisconnected",
 }
 def contract_metrics() -> set[str]:
     """The sample names of docs/contracts.md's metrics (counters with `_total`)."""

@@ -249,13 +249,14 @@ async def test_adapter_absent_at_start_the_daemon_starts_decides_and_opens_it_wh
     try:
         d = rig.daemon
         assert not d.ingests[0].connected and not opened
-        assert rig.can_errors("bus_error") == 1
+        assert rig.can_errors("bus_error") == 1 and rig.metric("cerebellumd_can_connected", bus="vehicle") == 0
         await until(lambda: rig.can_errors("reconnect") >= 3, what="open attempts while absent")
         decisions = d.decisions
         await until(lambda: d.decisions > decisions + 20, what="deciding without the bus")
         await until(lambda: rig.metric("cerebellumd_wakes_total", reason="stale:collision_risk") == 1, what="wake")
         plugged.set()
         await until(lambda: len(opened) == 1 and d.ingests[0].connected, what="opened")
+        assert rig.metric("cerebellumd_can_connected", bus="vehicle") == 1
         await until(lambda: d.ingests[0].frames > 20, what="decoding")
         await until(lambda: rig.metric("cerebellumd_signal_stale", signal="collision_risk") == 0, what="fresh")
     finally:

@@ -189,7 +189,9 @@ async def test_a_bus_that_cannot_be_opened_at_start_is_opened_later_and_the_star
     await ingest.async_start()
     try:
         assert not ingest.connected and ingest.errors == {"bus_error": 1}
+        assert metrics.registry.get_sample_value("cerebellumd_can_connected", {"bus": "vehicle"}) == 0.0
         await until(lambda: ingest.connected, what="the bus opened by the supervisor")
+        assert metrics.registry.get_sample_value("cerebellumd_can_connected", {"bus": "vehicle"}) == 1.0
         await speed_arrives(ch, got, 9)
     finally:
         await ingest.async_stop()

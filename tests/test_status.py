@@ -57,6 +57,7 @@ async def test_status_from_the_metrics_endpoint(broker: Broker, daemons: Daemons
     assert status["state"] == "active"
     assert status["holds"] == 1
     assert status["mqtt_connected"] is True
+    assert status["can_connected"] == {"vehicle": True}
     assert status["watts"]["gateway"] == 3.5
     assert status["joules"]["gateway"] > 0
     assert status["wakes"] == daemon.snapshot().wakes
@@ -64,6 +65,7 @@ async def test_status_from_the_metrics_endpoint(broker: Broker, daemons: Daemons
     code, out, err = await cli("--url", url)
     assert code == 0, err
     assert "active" in out and "gateway" in out and "connected" in out
+    assert "can vehicle" in out
 
 
 async def test_status_from_mqtt(broker: Broker, daemons: Daemons) -> None:

@@ -167,7 +167,8 @@ class CanIngest:
         self._supervisor: asyncio.Task[None] | None = None
         self.last_frame_at: float | None = None
         self.silent = False
-        self.connected = False
+        self._g_connected = metrics.can_connected.labels(self.name)
+        self._set_connected(False)
         self.frames = 0
         self._frames_published = 0
         self.dropped = 0
@@ -330,7 +331,7 @@ class CanIngest:
         bus = await asyncio.to_thread(lambda: factory(interface=cfg.interface, channel=cfg.channel, **kwargs))
         self._bus = bus
         self._bus_failed.clear()
-        self.connected = True
+        self._set_connected(True)
         fd = _readable_fd(bus) if cfg.interface in _LOOP_READ_INTERFACES else None
         if fd is not None:
             assert self._loop is not None
@@ -348,7 +349,7 @@ class CanIngest:
         self._thread.start()
 
     async def _async_disconnect(self) -> None:
-        self.connected = False
+        self._set_connected(False)
         self._remove_reader()  # before the fd closes (uvloop keeps watching a closed fd otherwise)
         bus, self._bus = self._bus, None
         thread, self._thread = self._thread, None
@@ -358,6 +359,10 @@ class CanIngest:
             await asyncio.to_thread(thread.join, 2.0)
         if bus is not None:
             await asyncio.to_thread(bus.shutdown)
+
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        self._g_connected.set(1 if connected else 0)
 
     def _remove_reader(self) -> None:
         self._count_kernel_drops()

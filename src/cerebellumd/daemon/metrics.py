@@ -80,6 +80,9 @@ class Metrics:
             "cerebellumd_can_errors", "CAN errors by kind (decode, range: a value outside its DBC range, unknown_id, "
             "error_frame, bus_error: the bus failed to read or to open, silent, reconnect: an attempt to reopen it).",
             ["bus", "kind"], registry=r)
+        self.can_connected = Gauge(
+            "cerebellumd_can_connected", "1 while the CAN bus is open; 0 while it is being opened or reopened "
+            "(each attempt counted in cerebellumd_can_errors_total{kind=\"reconnect\"}).", ["bus"], registry=r)
         self.ingest_dropped = Counter(
             "cerebellumd_ingest_dropped", "Frames dropped: the ingest queue was full (reader-thread buses), "
             "or the kernel's socket receive buffer was (buses read on the loop).",
@@ -115,6 +118,7 @@ class Metrics:
         self.prepare(demands=demands, signals=signals)
         for bus in buses:
             self.can_frames.labels(bus)
+            self.can_connected.labels(bus).set(0)
             self.ingest_dropped.labels(bus)
             for result in ("ok", "error", "refused"):
                 self.can_tx_frames.labels(bus, result)

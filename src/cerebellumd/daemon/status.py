@@ -27,7 +27,7 @@ class StatusError(Exception):
 def empty_status(source: str) -> dict[str, Any]:
     return {"source": source, "online": None, "state": None, "target": None, "reason": None,
             "active_demands": [], "stale_signals": [], "watts": {}, "joules": {}, "holds": None,
-            "hold_details": None, "wakes": None, "sleeps": None, "mqtt_connected": None}
+            "hold_details": None, "wakes": None, "sleeps": None, "mqtt_connected": None, "can_connected": {}}
 
 
 # -- Prometheus ----------------------------------------------------------------------------------
@@ -71,6 +71,8 @@ def status_from_metrics(text: str) -> dict[str, Any]:
                 out["holds"] = int(value)
             elif name == "cerebellumd_mqtt_connected":
                 out["mqtt_connected"] = value == 1
+            elif name == "cerebellumd_can_connected":
+                out["can_connected"][labels["bus"]] = value == 1
     if not seen:
         raise StatusError("no cerebellumd_accelerator_state series: is this a cerebellumd metrics endpoint?")
     out.update(online=True, wakes=int(wakes), sleeps=int(sleeps))
@@ -172,6 +174,8 @@ def status_rows(status: Mapping[str, Any]) -> list[tuple[str, str]]:
                                   for h in details)
     rows.append(("holds", holds))
     rows.append(("wakes / sleeps", f"{status['wakes']} / {status['sleeps']}"))
+    for bus, connected in status["can_connected"].items():
+        rows.append((f"can {bus}", "connected" if connected else "DISCONNECTED (reopening)"))
     if status["mqtt_connected"] is not None:
         rows.append(("mqtt", "connected" if status["mqtt_connected"] else "DISCONNECTED"))
     return rows
