@@ -303,6 +303,7 @@ async def test_online_retained_and_state_published_retained(broker: Broker, daem
                          "holds", "wakes", "sleeps", "time"}
     assert set(body["watts"]) == {"accelerator", "gateway", "mcu"} == set(body["joules"])
     body = state_of(later)
+    assert body["can"]["vehicle"]["connected"] is True and body["can"]["vehicle"]["frames"] >= 0
     assert body["watts"]["gateway"] == pytest.approx(3.5)
     assert body["holds"] == []
     assert abs(body["time"] - time.time()) < 60

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from cerebellumd.daemon.runtime import Daemon
-from cerebellumd.daemon.status import StatusError, status_from_metrics
+from cerebellumd.daemon.status import StatusError, status_from_metrics, status_from_mqtt, status_rows
 
 from . import test_mqtt as mq
 from .test_mqtt import NODE, PASSWORDS, STATE, Broker, Daemons, Peer, bridge_of, free_port, state_of, until
@@ -81,11 +81,12 @@ async def test_status_from_mqtt(broker: Broker, daemons: Daemons) -> None:
     assert status["target"] == "active"
     assert status["holds"] == 1 and status["hold_details"][0]["owner"] == "alice"
     assert set(status["watts"]) == {"accelerator", "gateway", "mcu"}
+    assert status["can_connected"] == {"vehicle": True}
 
     code, out, err = await cli("--mqtt", f"127.0.0.1:{broker.port}", "--node", NODE, "--username", "viewer",
                                "--password", PASSWORDS["viewer"])
     assert code == 0, err
-    assert "online" in out and "alice" in out
+    assert "online" in out and "alice" in out and "can vehicle" in out
 
 
 async def test_status_reports_what_it_cannot_reach(broker: Broker) -> None:
@@ -102,3 +103,10 @@ async def test_status_reports_what_it_cannot_reach(broker: Broker) -> None:
 def test_status_from_metrics_rejects_other_endpoints() -> None:
     with pytest.raises(StatusError, match="accelerator_state"):
         status_from_metrics("# HELP up Up.\n# TYPE up gauge\nup 1\n")
+
+
+def test_can_buses_from_mqtt_state_and_malformed_ones_ignored() -> None:
+    status = status_from_mqtt({"state": "idle", "can": {"vehicle": {"connected": False}, "chassis": 3}}, "online")
+    assert status["can_connected"] == {"vehicle": False}
+    assert ("can vehicle", "DISCONNECTED (reopening)") in status_rows(status)
+    assert status_from_mqtt({"state": "idle", "can": "not an object"}, "online")["can_connected"] == {}

@@ -29,10 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..accel import AccelState
 from ..config import Config, ConfigError, parse_config, rail_fed_domains
@@ -227,7 +227,7 @@ class Assembly:
 
         d = self.daemon
         extras: list[StateExtra] = [p for p in (self.lifecycle, self.leases, self.nm, self.vehicle_power,
-                                                self.calibration)
+                                                self.calibration, _CanState(lambda: self.ingests))
                                     if p is not None]
         return MqttBridge(config.mqtt, node=config.daemon.node, domains=[dm.name for dm in config.power.domains],
                           host=d, commands=d.commands, clock=d.clock, metrics=d.metrics, extras=extras)
@@ -478,6 +478,21 @@ class _Replacement:
     async def async_stop_quietly(self) -> None:
         for part in reversed(self._parts()):
             await _stop_quietly(part)
+
+
+class _CanState:
+    """The MQTT state's `can` key: per bus, whether it is open, whether it is silent, and the
+    frames received (what `cerebellumd status` shows over MQTT, as it does from the metrics)."""
+
+    def __init__(self, ingests: Callable[[], Mapping[str, CanIngest]]) -> None:
+        self._ingests = ingests
+
+    def state_extra(self) -> dict[str, Any]:
+        buses = self._ingests()
+        if not buses:
+            return {}
+        return {"can": {name: {"connected": i.connected, "silent": i.silent, "frames": i.frames}
+                        for name, i in buses.items()}}
 
 
 async def _start_all(parts: Iterable[Part | None]) -> None:

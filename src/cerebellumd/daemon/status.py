@@ -110,6 +110,9 @@ def status_from_mqtt(state: Mapping[str, Any] | None, online: str | None) -> dic
         holds = state.get("holds")
         if isinstance(holds, list):
             out["holds"], out["hold_details"] = len(holds), holds
+        can = state.get("can")
+        if isinstance(can, dict):
+            out["can_connected"] = {bus: bool(v.get("connected")) for bus, v in can.items() if isinstance(v, dict)}
     return out
 
 
