@@ -4,7 +4,9 @@ power from a sysfs-like tree, two CAN buses at once; and the config checks that 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import random
 import shutil
 import socket
@@ -16,6 +18,7 @@ import cantools
 import pytest
 
 from cerebellumd.config import ConfigError, parse_config
+from cerebellumd.daemon.assembly import StartError
 from cerebellumd.daemon.runtime import Daemon
 from cerebellumd.daemon.sources import McuSource, SomeIpSource
 from cerebellumd.drivers.accel_mcu import McuAccelerator
@@ -89,6 +92,50 @@ async def test_someip_fields_become_signals_and_bad_datagrams_are_counted() -> N
         await until(lambda: metric(daemon, "cerebellumd_signal_stale", signal="obstacle") == 1, what="staleness")
     finally:
         await daemon.async_stop()
+
+
+async def test_a_someip_address_not_there_yet_is_bound_later_and_a_taken_port_fails_the_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The endpoint's address or interface comes up after the daemon (a vehicle-network VLAN
+    configured late): the start goes on, the failed binds are counted, and the endpoint binds
+    and feeds its signal once the address is there. The kernel's answer is replaced only for the
+    first two binds (EADDRNOTAVAIL, as for an address no interface has yet). A port another
+    socket holds still fails the start."""
+    from cerebellumd.drivers.someip import SomeIpReceiver
+
+    real = SomeIpReceiver._make_socket
+    binds: list[int] = []
+
+    def make_socket(self: SomeIpReceiver) -> socket.socket:
+        binds.append(1)
+        if len(binds) <= 2:
+            raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
+        return real(self)
+
+    monkeypatch.setattr(SomeIpReceiver, "_make_socket", make_socket)
+    daemon = await Daemon.async_create(await asyncio.to_thread(parse_config, BASE + SOMEIP))
+    await daemon.async_start()
+    try:
+        source = next(s for s in daemon.parts if isinstance(s, SomeIpSource))
+        assert not source.bound and metric(daemon, "cerebellumd_someip_errors_total", endpoint="adas",
+                                           kind="bind_failures") == 1
+        decisions = daemon.decisions
+        await until(lambda: source.bound, what="the endpoint bound once its address is there")
+        assert daemon.decisions > decisions  # the daemon decided while the endpoint waited
+        assert metric(daemon, "cerebellumd_someip_errors_total", endpoint="adas", kind="bind_failures") == 2
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(build_notification(0x1234, 0x8001, (550).to_bytes(2, "big")), source.receiver.local_address)
+            await until(lambda: "obstacle" in daemon.samples, what="the SOME/IP sample")
+    finally:
+        await daemon.async_stop()
+    monkeypatch.setattr(SomeIpReceiver, "_make_socket", real)
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = BASE + SOMEIP.replace("port = 0", f"port = {taken.getsockname()[1]}")
+        daemon = await Daemon.async_create(await asyncio.to_thread(parse_config, busy))
+        with pytest.raises(StartError, match=r"SOME/IP endpoints: .*Address already in use"):
+            await daemon.async_start()
 
 
 MCU = """

@@ -26,6 +26,8 @@ settings come from `[mcu]`, see config.py) and the driver opens and closes it; o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import math
 import time
@@ -65,7 +67,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SOMEIP_ERROR_KINDS = (*SOMEIP_DECODE_ERRORS, "socket_errors", "callback_errors")
+SOMEIP_ERROR_KINDS = (*SOMEIP_DECODE_ERRORS, "socket_errors", "callback_errors", "bind_failures")
+#: Bind errors that say the endpoint's address or interface is not there yet (a VLAN of the vehicle
+#: network configured after the daemon started): the endpoint binds later, with backoff, instead of
+#: failing the start. Any other bind error (the port taken, no permission) fails the start.
+_ADDRESS_NOT_YET = frozenset({errno.EADDRNOTAVAIL, errno.ENODEV})
+_BIND_RETRY_S = 0.5
+_BIND_RETRY_MAX_S = 30.0
 MCU_LINK_ERROR_KINDS = ("open_failures", "connections_lost", "stale", "ack_timeouts", "nacks", "listener_errors",
                         "command_repeats")
 
@@ -105,6 +113,9 @@ class SomeIpSource:
         from ..drivers.someip_sd_udp import SdTransport
 
         self.receiver = SomeIpReceiver(config, self._on_samples)
+        self._address = f"{config.multicast_group or config.host}:{config.port}"
+        self.bind_failures = 0
+        self._binding: asyncio.Task[None] | None = None
         self.sd: SdTransport | None = (
             SdTransport(SdClient(config.sd), config.host) if config.sd is not None else None)
         self._first_notification: Histogram | None = None
@@ -130,7 +141,22 @@ class SomeIpSource:
             self._sink(samples, self._clock.from_monotonic(mono))
 
     async def async_start(self) -> None:
-        await self.receiver.async_start()
+        """Bind and start the SD client. An address or interface that is not there yet is
+        counted (`bind_failures`) and bound later with backoff while the daemon runs (its signals
+        stale meanwhile); any other failure fails the start."""
+        try:
+            await self.receiver.async_start()
+        except OSError as exc:
+            if exc.errno not in _ADDRESS_NOT_YET:
+                raise
+            self.bind_failures += 1
+            log.error("SOME/IP endpoint %s: cannot bind udp %s yet (%s); retrying from %.1f s, doubling up to %.0f s",
+                      self.name, self._address, exc.strerror, _BIND_RETRY_S, _BIND_RETRY_MAX_S)
+            self._binding = asyncio.create_task(self._async_bind_later(), name=f"someip-bind-{self.name}")
+            return
+        await self._async_started()
+
+    async def _async_started(self) -> None:
         host, port = self.receiver.local_address
         log.info("SOME/IP endpoint %s on udp %s:%d", self.name, host, port)
         if self.sd is not None:
@@ -140,7 +166,31 @@ class SomeIpSource:
                 await self.receiver.async_close()
                 raise
 
+    async def _async_bind_later(self) -> None:
+        delay = _BIND_RETRY_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.receiver.async_start()
+                await self._async_started()
+                return
+            except OSError as exc:  # still not there, or another failure now: counted, retried
+                self.bind_failures += 1
+                delay = min(delay * 2, _BIND_RETRY_MAX_S)
+                log.warning("SOME/IP endpoint %s: cannot bind udp %s (%s); next in %.1f s",
+                            self.name, self._address, exc.strerror, delay)
+
+    @property
+    def bound(self) -> bool:
+        """Whether the endpoint's socket is bound (False while it waits for its address)."""
+        return self.receiver.bound
+
     async def async_stop(self) -> None:
+        binding, self._binding = self._binding, None
+        if binding is not None:
+            binding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await binding
         if self.sd is not None:
             await self.sd.async_close()
         await self.receiver.async_close()
@@ -358,7 +408,7 @@ class SourcesCollector:
         errors = CounterMetricFamily("cerebellumd_someip_errors", "Bad SOME/IP input by kind.",
                                      labels=["endpoint", "kind"])
         for source in self._someip:
-            counters = dict(source.receiver.error_counters)
+            counters = {**source.receiver.error_counters, "bind_failures": source.bind_failures}
             datagrams.add_metric([source.name], counters.get("datagrams", 0))
             messages.add_metric([source.name], counters.get("messages", 0))
             for kind in SOMEIP_ERROR_KINDS:

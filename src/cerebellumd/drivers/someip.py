@@ -289,6 +289,10 @@ class SomeIpReceiver:
         return {**self.decoder.counters, **self.counters}
 
     @property
+    def bound(self) -> bool:
+        return self._transport is not None
+
+    @property
     def local_address(self) -> tuple[str, int]:
         if self._transport is None:
             raise RuntimeError("receiver not started")
