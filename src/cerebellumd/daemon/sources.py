@@ -179,6 +179,9 @@ class SomeIpSource:
                 delay = min(delay * 2, _BIND_RETRY_MAX_S)
                 log.warning("SOME/IP endpoint %s: cannot bind udp %s (%s); next in %.1f s",
                             self.name, self._address, exc.strerror, delay)
+            except Exception:  # a bug, not the network: said once, not retried in a loop
+                log.exception("SOME/IP endpoint %s: start failed; the endpoint stays unbound", self.name)
+                return
 
     @property
     def bound(self) -> bool:
