@@ -10,6 +10,10 @@ them with the shipped demo config, its virtual bus replaced by that udp_multicas
   5 ms from READY on: an upper bound by one scrape).
 - rss_mb: median VmRSS of the daemon process alone (/proc/PID/status), sampled every 100 ms
   after a warm-up; rss_max_mb the largest sample; sim_rss_mb the plant's, for reference.
+- pss_mb, uss_mb: at the end of the sampling, from /proc/PID/smaps_rollup: the proportional set
+  (shared pages divided among the processes that map them) and the unique set (pages only this
+  process maps: what stopping it frees). RSS counts shared libraries (libpython, libcrypto,
+  pydantic-core) whole, which other Python processes on the gateway share.
 - import_ms: `python -X importtime` of what `run` imports (the CLI, its parser, the daemon
   runtime): self time summed per top-level package, the largest ones, plus the total.
 - Bytecode, as installed: every process runs with a private PYTHONPYCACHEPREFIX that one start
@@ -81,6 +85,17 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def smaps_rollup_kb(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup's kB fields (Linux 4.14+): Pss, Private_Clean, Private_Dirty, ..."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        fields = rest.split()
+        if len(fields) == 2 and fields[1] == "kB":
+            out[key] = int(fields[0])
+    return out
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -183,6 +198,7 @@ def measure(warmup_s: float, seconds: float, optimize: int = 0) -> dict[str, Any
             samples.append(rss_kb(daemon.pid))
             sim_samples.append(rss_kb(sim.pid))
             time.sleep(0.1)  # the sampling interval
+        rollup = smaps_rollup_kb(daemon.pid)
         final = scrape(metrics_port)
         if daemon.poll() is not None:
             raise RuntimeError("the daemon exited during the measurement")
@@ -197,6 +213,8 @@ def measure(warmup_s: float, seconds: float, optimize: int = 0) -> dict[str, Any
         "rss_mb": round(statistics.median(samples) / 1024, 1),
         "rss_max_mb": round(max(samples) / 1024, 1),
         "rss_samples": len(samples),
+        "pss_mb": round(rollup["Pss"] / 1024, 1),
+        "uss_mb": round((rollup["Private_Clean"] + rollup["Private_Dirty"]) / 1024, 1),
         "sim_rss_mb": round(statistics.median(sim_samples) / 1024, 1),
         "start_to_ready_s": round(ready, 3),
         "start_to_first_tick_s": round(first_tick, 3),
@@ -223,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(r))
     else:
         print(f"run (PYTHONOPTIMIZE={r['optimize']}): steady RSS {r['rss_mb']} MiB (max {r['rss_max_mb']}, "
-              f"{r['rss_samples']} samples; "
+              f"{r['rss_samples']} samples; PSS {r['pss_mb']}, USS {r['uss_mb']} MiB; "
               f"plant {r['sim_rss_mb']} MiB), READY after {r['start_to_ready_s']} s, first tick after "
               f"{r['start_to_first_tick_s']} s, {r['frames']} frames decoded")
         print(f"imports: {r['import_ms_total']} ms over {r['imported_modules']} modules; "

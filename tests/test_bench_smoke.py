@@ -117,6 +117,7 @@ def test_memory_quick() -> None:
     assert set(r) == {"rss_mb", "peak_rss_mb", "run_s", "rss_samples"}
     assert is_num(r["rss_mb"]) and 0 < r["rss_mb"] <= r["peak_rss_mb"]
     assert isinstance(r["rss_samples"], int) and r["rss_samples"] > 0
+    assert is_num(r["uss_mb"]) and 0 < r["uss_mb"] <= r["pss_mb"] <= r["rss_max_mb"]
     assert is_num(r["run_s"]) and r["run_s"] > 0
 
 
@@ -159,7 +160,7 @@ def test_soak_quick() -> None:
 
 def test_startup_memory_quick() -> None:
     r = run_bench("startup_memory")
-    assert set(r) == {"rss_mb", "rss_max_mb", "rss_samples", "sim_rss_mb", "start_to_ready_s",
+    assert set(r) == {"rss_mb", "rss_max_mb", "rss_samples", "pss_mb", "uss_mb", "sim_rss_mb", "start_to_ready_s",
                       "start_to_first_tick_s", "frames", "optimize", "bytecode_warmup_s", "import_ms_total",
                       "import_ms", "imported_modules"}
     assert r["optimize"] == 0 and is_num(r["bytecode_warmup_s"]) and r["bytecode_warmup_s"] > 0
