@@ -9,7 +9,7 @@ latency fits the latency budget of the challenges that may come unannounced.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from ..accel import RESTING_STATES, AcceleratorModel, AccelState
@@ -423,11 +423,8 @@ class CerebellumFirst:
             return learned, None
         waking = before_waking = False
         onset: float | None = None
-        for spec, before, after in zip(self.params.demands, state.demands, ev.statuses, strict=True):
-            if spec.demand_class is DemandClass.ANTICIPATORY:
-                continue
-            was = before.active or before.pending_since is not None
-            if after.active or after.pending_since is not None:
+        for spec, was, now_true in self._waking_transitions(state, ev):
+            if now_true:
                 waking = True
                 if not was:
                     deadline = max(0.0, spec.deadline_s - spec.confirm_s)
@@ -536,14 +533,19 @@ class CerebellumFirst:
         if not rp.enabled:
             return risk
         anticipating = state.reason.startswith(("anticipate", "learned")) or now < state.warm_until - _EPS
-        for spec, before, after in zip(self.params.demands, state.demands, ev.statuses, strict=True):
-            if spec.demand_class is DemandClass.ANTICIPATORY:
-                continue
-            was = before.active or before.pending_since is not None
-            if (after.active or after.pending_since is not None) and not was:
+        for spec, was, now_true in self._waking_transitions(state, ev):
+            if now_true and not was:
                 unannounced = spec.demand_class is DemandClass.CRITICAL or not anticipating
                 risk = count_challenge(risk, now, unannounced, rp)
         return risk
+
+    def _waking_transitions(self, state: PolicyState, ev: _Evaluated) -> Iterator[tuple[DemandSpec, bool, bool]]:
+        """Per waking (non-anticipatory) demand: (spec, true at the last step, true now), where
+        true means active or pending validation: what onsets are counted from."""
+        for spec, before, after in zip(self.params.demands, state.demands, ev.statuses, strict=True):
+            if spec.demand_class is not DemandClass.ANTICIPATORY:
+                yield (spec, before.active or before.pending_since is not None,
+                       after.active or after.pending_since is not None)
 
 
 def _deeper(a: AccelState, b: AccelState) -> bool:
