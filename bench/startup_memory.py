@@ -14,6 +14,11 @@ them with the shipped demo config, its virtual bus replaced by that udp_multicas
   (shared pages divided among the processes that map them) and the unique set (pages only this
   process maps: what stopping it frees). RSS counts shared libraries (libpython, libcrypto,
   pydantic-core) whole, which other Python processes on the gateway share.
+- floor_rss_mb: the baseline of the same run. `bench/library_floor.py` does the daemon's job
+  with the base install's libraries and none of cerebellumd's code (cantools DBC, one pydantic
+  model, the same python-can bus read on an asyncio loop with `decode_message`, a
+  prometheus-client counter over HTTP, sdnotify), fed by the same plant and sampled the same way
+  after the daemon has stopped. rss_over_floor_mb is what cerebellumd adds to it.
 - import_ms: `python -X importtime` of what `run` imports (the CLI, its parser, the daemon
   runtime): self time summed per top-level package, the largest ones, plus the total.
 - Bytecode, as installed: every process runs with a private PYTHONPYCACHEPREFIX that one start
@@ -46,6 +51,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +131,42 @@ def import_times(env: dict[str, str]) -> dict[str, Any]:
             "imported_modules": sum(1 for line in proc.stderr.splitlines() if line.startswith("import time:")) - 1}
 
 
+def sample_rss(proc: subprocess.Popen[bytes], sim: subprocess.Popen[bytes], warmup_s: float,
+               seconds: float) -> tuple[list[int], list[int]]:
+    """VmRSS samples (kB) of `proc` and of the plant, every 100 ms for `seconds` after `warmup_s`."""
+    time.sleep(warmup_s)  # steady state: imports, first decodes and the HTTP server are done
+    samples: list[int] = []
+    sim_samples: list[int] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        samples.append(rss_kb(proc.pid))
+        sim_samples.append(rss_kb(sim.pid))
+        time.sleep(0.1)  # the sampling interval
+    return samples, sim_samples
+
+
+def library_floor(*, cli_env: dict[str, str], notify: socket.socket, udp_port: int,
+                  sim: subprocess.Popen[bytes], procs: list[subprocess.Popen[bytes]],
+                  warmup_s: float, seconds: float) -> dict[str, Any]:
+    """The baseline of the same run: `bench/library_floor.py` (the base install's libraries
+    doing the job without cerebellumd's code), fed by the same plant, sampled the same way."""
+    dbc = resources.files("cerebellumd") / "data" / "vehicle.dbc"
+    port = free_port()
+    argv = [sys.executable, str(Path(__file__).with_name("library_floor.py")), str(dbc), "udp_multicast",
+            GROUP, str(udp_port), str(port)]
+    for warm in (True, False):  # the first start byte-compiles it into the private cache
+        floor = subprocess.Popen(argv, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(floor)
+        wait_ready(notify, floor)
+        if warm:
+            stop(floor)
+    samples, _ = sample_rss(floor, sim, warmup_s, seconds)
+    frames = scrape(port).get("floor_frames_total", 0)
+    if floor.poll() is not None or frames == 0:
+        raise RuntimeError("the library floor decoded no frame from the plant: not a fed run")
+    return {"floor_rss_mb": round(statistics.median(samples) / 1024, 1), "floor_frames": int(frames)}
+
+
 def wait_ready(notify: socket.socket, daemon: subprocess.Popen[bytes]) -> None:
     notify.settimeout(30)
     while b"READY=1" not in notify.recv(4096):
@@ -190,18 +232,14 @@ def measure(warmup_s: float, seconds: float, optimize: int = 0) -> dict[str, Any
                     first_tick = time.monotonic() - t0
             if first_tick is None:
                 time.sleep(0.005)  # the scrape interval
-        time.sleep(warmup_s)  # steady state: imports, first decodes and the HTTP server are done
-        samples: list[int] = []
-        sim_samples: list[int] = []
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            samples.append(rss_kb(daemon.pid))
-            sim_samples.append(rss_kb(sim.pid))
-            time.sleep(0.1)  # the sampling interval
+        samples, sim_samples = sample_rss(daemon, sim, warmup_s, seconds)
         rollup = smaps_rollup_kb(daemon.pid)
         final = scrape(metrics_port)
         if daemon.poll() is not None:
             raise RuntimeError("the daemon exited during the measurement")
+        stop(daemon)
+        floor = library_floor(cli_env=env, notify=notify, udp_port=udp_port, sim=sim, procs=procs,
+                              warmup_s=warmup_s, seconds=seconds)
     finally:
         for p in reversed(procs):
             stop(p)
@@ -216,6 +254,8 @@ def measure(warmup_s: float, seconds: float, optimize: int = 0) -> dict[str, Any
         "pss_mb": round(rollup["Pss"] / 1024, 1),
         "uss_mb": round((rollup["Private_Clean"] + rollup["Private_Dirty"]) / 1024, 1),
         "sim_rss_mb": round(statistics.median(sim_samples) / 1024, 1),
+        **floor,
+        "rss_over_floor_mb": round(statistics.median(samples) / 1024 - floor["floor_rss_mb"], 1),
         "start_to_ready_s": round(ready, 3),
         "start_to_first_tick_s": round(first_tick, 3),
         "frames": frames,
@@ -244,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['rss_samples']} samples; PSS {r['pss_mb']}, USS {r['uss_mb']} MiB; "
               f"plant {r['sim_rss_mb']} MiB), READY after {r['start_to_ready_s']} s, first tick after "
               f"{r['start_to_first_tick_s']} s, {r['frames']} frames decoded")
+        print(f"library floor (same libraries, no cerebellumd code): {r['floor_rss_mb']} MiB; "
+              f"cerebellumd adds {r['rss_over_floor_mb']} MiB")
         print(f"imports: {r['import_ms_total']} ms over {r['imported_modules']} modules; "
               + ", ".join(f"{k} {v}" for k, v in r["import_ms"].items()))
     return 0

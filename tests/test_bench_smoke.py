@@ -161,12 +161,16 @@ def test_startup_memory_quick() -> None:
     r = run_bench("startup_memory")
     assert set(r) == {"rss_mb", "rss_max_mb", "rss_samples", "pss_mb", "uss_mb", "sim_rss_mb", "start_to_ready_s",
                       "start_to_first_tick_s", "frames", "optimize", "bytecode_warmup_s", "import_ms_total",
-                      "import_ms", "imported_modules"}
+                      "import_ms", "imported_modules", "floor_rss_mb", "floor_frames", "rss_over_floor_mb"}
     assert r["optimize"] == 0 and is_num(r["bytecode_warmup_s"]) and r["bytecode_warmup_s"] > 0
     assert is_num(r["rss_mb"]) and 0 < r["rss_mb"] <= r["rss_max_mb"]
     assert isinstance(r["rss_samples"], int) and r["rss_samples"] > 0
     assert is_num(r["uss_mb"]) and 0 < r["uss_mb"] <= r["pss_mb"] <= r["rss_max_mb"]
     assert is_num(r["sim_rss_mb"]) and r["sim_rss_mb"] > 0
+    # the baseline of the same run: the same libraries without cerebellumd's code, fed by the plant
+    assert isinstance(r["floor_frames"], int) and r["floor_frames"] > 0
+    assert is_num(r["floor_rss_mb"]) and 0 < r["floor_rss_mb"] < r["rss_mb"]
+    assert r["rss_over_floor_mb"] == round(r["rss_mb"] - r["floor_rss_mb"], 1)
     # READY=1 is sent once the tickers start: the first tick can only follow it
     assert is_num(r["start_to_ready_s"]) and 0 < r["start_to_ready_s"] <= r["start_to_first_tick_s"]
     assert isinstance(r["frames"], int) and r["frames"] > 0  # the plant really fed the daemon
