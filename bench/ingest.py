@@ -223,6 +223,9 @@ def measure(frames: int, rate: float, uvloop: bool = False, floor: bool = False,
     if floor:
         f_n, f_cpu = asyncio.run(loop_floor(frames, rate))
         result["floor_frames_per_s"] = round(f_n / f_cpu) if f_cpu > 0 else None
+        # The design the daemon follows (reads on the loop), doing nothing with the frames: its
+        # CPU per frame against the bare loop's is the least a cpu_ratio on this loop can be.
+        result["floor_cpu_ratio"] = round((f_cpu / f_n) / bare_per, 2) if f_n and bare_per > 0 else None
     if threaded:
         t_n, t_cpu = thread_floor(frames, rate)
         result["thread_floor_frames_per_s"] = round(t_n / t_cpu) if t_cpu > 0 else None
@@ -238,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1, help="repeat the pair; report each, the median and spread")
     p.add_argument("--uvloop", action="store_true", help="run CanIngest on uvloop (the daemon's [realtime] uvloop)")
     p.add_argument("--floor", action="store_true", help="also measure a bare asyncio add_reader + recv(0) reader that "
-                                                        "decodes nothing (floor_frames_per_s)")
+                                                        "decodes nothing (floor_frames_per_s, floor_cpu_ratio: "
+                                                        "the least cpu_ratio a reader on the loop can have)")
     p.add_argument("--thread-floor", action="store_true",
                    help="also measure a reader thread that decodes off the loop with a blocking recvmsg and hands "
                         "nothing to it (thread_floor_frames_per_s, thread_floor_cpu_ratio): a lower bound")
@@ -264,10 +268,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "cpu_ratio_min": min(known) if known else None, "cpu_ratio_max": max(known) if known else None,
                    "daemon_frames_per_s_median": median_of("daemon_frames_per_s"),
                    "bare_frames_per_s_median": median_of("bare_frames_per_s")}
+        floors = [x["floor_cpu_ratio"] for x in runs if x.get("floor_cpu_ratio") is not None]
+        if floors:
+            summary["floor_cpu_ratio"] = floors
+            summary["floor_cpu_ratio_median"] = round(statistics.median(floors), 2)
         print(json.dumps(summary) if a.json else
               f"cpu_ratio per run {ratios}: median {summary['cpu_ratio_median']} (min {summary['cpu_ratio_min']}, "
               f"max {summary['cpu_ratio_max']}); CanIngest {summary['daemon_frames_per_s_median']} frames/CPU-s, "
-              f"bare {summary['bare_frames_per_s_median']} (medians)")
+              f"bare {summary['bare_frames_per_s_median']} (medians)"
+              + (f"; asyncio floor cpu_ratio {summary['floor_cpu_ratio']}: median {summary['floor_cpu_ratio_median']}"
+                 if floors else ""))
         return 0
     r = runs[0]
     if a.json:

@@ -70,12 +70,14 @@ def test_tick_jitter_quick() -> None:
 def test_ingest_quick() -> None:
     r = run_bench("ingest", "--floor", "--thread-floor")
     assert set(r) == {"frames", "daemon_frames_per_s", "bare_frames_per_s", "cpu_ratio", "floor_frames_per_s",
-                      "thread_floor_frames_per_s", "thread_floor_cpu_ratio"}
+                      "floor_cpu_ratio", "thread_floor_frames_per_s", "thread_floor_cpu_ratio"}
     assert r["frames"] == 5000
     for key in ("daemon_frames_per_s", "bare_frames_per_s", "floor_frames_per_s", "thread_floor_frames_per_s"):
         assert isinstance(r[key], int) and r[key] > 0, key
     assert is_num(r["cpu_ratio"]) and r["cpu_ratio"] > 0
     assert is_num(r["thread_floor_cpu_ratio"]) and r["thread_floor_cpu_ratio"] > 0
+    # the floor ratio is the floor's CPU per frame over the bare loop's, as cpu_ratio is the daemon's
+    assert r["floor_cpu_ratio"] == pytest.approx(r["bare_frames_per_s"] / r["floor_frames_per_s"], rel=0.02, abs=0.01)
 
 
 def test_drain_cost_quick() -> None:
