@@ -152,9 +152,9 @@ def test_with_entry_risk_only_a_deadline_tightens_and_a_mid_entry_late_wake_is_c
 def test_mid_entry_worst_case_counts_once_tightened() -> None:
     core = CerebellumFirst(params(), model())
     # 1.4 s: sleep's exit (1.0 s) fits, its entry + exit (2.5 s) does not.
-    assert core._deepest_unannounced(1000.0, 1.4, whole_entry=False) is AccelState.SLEEP
-    assert core._deepest_unannounced(1000.0, 1.4, whole_entry=True) is AccelState.IDLE
-    assert core._deepest_unannounced(1000.0, 2.6, whole_entry=True) is AccelState.SLEEP
+    assert core._deepest_unannounced(1000.0, 1.4, whole_entry=False) == (AccelState.SLEEP, False)
+    assert core._deepest_unannounced(1000.0, 1.4, whole_entry=True) == (AccelState.IDLE, False)
+    assert core._deepest_unannounced(1000.0, 2.6, whole_entry=True) == (AccelState.SLEEP, False)
 
 
 def test_anticipated_wakes_teach_nothing_but_a_surprise_during_anticipation_does() -> None:

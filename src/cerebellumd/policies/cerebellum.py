@@ -486,7 +486,7 @@ class CerebellumFirst:
         budget, whole_entry = cal.effective(p.latency_budget_s)
         # An unannounced challenge may come during an anticipation as well: its depth also fits
         # the budget for those (with the mid-entry worst case once calibration has tightened it).
-        unannounced = self._deepest_unannounced(predicted, budget, whole_entry, state.target, risk, now)
+        unannounced, capped = self._deepest_unannounced(predicted, budget, whole_entry, state.target, risk, now)
         if anticipatory or hint is not None:
             named = [(d.deadline_s, f"anticipate:{d.name}") for d in anticipatory]
             if hint is not None:
@@ -498,32 +498,34 @@ class CerebellumFirst:
             return chosen, why
         if held is not None:
             return _shallower(self.model.deepest_state(predicted, held), unannounced), "anticipate:release"
-        if unannounced is not self._deepest_unannounced(predicted, budget, whole_entry):
+        if capped:
             return unannounced, "cap:entry_risk"  # a deeper entry waits for its window seconds
         return unannounced, f"rest:{unannounced.value}"
 
     def _deepest_unannounced(
         self, predicted_idle_s: float, budget_s: float, whole_entry: bool,
         current: AccelState = AccelState.ACTIVE, risk: EntryRisk | None = None, now: float = 0.0,
-    ) -> AccelState:
-        """The deepest state for unannounced challenges. With `whole_entry` (calibration has
-        tightened the budget) a challenge may arrive just as the entry starts: it waits for the
-        whole entry and then the exit, and that worst case must fit the budget. Otherwise the exit
-        must fit, and a new entry whose first seconds would make such a challenge late must be
-        allowed by `risk` at `now` (entry_risk.py; None: not limited)."""
+    ) -> tuple[AccelState, bool]:
+        """The deepest state for unannounced challenges, and whether entry risk held back a
+        deeper one. With `whole_entry` (calibration has tightened the budget) a challenge may
+        arrive just as the entry starts: it waits for the whole entry and then the exit, and that
+        worst case must fit the budget. Otherwise the exit must fit, and a new entry whose first
+        seconds would make such a challenge late must be allowed by `risk` at `now`
+        (entry_risk.py; None: not limited)."""
         allowed = RESTING_STATES[RESTING_STATES.index(self.params.deepest_state) :]
+        capped = False
         for state in allowed:
             if self.model.break_even_s(state) > predicted_idle_s:
                 continue
             if whole_entry:
                 if self.model.enter[state].latency_s + self.model.exit_latency_s(state) <= budget_s + _EPS:
-                    return state
-            elif self.model.exit_latency_s(state) <= budget_s and (
-                risk is None or not _deeper(state, current)
-                or risk.allows(entry_window_s(self.model, state, budget_s), now, self.params.entry_risk)
-            ):
-                return state
-        return AccelState.IDLE
+                    return state, capped
+            elif self.model.exit_latency_s(state) <= budget_s:
+                if risk is None or not _deeper(state, current) or risk.allows(
+                        entry_window_s(self.model, state, budget_s), now, self.params.entry_risk):
+                    return state, capped
+                capped = True  # a deeper entry waits for its window seconds
+        return AccelState.IDLE, capped
 
     def _count_challenges(self, state: PolicyState, ev: _Evaluated, now: float) -> EntryRisk:
         """Count the onsets of waking demands for entry risk: unannounced is a critical one, or
