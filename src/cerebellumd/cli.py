@@ -63,8 +63,24 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 1
     if not _dbc_gate(args.file, config):
         return 1
+    if args.here and not _host_gate(args.file, config):
+        return 1
     print("OK")
     return 0
+
+
+def _host_gate(path: str, config: Config) -> bool:
+    """`check --here`: the config on this machine (daemon/preflight.py); issues on stderr with
+    file and line; False if any is an error."""
+    from .config import ConfigIssue, _dotted, locate
+    from .daemon.preflight import check_host
+
+    text = Path(path).read_text("utf-8")
+    issues = check_host(config, path)
+    for issue in issues:
+        line = ConfigIssue(path, locate(text, issue.loc) if issue.loc else None, _dotted(issue.loc), issue.message)
+        print(f"{line} (warning)" if issue.severity == "warning" else line, file=sys.stderr)
+    return not any(issue.severity == "error" for issue in issues)
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -372,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("file")
+    check.add_argument("--here", action="store_true",
+                       help="also check it against this machine: CAN interfaces, serial ports, addresses and "
+                            "ports, directories, the MQTT broker, hwmon sensors (run it on the target)")
     check.set_defaults(func=_cmd_check)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of the config")

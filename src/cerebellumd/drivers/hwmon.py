@@ -120,6 +120,16 @@ class HwmonSensor:
         self.counters["reads"] += 1
         return PowerReading(watts=watts, measured=True)
 
+    def probe(self) -> tuple[Path, float]:
+        """One blocking read, for `cerebellumd check --here` (no loop): the device found and its
+        watts. ValueError saying what is missing or unreadable."""
+        try:
+            watts = self._read_watts()
+        except _ReadFailure as exc:
+            raise ValueError(str(exc)) from None
+        assert self._channel is not None
+        return self._channel.device, watts
+
     # -- in the worker thread ------------------------------------------------------------------
 
     def _read_watts(self) -> float:
