@@ -199,6 +199,61 @@ def test_hwmon_sensors_are_read_once(tmp_path: Path) -> None:
     assert issues == {}  # the ina226 was found and read
 
 
+def accelerator(driver: str, options: str) -> str:
+    return f'[accelerator]\ndriver = "{driver}"\noptions = {options}\n'
+
+
+def test_accelerator_drivers_check_what_their_options_name(tmp_path: Path, pty_path: str) -> None:
+    tool = tmp_path / "npu-power"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    cases = {
+        # every program it would run must be there: one on PATH, one by path, one missing
+        "command": ('{ commands = { sleep = ["true"], active = ["' + str(tool) + '"], '
+                    'off = ["/nonexistent/npu-off"] }, status = ["cbd-absent-status-tool"] }',
+                    ["error: commands.off: '/nonexistent/npu-off' is not an executable file nor found on PATH",
+                     "error: status: 'cbd-absent-status-tool' is not an executable file nor found on PATH"]),
+        # nvpmodel is looked for only when modes are configured
+        "jetson": ('{ suspend = ["true"], wake = ["' + str(tool) + '"], status = ["/nonexistent/status"] }',
+                   ["error: status: '/nonexistent/status' is not an executable file nor found on PATH"]),
+        "pcie_runtime_pm": (f'{{ address = "0000:0f:00.0", root = "{tmp_path}" }}',
+                            [f"warning: PCI device 0000:0f:00.0 is not present under {tmp_path}"]),
+        "mcu": (f'{{ link = {{ port = "{tmp_path / "ttyNONE"}" }} }}',
+                [f"error: MCU serial port {tmp_path / 'ttyNONE'} does not exist"]),
+        "hailo_pcie": (f'{{ address = "0000:0f:00.0", root = "{tmp_path}", device_node = "{tmp_path / "hailo0"}" }}',
+                       [f"warning: PCI device 0000:0f:00.0 is not present under {tmp_path}",
+                        f"warning: {tmp_path / 'hailo0'} does not exist (is hailo_pci loaded and bound?)"]),
+        "coral_pcie": (f'{{ address = "0000:0f:00.0", root = "{tmp_path}", '
+                       f'rail = {{ chip = "{tmp_path / "gpiochip7"}", enable_line = 3 }} }}',
+                       [f"error: GPIO chip {tmp_path / 'gpiochip7'} does not exist",
+                        f"warning: PCI device 0000:0f:00.0 is not present under {tmp_path}"]),
+        "simulated": ("{}", []),
+    }
+    for driver, (options, expected) in cases.items():
+        issues = check_host(config(accelerator(driver, options)))
+        found = sorted(f"{i.severity}: {i.message}" for i in issues)
+        assert all(i.loc == ("accelerator", "options") for i in issues), (driver, issues)
+        assert len(found) == len(expected), (driver, found)
+        assert all(f.startswith(e) for f, e in zip(found, sorted(expected), strict=True)), (driver, found)
+
+    (tmp_path / "0000:0f:00.0").mkdir()  # the function enumerated: nothing to say
+    pcie = f'{{ address = "0000:0f:00.0", root = "{tmp_path}" }}'
+    assert check_host(config(accelerator("pcie_runtime_pm", pcie))) == []
+    assert check_host(config(accelerator("mcu", f'{{ link = {{ port = "{pty_path}" }} }}'))) == []
+
+
+def test_an_accelerator_driver_that_cannot_load_here_is_named(tmp_path: Path) -> None:
+    try:
+        import gpiod  # noqa: F401
+    except ImportError:
+        [issue] = check_host(config(accelerator("gpio", '{ enable_line = 5 }')))
+        assert issue.loc == ("accelerator", "driver") and "driver 'gpio' cannot be loaded here" in issue.message
+    else:  # with the [gpio] extra, the chip it names is looked at
+        chip = tmp_path / "gpiochip9"
+        [issue] = check_host(config(accelerator("gpio", f'{{ chip = "{chip}", enable_line = 5 }}')))
+        assert issue.loc == ("accelerator", "options") and f"GPIO chip {chip} does not exist" in issue.message
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cerebellumd", *args], capture_output=True, text=True, timeout=60)
 
@@ -211,7 +266,7 @@ def test_check_here_exits_1_on_errors_with_file_and_line_and_0_on_warnings(tmp_p
     assert run_cli("check", str(path)).returncode == 0  # valid anywhere
     result = run_cli("check", "--here", str(path))
     assert result.returncode == 1 and result.stdout == ""
-    assert f"{path}:8: mcu.port: {tmp_path / 'ttyMCU'} does not exist" in result.stderr
+    assert f"{path}:8: mcu.port: serial port {tmp_path / 'ttyMCU'} does not exist" in result.stderr
 
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))

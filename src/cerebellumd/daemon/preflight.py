@@ -19,6 +19,9 @@ What it looks at, each as the daemon would use it:
 - `[daemon] state_file` and `[leases] path`: their directory must exist and be writable, and
   neither it nor the config may be writable by others (`security.check_files`).
 - hwmon domains and rail sensors: one real read through the driver (`HwmonSensor.probe`).
+- the accelerator driver: it loads here (its extra installed), and its own `preflight(options)`
+  hook, where it has one, finds what its options name: the GPIO chip, the PCI function, the
+  programs it runs, the device node (drivers/preflight_checks.py).
 
 Errors are what the daemon would not get past by retrying: something absent. Warnings are what
 it would: an interface down, a port taken, a broker not answering. Blocking (sysfs reads, socket
@@ -30,14 +33,15 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ..config import Config, hwmon_options
+from ..drivers import registry
 from ..drivers.hwmon import HwmonSensor
+from ..drivers.preflight_checks import character_device
 from .security import check_files
 
 Loc = tuple[str | int, ...]
@@ -75,6 +79,7 @@ def check_host(config: Config, config_path: str | Path | None = None, *, sys_net
         *_mqtt(config, connect_timeout_s),
         *_files(config, config_path),
         *_hwmon(config),
+        *_accelerator(config),
     ]
 
 
@@ -154,19 +159,9 @@ def _serial_ports(config: Config) -> Iterator[HostIssue]:
 
 
 def _serial_device(loc: Loc, path: str) -> Iterator[HostIssue]:
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        yield _error(loc, f"{path} does not exist (not plugged in, or another name: ls /dev/serial/by-id/)")
-        return
-    except OSError as exc:
-        yield _error(loc, f"{path}: {exc.strerror}")
-        return
-    if not stat.S_ISCHR(mode):
-        yield _error(loc, f"{path} is not a character device")
-    elif not os.access(path, os.R_OK | os.W_OK):
-        yield _error(loc, f"{path} is not readable and writable by this user (uid {os.getuid()}): "
-                          "add it to the device's group (often dialout)")
+    problem = character_device(path, "serial port", "not plugged in, or another name: ls /dev/serial/by-id/")
+    if problem is not None:
+        yield HostIssue(problem[0], loc, problem[1])
 
 
 # -- sockets -------------------------------------------------------------------------------------
@@ -260,3 +255,22 @@ def _hwmon(config: Config) -> Iterator[HostIssue]:
             hwmon.probe()
         except ValueError as exc:
             yield _error(loc, str(exc))
+
+
+def _accelerator(config: Config) -> Iterator[HostIssue]:
+    accel = config.accelerator
+    try:
+        factory = registry.load("accelerator", accel.driver)
+    except (KeyError, ImportError) as exc:
+        yield _error(("accelerator", "driver"), f"driver {accel.driver!r} cannot be loaded here: {exc}")
+        return
+    hook = getattr(factory, "preflight", None)
+    if hook is None or (accel.driver == "mcu" and config.mcu is not None):
+        return  # nothing to look at, or the driver runs on [mcu]'s link, checked above
+    try:
+        problems = hook(accel.options)
+    except ValueError as exc:
+        yield _error(("accelerator", "options"), f"{accel.driver} options: {exc}")
+        return
+    for severity, message in problems:
+        yield HostIssue(severity, ("accelerator", "options"), message)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..accel import AccelState
 from . import subprocess_run
 from .base import DriverError
+from .preflight_checks import Problem, program
 
 _LOG = logging.getLogger(__name__)
 _STDERR_TAIL = 400
@@ -46,6 +47,13 @@ class CommandAccelerator:
     """AcceleratorDriver running one program per transition."""
 
     kind: ClassVar[str] = "command"
+
+    @staticmethod
+    def preflight(options: CommandOptions | Mapping[str, Any]) -> list[Problem]:
+        """`check --here`: every program it would run is there to run."""
+        opts = options if isinstance(options, CommandOptions) else CommandOptions.model_validate(options)
+        argvs = [(f"commands.{state}", argv) for state, argv in opts.commands.items()] + [("status", opts.status)]
+        return [p for what, argv in argvs if (p := program(argv, what)) is not None]
 
     def __init__(self, options: CommandOptions | Mapping[str, Any]) -> None:
         self.options = (

@@ -39,8 +39,9 @@ from pydantic import Field
 from ..accel import AccelState
 from .accel_gpio import RequestOpener, open_gpiod_request
 from .base import DriverError
-from .pci_backend import PciBackend, PciBackendOptions
+from .pci_backend import PciBackend, PciBackendOptions, pci_backend_problems
 from .pci_sysfs import D3_STATES
+from .preflight_checks import Problem
 
 
 class CoralOptions(PciBackendOptions):
@@ -51,6 +52,12 @@ class CoralOptions(PciBackendOptions):
 
 class CoralAccelerator(PciBackend):
     kind: ClassVar[str] = "coral_pcie"
+
+    @staticmethod
+    def preflight(options: CoralOptions | Mapping[str, Any]) -> list[Problem]:
+        """`check --here`: the PCI function and the rail's chip."""
+        opts = options if isinstance(options, CoralOptions) else CoralOptions.model_validate(options)
+        return pci_backend_problems(opts)
 
     def __init__(self, options: CoralOptions | Mapping[str, Any], *,
                  rail_opener: RequestOpener = open_gpiod_request) -> None:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..accel import AccelState
 from ._poll import PollTimeout, poll_until
 from .base import DriverError
+from .preflight_checks import Problem, character_device
 
 LineId = int | str
 
@@ -113,6 +114,13 @@ class GpioAccelerator:
     """AcceleratorDriver over an enable line (+ optional reset and power-good lines)."""
 
     kind: ClassVar[str] = "gpio"
+
+    @staticmethod
+    def preflight(options: GpioOptions | Mapping[str, Any]) -> list[Problem]:
+        """`check --here`: the GPIO chip (blocking stat)."""
+        opts = options if isinstance(options, GpioOptions) else GpioOptions.model_validate(options)
+        problem = character_device(opts.chip, "GPIO chip", "gpiodetect lists the chips")
+        return [problem] if problem else []
 
     def __init__(
         self,

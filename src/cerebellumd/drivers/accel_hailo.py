@@ -42,8 +42,9 @@ from pydantic import Field
 from ..accel import AccelState
 from .accel_gpio import RequestOpener, open_gpiod_request
 from .base import DriverError
-from .pci_backend import PciBackend, PciBackendOptions
+from .pci_backend import PciBackend, PciBackendOptions, pci_backend_problems
 from .pci_sysfs import D3_STATES, PciDevice, holders
+from .preflight_checks import Problem
 
 _STATUS = {"suspending": AccelState.SUSPENDING, "resuming": AccelState.WAKING}
 
@@ -64,6 +65,16 @@ def _awake(pci: PciDevice) -> bool:
 
 class HailoAccelerator(PciBackend):
     kind: ClassVar[str] = "hailo_pcie"
+
+    @staticmethod
+    def preflight(options: HailoOptions | Mapping[str, Any]) -> list[Problem]:
+        """`check --here`: the PCI function, the rail's chip, and the device node hailo_pci makes
+        (absent while the driver is not bound: a warning)."""
+        opts = options if isinstance(options, HailoOptions) else HailoOptions.model_validate(options)
+        found = pci_backend_problems(opts)
+        if not opts.device_node.exists():
+            found.append(("warning", f"{opts.device_node} does not exist (is hailo_pci loaded and bound?)"))
+        return found
 
     def __init__(self, options: HailoOptions | Mapping[str, Any], *,
                  rail_opener: RequestOpener = open_gpiod_request) -> None:

@@ -29,6 +29,7 @@ from ..accel import AccelState
 from . import subprocess_run
 from ._poll import PollTimeout, poll_until
 from .base import DriverError
+from .preflight_checks import Problem, program
 
 _TAIL = 300
 
@@ -73,6 +74,16 @@ class JetsonOptions(BaseModel):
 
 class JetsonAccelerator:
     kind: ClassVar[str] = "jetson"
+
+    @staticmethod
+    def preflight(options: JetsonOptions | Mapping[str, Any]) -> list[Problem]:
+        """`check --here`: every program it would run is there to run."""
+        opts = options if isinstance(options, JetsonOptions) else JetsonOptions.model_validate(options)
+        argvs = [("suspend", opts.suspend), ("wake", opts.wake), ("status", opts.status),
+                 ("power_on", opts.power_on), ("power_off", opts.power_off),
+                 ("nvpmodel", opts.nvpmodel if opts.modes else None),
+                 *((f"reapply[{i}]", argv) for i, argv in enumerate(opts.reapply))]
+        return [p for what, argv in argvs if (p := program(argv, what)) is not None]
 
     def __init__(self, options: JetsonOptions | Mapping[str, Any]) -> None:
         self.options = options if isinstance(options, JetsonOptions) else JetsonOptions.model_validate(options)

@@ -27,6 +27,7 @@ from ..accel import AccelState
 from .base import DriverError, PowerReading
 from .mcu_link import McuLink, McuLinkOptions
 from .mcu_protocol import Message, Readings
+from .preflight_checks import Problem, character_device
 
 
 class McuAcceleratorOptions(BaseModel):
@@ -72,6 +73,13 @@ class McuAccelerator:
     """AcceleratorDriver switching the accelerator rail through the companion MCU."""
 
     kind: ClassVar[str] = "mcu"
+
+    @staticmethod
+    def preflight(options: McuAcceleratorOptions | Mapping[str, Any]) -> list[Problem]:
+        """`check --here`: the serial port of a link the driver owns."""
+        opts = options if isinstance(options, McuAcceleratorOptions) else McuAcceleratorOptions.model_validate(options)
+        problem = character_device(opts.link.port, "MCU serial port") if opts.link is not None else None
+        return [problem] if problem else []
 
     def __init__(
         self, options: McuAcceleratorOptions | Mapping[str, Any], link: McuLink | None = None

@@ -43,6 +43,7 @@ from ..accel import AccelState
 from ._poll import PollTimeout, poll_until
 from .base import DriverError
 from .pci_sysfs import ControlKeeper, PciOptions, PciSteps
+from .preflight_checks import Problem
 
 _STATUS_TO_STATE = {
     "suspended": AccelState.SLEEP,
@@ -64,6 +65,13 @@ class PcieRuntimePmAccelerator:
     """AcceleratorDriver over /sys/bus/pci/devices/<address>/power/{control,runtime_status}."""
 
     kind: ClassVar[str] = "pcie_runtime_pm"
+
+    @staticmethod
+    def preflight(options: PcieRuntimePmOptions | Mapping[str, Any]) -> list[Problem]:
+        """`check --here`: the PCI function is enumerated (blocking stat)."""
+        opts = options if isinstance(options, PcieRuntimePmOptions) else PcieRuntimePmOptions.model_validate(options)
+        problem = opts.presence_problem()
+        return [problem] if problem else []
 
     def __init__(self, options: PcieRuntimePmOptions | Mapping[str, Any]) -> None:
         self.options = (

@@ -13,12 +13,21 @@ from ..accel import AccelState
 from .accel_gpio import GpioAccelerator, GpioOptions, RequestOpener
 from .base import DriverError
 from .pci_sysfs import ControlKeeper, PciOptions, PciSteps
+from .preflight_checks import Problem
 
 
 class PciBackendOptions(PciOptions):
     rail: GpioOptions | None = Field(None, description="Enable line of the module's rail (for off and rail_cycle).")
     rail_off_ms: int = Field(500, gt=0, description="How long the rail stays off in a rail cycle.")
     driver_name: str = Field(..., description="Kernel driver to bind.")
+
+
+def pci_backend_problems(options: PciBackendOptions) -> list[Problem]:
+    """`check --here` for a PCI backend: the function enumerated, the rail's GPIO chip usable."""
+    found = [options.presence_problem()]
+    if options.rail is not None:
+        found += GpioAccelerator.preflight(options.rail)
+    return [p for p in found if p is not None]
 
 
 class PciBackend:

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ._poll import poll_blocking
 from .base import DriverError
+from .preflight_checks import Problem
 
 PCI_ADDRESS = r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$"
 #: PCI power states that mean the function is in D3 (BARs off): asleep in PCI terms.
@@ -61,6 +62,14 @@ class PciOptions(BaseModel):
 
     def pci(self) -> PciDevice:
         return PciDevice(self.address, self.root, self.drivers_root, self.rescan_path)
+
+    def presence_problem(self) -> Problem | None:
+        """`check --here` (blocking stat): the function should be enumerated now. A warning, not
+        an error: a module whose rail is off is legitimately absent."""
+        if (self.root / self.address).exists():
+            return None
+        return "warning", (f"PCI device {self.address} is not present under {self.root} "
+                           "(its rail off, or another address: lspci -D)")
 
 
 @dataclass(frozen=True, slots=True)
