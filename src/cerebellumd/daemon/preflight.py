@@ -107,12 +107,14 @@ def _can(config: Config, sys_net: Path) -> Iterator[HostIssue]:
                 missing = _af_can_error()
                 if missing is not None:
                     yield _error(("can", i, "interface"), missing)
-            yield from _can_netdev(loc, bus.channel, bus.fd, sys_net)
+            yield from _can_netdev(loc, bus.channel, bus.fd, bus.bitrate, sys_net)
         elif bus.interface in SERIAL_INTERFACES or bus.channel.startswith("/dev/"):
-            yield from _serial_device(loc, bus.channel.partition("@")[0])
+            port = bus.channel.partition("@")[0]
+            if port.startswith("/"):  # not socket://host:port (slcan over TCP) nor a COM name
+                yield from _serial_device(loc, port)
 
 
-def _can_netdev(loc: Loc, name: str, fd: bool, sys_net: Path) -> Iterator[HostIssue]:
+def _can_netdev(loc: Loc, name: str, fd: bool, bitrate: int | None, sys_net: Path) -> Iterator[HostIssue]:
     device = sys_net / name
     if not device.exists():
         known = sorted(p.name for p in _can_netdevs(sys_net))
@@ -125,7 +127,7 @@ def _can_netdev(loc: Loc, name: str, fd: bool, sys_net: Path) -> Iterator[HostIs
         return
     flags = _read_int(device / "flags", 16)
     if flags is not None and not flags & IFF_UP:
-        yield _warning(loc, f"{name!r} is down: ip link set {name} up type can bitrate ... "
+        yield _warning(loc, f"{name!r} is down: ip link set {name} up type can bitrate {bitrate or '...'} "
                             "(the daemon reads nothing until it is up)")
     mtu = _read_int(device / "mtu")
     if fd and mtu is not None and mtu != CANFD_MTU:
