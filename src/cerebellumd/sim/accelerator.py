@@ -44,6 +44,9 @@ class SimAccelerator:
     failed_resumes: int = 0
     _wake_requested: float | None = None
     commands: list[tuple[float, AccelState]] = field(default_factory=list)  # (time, new target)
+    # Every joule charged, where and in what state: (start, end, state, joules); end == start for
+    # an instant transition. Sums to `energy_j` (sim/breakdown.py splits it by the policy's reasons).
+    charges: list[tuple[float, float, AccelState, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.desired = self.state
@@ -68,7 +71,7 @@ class SimAccelerator:
         while self.transition is not None and self.transition.end <= t:
             tr = self.transition
             self.transition = None
-            self.energy_j += tr.energy_j
+            self._charge(tr.start, tr.end, tr.kind, tr.energy_j)
             self.segments.append((tr.start, tr.end, tr.kind))
             self._arrive(tr.to, tr.end)
             self._start(tr.end)
@@ -78,10 +81,11 @@ class SimAccelerator:
         if self.transition is not None:  # cut short by the end of the run
             tr = self.transition
             span = tr.end - tr.start
-            self.energy_j += tr.energy_j * (t_end - tr.start) / span if span > 0 else tr.energy_j
+            self._charge(tr.start, t_end, tr.kind,
+                         tr.energy_j * (t_end - tr.start) / span if span > 0 else tr.energy_j)
             self.segments.append((tr.start, t_end, tr.kind))
         else:
-            self.energy_j += self.model.power_w[self.state] * (t_end - self.since)
+            self._charge(self.since, t_end, self.state, self.model.power_w[self.state] * (t_end - self.since))
             self.segments.append((self.since, t_end, self.state))
         if self.active and self.active[-1][1] == math.inf:
             self.active[-1][1] = t_end
@@ -99,7 +103,7 @@ class SimAccelerator:
         """Begin the transition from the current steady state toward `desired`."""
         while self.desired is not self.state:
             current = self.state
-            self.energy_j += self.model.power_w[current] * (t - self.since)
+            self._charge(self.since, t, current, self.model.power_w[current] * (t - self.since))
             if t > self.since:
                 self.segments.append((self.since, t, current))
             leg = self.model.next_leg(current, self.desired)
@@ -116,8 +120,13 @@ class SimAccelerator:
                 self.state, self.since = kind, t
                 self.transition = _Transition(kind, t, t + cost.latency_s, to, cost.energy_j)
                 return
-            self.energy_j += cost.energy_j
+            self._charge(t, t, kind, cost.energy_j)
             self._arrive(to, t)
+
+    def _charge(self, start: float, end: float, state: AccelState, joules: float) -> None:
+        self.energy_j += joules
+        if joules or end > start:
+            self.charges.append((start, end, state, joules))
 
     def _failed_resume(self, current: AccelState, exit_: Transition) -> Transition:
         """One waking transition that covers the failed attempt and the successful retry.

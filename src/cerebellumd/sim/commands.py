@@ -85,6 +85,11 @@ def register(subparsers: Any) -> None:
     )
     ev.add_argument("--profile", metavar="NAME", help="accelerator profile (overrides the config)")
     ev.add_argument(
+        "--breakdown", action="store_true",
+        help="where the configured policy's accelerator energy went, by reason and state, beside the oracle's "
+        "(with --json: a `breakdown` key)",
+    )
+    ev.add_argument(
         "--state", metavar="FILE",
         help="start the configured policy from what a daemon learned: its state file (daemon.state_file), "
         "calibration and learned anticipation; default: a first drive, nothing learned",
@@ -159,11 +164,55 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .plot import plot
 
         plot(evaluation.runs, scenario, args.plot, result)
+    shares = _breakdowns(evaluation.runs) if args.breakdown else {}
     if args.json:
+        if shares:
+            result = {**result, "breakdown": {name: [s.as_dict() for s in rows] for name, rows in shares.items()}}
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
-    Console().print(result_table(result))
+    console = Console()
+    console.print(result_table(result))
+    if shares:
+        console.print(breakdown_table(shares, evaluation.runs[0].name))
     return 0
+
+
+def _breakdowns(runs: Any) -> dict[str, Any]:
+    """The configured policy's and the oracle's shares (sim/breakdown.py)."""
+    from .breakdown import breakdown
+
+    mine, oracle = runs[0], next(r for r in runs if r.name == "oracle")
+    return {run.name: breakdown(run.accelerator.charges, run.reasons, "oracle" if run is oracle else "start")
+            for run in (mine, oracle)}
+
+
+def breakdown_table(shares: dict[str, Any], mine: str) -> Table:
+    """One row per reason, most energy first: its joules, their share, and the time in each state."""
+    from rich.table import Table
+
+    def rows(runs: Any) -> list[tuple[str, float, str]]:
+        per: dict[str, list[Any]] = {}
+        for share in runs:
+            per.setdefault(share.reason, []).append(share)
+        out = [(reason, sum(x.energy_j for x in group),
+                ", ".join(f"{x.state} {x.seconds:,.1f} s" for x in sorted(group, key=lambda x: -x.seconds)
+                          if x.seconds))
+               for reason, group in per.items()]
+        return sorted(out, key=lambda row: -row[1])
+
+    total = sum(x.energy_j for x in shares[mine])
+    bound = sum(x.energy_j for x in shares["oracle"])
+    table = Table(title=f"where {mine}'s {total:,.0f} J went; the oracle (the lower bound) used {bound:,.0f} J, "
+                        f"{total - bound:,.0f} J less")
+    table.add_column("reason", no_wrap=True)
+    table.add_column("J", justify="right")
+    table.add_column("% of J", justify="right")
+    table.add_column("time by state")
+    for reason, joules, states in rows(shares[mine]):
+        table.add_row(reason, f"{joules:,.0f}", f"{100 * joules / total:.1f}" if total else "-", states)
+    for reason, joules, states in rows(shares["oracle"]):
+        table.add_row(f"[dim]{reason}[/dim]", f"[dim]{joules:,.0f}[/dim]", "", f"[dim]{states}[/dim]")
+    return table
 
 
 def _evaluate_recording(args: argparse.Namespace) -> int:

@@ -362,6 +362,8 @@ class PolicyRun:
     steps: int = 0
     final_state: PolicyState | None = None
     late_reports: list[tuple[float, float]] = field(default_factory=list)  # (time, lateness s)
+    # (time, why): the decision's reason, or the path's filter, each time it changed (sim/breakdown.py)
+    reasons: list[tuple[float, str]] = field(default_factory=list)
 
 
 class _LateReporter:
@@ -443,6 +445,7 @@ def _run_policy(
             state, decision = policy.step(state, inputs, now)
             run.steps += 1
             target = decision.target
+            label: str | None = decision.reason
         else:
             samples = timeline.samples_at(k)
             if shell.samples_since > -math.inf:
@@ -461,7 +464,11 @@ def _run_policy(
                 state, decision = policy.step(state, inputs, now)
                 run.steps += 1
                 target = decision.target
-            target = shell.filter(target)
+            target, filtered_by = shell.filtered(target)
+            label = filtered_by or ("path:paused" if shell.paused
+                                    else decision.reason if decision is not None else None)
+        if label is not None and (not run.reasons or run.reasons[-1][1] != label):
+            run.reasons.append((now, label))
         if target is not commanded:
             acc.command(now, target)
             commanded = target

@@ -294,15 +294,20 @@ class PathRun:
 
     def filter(self, target: AccelState) -> AccelState:
         """The actuator's target filters: NM clamp, power-down, the watchdog's alarm."""
+        return self.filtered(target)[0]
+
+    def filtered(self, target: AccelState) -> tuple[AccelState, str | None]:
+        """`filter`'s target and the filter that set it (None: the policy's target stands)."""
+        why = None
         if not self.path.clamps:
-            return target
+            return target, why
         if self.quiet:
-            target = self.path.params.deepest_state
+            target, why = self.path.params.deepest_state, "path:quiet_bus"
         if self.power_down is not None:
-            target = AccelState.OFF
+            target, why = AccelState.OFF, "path:power_down"
         if self.alarm is not None and self.path.ladder is not None:
-            target = self.path.ladder.spec.safe_state
-        return target
+            target, why = self.path.ladder.spec.safe_state, "path:watchdog_alarm"
+        return target, why
 
     def _expected_wake_s(self, acc: SimAccelerator, now: float) -> float:
         """The model's time to `active` from where the wake starts, as the daemon's actuator
