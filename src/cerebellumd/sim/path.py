@@ -292,12 +292,9 @@ class PathRun:
             if self.path.clamps:
                 self.power_down = reason
 
-    def filter(self, target: AccelState) -> AccelState:
-        """The actuator's target filters: NM clamp, power-down, the watchdog's alarm."""
-        return self.filtered(target)[0]
-
     def filtered(self, target: AccelState) -> tuple[AccelState, str | None]:
-        """`filter`'s target and the filter that set it (None: the policy's target stands)."""
+        """The actuator's target filters (NM clamp, power-down, the watchdog's alarm): the target
+        and the filter that set it (None: the policy's target stands)."""
         why = None
         if not self.path.clamps:
             return target, why
