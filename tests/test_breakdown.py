@@ -8,19 +8,23 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cerebellumd.accel import AccelState
+from cerebellumd.cli import main
 from cerebellumd.config import builtin_example, parse_config
 from cerebellumd.sim.breakdown import Share, breakdown, by_reason
 from cerebellumd.sim.cycles import load_cycle
 from cerebellumd.sim.evaluate import results_by_policy, run_evaluation
 from cerebellumd.sim.events import build_scenario
 
+from .test_days import SMALL
 from .test_decision_path import SCHEDULE, _config, _scenario
+from .test_recorded import CORPUS
 
 pytestmark = pytest.mark.timeout(120)
 ACT, IDL, SLP, WAK = AccelState.ACTIVE, AccelState.IDLE, AccelState.SLEEP, AccelState.WAKING
@@ -112,3 +116,25 @@ def test_evaluate_breakdown_json_and_table() -> None:
     assert "where cerebellum_first's" in table and "demand:highway_assist" in table
     plain = subprocess.run([*base[:-1], "--json"], capture_output=True, text=True, timeout=100, check=True)
     assert "breakdown" not in json.loads(plain.stdout)  # the contract's JSON without the flag
+
+
+def test_a_recorded_drive_and_a_day_break_down_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log, dbc, cfg, labels = CORPUS["rav4_2019"].paths
+    assert main(["evaluate", "--log", str(log), "--dbc", str(dbc), "--config", str(cfg), "--labels", str(labels),
+                 "--json", "--breakdown"]) == 0
+    recorded = json.loads(capsys.readouterr().out)
+    energies = {r["policy"]: r["accelerator_energy_j"] for r in recorded["results"]}
+    assert set(recorded["breakdown"]) == {next(iter(energies)), "oracle"}
+    for name, rows in recorded["breakdown"].items():
+        assert sum(row["energy_j"] for row in rows) == pytest.approx(energies[name], abs=0.05)
+
+    day = tmp_path / "small.toml"
+    day.write_text(SMALL)
+    assert main(["evaluate", "--day", str(day), "--json", "--breakdown"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    mine = out["results"][0]
+    assert list(out["breakdown"]) == [mine["policy"]]  # a day has no oracle
+    rows = out["breakdown"][mine["policy"]]
+    assert sum(row["energy_j"] for row in rows) / 3600 == pytest.approx(mine["energy_wh"]["accelerator"], abs=2e-3)
+    # parked with the key off: the decision path's clamp holds the accelerator off
+    assert any(row["reason"].startswith("path:") and row["state"] == "off" and row["seconds"] > 0 for row in rows)

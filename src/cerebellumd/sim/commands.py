@@ -87,7 +87,7 @@ def register(subparsers: Any) -> None:
     ev.add_argument(
         "--breakdown", action="store_true",
         help="where the configured policy's accelerator energy went, by reason and state, beside the oracle's "
-        "(with --json: a `breakdown` key)",
+        "(a day has no oracle); with --json: a `breakdown` key",
     )
     ev.add_argument(
         "--state", metavar="FILE",
@@ -166,9 +166,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         plot(evaluation.runs, scenario, args.plot, result)
     shares = _breakdowns(evaluation.runs) if args.breakdown else {}
     if args.json:
-        if shares:
-            result = {**result, "breakdown": {name: [s.as_dict() for s in rows] for name, rows in shares.items()}}
-        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.write(json.dumps(_with_breakdown(result, shares)) + "\n")
         return 0
     console = Console()
     console.print(result_table(result))
@@ -178,12 +176,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _breakdowns(runs: Any) -> dict[str, Any]:
-    """The configured policy's and the oracle's shares (sim/breakdown.py)."""
+    """The configured policy's shares (sim/breakdown.py), and the oracle's where it ran (not in a day)."""
     from .breakdown import breakdown
 
-    mine, oracle = runs[0], next(r for r in runs if r.name == "oracle")
-    return {run.name: breakdown(run.accelerator.charges, run.reasons, "oracle" if run is oracle else "start")
-            for run in (mine, oracle)}
+    mine = runs[0]
+    out = {mine.name: breakdown(mine.accelerator.charges, mine.reasons)}
+    oracle = next((r for r in runs if r.name == "oracle"), None)
+    if oracle is not None:
+        out["oracle"] = breakdown(oracle.accelerator.charges, oracle.reasons, "oracle")
+    return out
+
+
+def _with_breakdown(result: dict[str, Any], shares: dict[str, Any]) -> dict[str, Any]:
+    if not shares:
+        return result
+    return {**result, "breakdown": {name: [s.as_dict() for s in rows] for name, rows in shares.items()}}
 
 
 def breakdown_table(shares: dict[str, Any], mine: str) -> Table:
@@ -201,16 +208,18 @@ def breakdown_table(shares: dict[str, Any], mine: str) -> Table:
         return sorted(out, key=lambda row: -row[1])
 
     total = sum(x.energy_j for x in shares[mine])
-    bound = sum(x.energy_j for x in shares["oracle"])
-    table = Table(title=f"where {mine}'s {total:,.0f} J went; the oracle (the lower bound) used {bound:,.0f} J, "
-                        f"{total - bound:,.0f} J less")
+    title = f"where {mine}'s {total:,.0f} J went"
+    if "oracle" in shares:
+        bound = sum(x.energy_j for x in shares["oracle"])
+        title += f"; the oracle (the lower bound) used {bound:,.0f} J, {total - bound:,.0f} J less"
+    table = Table(title=title)
     table.add_column("reason", no_wrap=True)
     table.add_column("J", justify="right")
     table.add_column("% of J", justify="right")
     table.add_column("time by state")
     for reason, joules, states in rows(shares[mine]):
         table.add_row(reason, f"{joules:,.0f}", f"{100 * joules / total:.1f}" if total else "-", states)
-    for reason, joules, states in rows(shares["oracle"]):
+    for reason, joules, states in rows(shares.get("oracle", [])):
         table.add_row(f"[dim]{reason}[/dim]", f"[dim]{joules:,.0f}[/dim]", "", f"[dim]{states}[/dim]")
     return table
 
@@ -252,11 +261,14 @@ def _evaluate_recording(args: argparse.Namespace) -> int:
         from .plot import plot
 
         plot(run.evaluation.runs, run.scenario, args.plot, result)
+    shares = _breakdowns(run.evaluation.runs) if args.breakdown else {}
     if args.json:
-        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.write(json.dumps(_with_breakdown(result, shares)) + "\n")
         return 0
     console = Console()
     console.print(result_table(result))
+    if shares:
+        console.print(breakdown_table(shares, run.evaluation.runs[0].name))
     for label in result["labels"]:
         console.print(f"label {label['name']}: {label['events']} events (when {label['when']}, "
                       f"deadline {label['deadline_ms']} ms, at least {label['min_duration_ms']} ms)")
@@ -326,13 +338,16 @@ def _evaluate_day(args: argparse.Namespace) -> int:
 
         plot_day(result, args.plot)
     public = {k: v for k, v in result.items() if not k.startswith("_")}
+    shares = _breakdowns(result["_runs"]) if args.breakdown else {}
     if args.json:
-        sys.stdout.write(json.dumps(public) + "\n")
+        sys.stdout.write(json.dumps(_with_breakdown(public, shares)) + "\n")
         return 0
     console = Console()
     if not console.is_terminal:  # piped: do not wrap the wide table at 80 columns
         console = Console(width=200)
     console.print(day_table(public))
+    if shares:
+        console.print(breakdown_table(shares, result["_runs"][0].name))
     return 0
 
 
