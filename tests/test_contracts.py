@@ -26,7 +26,7 @@ from . import contracts
 
 def test_the_tables_parse() -> None:
     """Guard the parser: a table it silently skipped would make every check below vacuous."""
-    assert len(contracts.metrics()) == 21
+    assert len(contracts.metrics()) == 22
     assert "cerebellumd_wakes" in contracts.metrics()
     assert contracts.mqtt_topics() == ("status", "state", "set", "response")
     assert len(contracts.cli_commands()) >= 8 and len(contracts.evaluation_row_keys()) == 8
@@ -41,6 +41,7 @@ def test_metric_families_have_the_contract_types_and_labels() -> None:
     metrics.decision_seconds.observe(0.0001)
     metrics.tick_lateness.labels("decision").observe(0.001)
     metrics.wakes.labels("demand:d").inc()
+    metrics.accelerator_energy.labels("demand:d").inc(1.0)
     metrics.sleeps.labels("sleep", "release").inc()
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())}
     for name, (kind, labels) in contracts.metrics().items():

@@ -81,7 +81,8 @@ def test_dashboard_covers_the_contract_panels() -> None:
                    "cerebellumd_can_errors_total", "cerebellumd_ingest_dropped_total",
                    "cerebellumd_signal_stale", "cerebellumd_demand_active",
                    "cerebellumd_holds_active", "cerebellumd_wake_validations_total",
-                   "cerebellumd_mqtt_connected"):
+                   "cerebellumd_mqtt_connected",
+                   "sum by (reason) (increase(cerebellumd_accelerator_energy_joules_total"):
         assert needle in exprs, needle
     (heatmap,) = [p for p in panels(load_dashboard()) if p["type"] == "heatmap"]
     assert heatmap["targets"][0]["format"] == "heatmap"

@@ -63,6 +63,13 @@ def test_every_contract_metric_with_its_type_and_labels(scrape: str) -> None:
             assert set(sample.labels) - {"le"} == labels, (name, sample.labels)
     domains = {s.labels["domain"] for s in families["cerebellumd_domain_energy_joules"].samples}
     assert {"accelerator", "gateway", "mcu"} <= domains
+    # the accelerator's energy again, split by the reason behind the target (no state file: both since start)
+    accel = next(s.value for s in families["cerebellumd_domain_energy_joules"].samples
+                 if s.name.endswith("_total") and s.labels["domain"] == "accelerator")
+    by_reason = {s.labels["reason"]: s.value for s in families["cerebellumd_accelerator_energy_joules"].samples
+                 if s.name.endswith("_total")}
+    assert sum(by_reason.values()) == pytest.approx(accel, rel=0.01), by_reason
+    assert any(reason.startswith("demand:") for reason in by_reason), by_reason  # the demo woke for a demand
     states = {s.labels["state"]: s.value for s in families["cerebellumd_accelerator_state"].samples}
     assert sum(states.values()) == 1.0
 

@@ -33,6 +33,7 @@ import pytest
 
 from cerebellumd.accel import AccelState
 from cerebellumd.config import load_config
+from cerebellumd.sim.breakdown import breakdown
 from cerebellumd.sim.cycles import load_cycle
 from cerebellumd.sim.evaluate import run_evaluation
 from cerebellumd.sim.events import build_scenario
@@ -40,6 +41,11 @@ from cerebellumd.sim.events_config import load_event_file
 
 from .helpers import free_port
 from .test_hil import Processes, _try_scrape, total, wait_for
+
+
+def _by_reason(metrics: dict) -> dict[str, float]:
+    return {dict(labels)["reason"]: v for (n, labels), v in metrics.items()
+            if n == "cerebellumd_accelerator_energy_joules_total"}
 
 SPEEDUP = 2.0
 # Standing, a drive to 50 km/h and back (5-22 s), key-off 26-40 s, a second drive (44-54 s),
@@ -137,6 +143,7 @@ def test_evaluator_and_daemon_agree_on_a_scenario_with_key_offs(tmp_path: Path) 
         wait_for(lambda: _try_scrape(metrics_port), 30, "the daemon's metrics endpoint", procs)
         before = _try_scrape(metrics_port) or {}
         e0 = total(before, "cerebellumd_domain_energy_joules_total", domain="accelerator")
+        r0 = _by_reason(before)
         w0 = total(before, "cerebellumd_transition_seconds_count", target="active")
         s0 = total(before, "cerebellumd_sleeps_total")
         sim = procs.start("sim", sys.executable, "-m", "cerebellumd", "sim", "--config", str(tmp_path / "sim.toml"))
@@ -150,6 +157,7 @@ def test_evaluator_and_daemon_agree_on_a_scenario_with_key_offs(tmp_path: Path) 
     finally:
         procs.stop()
     d_energy = total(m, "cerebellumd_domain_energy_joules_total", domain="accelerator") - e0
+    d_by_reason = {r: j - r0.get(r, 0.0) for r, j in _by_reason(m).items()}
     d_wakes = total(m, "cerebellumd_transition_seconds_count", target="active") - w0
     d_sleeps = total(m, "cerebellumd_sleeps_total") - s0
     d_bus_sleeps = total(m, "cerebellumd_nm_transitions_total", state="bus_sleep")
@@ -164,3 +172,15 @@ def test_evaluator_and_daemon_agree_on_a_scenario_with_key_offs(tmp_path: Path) 
     changes = e_wakes + e_sleeps
     allowed = 0.01 * e_energy + TOLERANCE_S_PER_CHANGE * ACTIVE_W * changes
     assert abs(d_energy - e_energy) <= allowed, (report, allowed)
+    # the same energy split by reason: every joule under one reason, and the reasons of the
+    # evaluator's breakdown (the daemon does not name the clamps: their time is the policy's)
+    assert sum(d_by_reason.values()) == pytest.approx(d_energy, rel=0.01, abs=0.5), d_by_reason
+    e_by_reason: dict[str, float] = {}
+    for share in breakdown(mine.accelerator.charges, mine.reasons):
+        e_by_reason[share.reason] = e_by_reason.get(share.reason, 0.0) + share.energy_j
+    print(json.dumps({"daemon": d_by_reason, "evaluator": e_by_reason}))
+    big = {r for r, j in e_by_reason.items() if j > 0.05 * e_energy}  # the reasons that matter
+    assert len(big) >= 2, e_by_reason
+    for reason in big:  # measured within 3 % here; the margin is for a loaded machine
+        assert d_by_reason.get(reason, 0.0) == pytest.approx(e_by_reason[reason], rel=0.2, abs=1.0), (
+            reason, d_by_reason, e_by_reason)

@@ -98,7 +98,7 @@ class DaemonCore:
         self.driver = driver or build_driver(config, self.model, self.clock)
         self.actuator = Actuator(self.driver, self.model, config.accelerator, self.clock, self.metrics)
         self.ledger = EnergyLedger(config.power.domains, self.metrics, self.actuator.estimated_power_w,
-                                   rail_fed_domains(config))
+                                   rail_fed_domains(config), config.power.accelerator_domain)
         self.holds = HoldStore()
         self.commands = CommandProcessor(
             self.holds, operators=frozenset(config.mqtt.operators),
@@ -208,7 +208,7 @@ class DaemonCore:
         self.metrics.prepare(demands=[d.name for d in config.demands], signals=list(config.signals))
         self._demand_flags = {k: v for k, v in self._demand_flags.items() if any(d.name == k for d in config.demands)}
         self._stale_flags = {k: v for k, v in self._stale_flags.items() if k in config.signals}
-        self.ledger.reconfigure(config.power.domains, rail_fed_domains(config))
+        self.ledger.reconfigure(config.power.domains, rail_fed_domains(config), config.power.accelerator_domain)
         self.actuator.reconfigure(config.accelerator)
         self.commands.reconfigure(operators=frozenset(config.mqtt.operators),
                                   rate_per_minute=config.mqtt.command_rate_per_minute)
@@ -369,7 +369,7 @@ class DaemonCore:
             return
         self.paused = True
         self.stop_tickers()
-        self.ledger.integrate(self.clock.now())
+        self.ledger.integrate(self.clock.now(), "paused")  # the bus sleeps: no decision until resume
         self._ping_watchdog_while_paused()
         log.info("daemon paused (tickers stopped)")
 
@@ -380,7 +380,7 @@ class DaemonCore:
             return
         self.paused = False
         now = self.clock.now()
-        self.ledger.integrate(now)
+        self.ledger.integrate(now, self._last_reason)
         if reset and self._state is not None:
             self.samples.clear()
             self._state = self.policy.initial_state(now, self._state.target, self._state.calibration,
@@ -437,7 +437,7 @@ class DaemonCore:
             ingest.drain()
         now = self.clock.now()
         self._decide(now, fast_path=False)
-        self.ledger.integrate(now)
+        self.ledger.integrate(now, self._last_reason)
         for hook in self._tick_hooks:
             hook(now)
         if self._watchdog_every and info.index % self._watchdog_every == 0 and self._notifier is not None:

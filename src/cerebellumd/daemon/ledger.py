@@ -9,6 +9,11 @@ counted once, also while that part is being stopped or rebuilt.
 `reconfigure` applies a new `[power.domains]` list live: totals of the domains that stay are
 kept, new domains start at zero, and a removed domain stops accruing (its counter series keeps
 its last value, as Prometheus counters must).
+
+The accelerator's domain (`[power] accelerator_domain`) is also counted by reason: each interval
+between two `integrate` calls goes to the reason passed at the first of them, the one in force
+while the energy was used. Reasons that carry an application's or a context's name (`hold:<owner>`,
+`learned:<context>`) are counted under their prefix, so the label stays a bounded set.
 """
 
 from __future__ import annotations
@@ -20,11 +25,20 @@ from .host import PowerSource, Undo
 from .metrics import Metrics
 
 MEASURED_SOURCES = frozenset({"hwmon", "mcu"})
+#: Reasons named after an application or a learned context: counted under the prefix.
+_OPEN_ENDED = ("hold:", "learned:")
+
+
+def reason_label(reason: str) -> str:
+    for prefix in _OPEN_ENDED:
+        if reason.startswith(prefix):
+            return prefix[:-1]
+    return reason
 
 
 class EnergyLedger:
     def __init__(self, domains: Iterable[DomainConfig], metrics: Metrics, model_watts: Callable[[], float],
-                 self_integrated: Iterable[str] = ()) -> None:
+                 self_integrated: Iterable[str] = (), accelerator_domain: str | None = None) -> None:
         self._metrics = metrics
         self._model_watts = model_watts
         self._domains: tuple[DomainConfig, ...] = ()
@@ -33,12 +47,16 @@ class EnergyLedger:
         self._last: float | None = None
         self.watts: dict[str, float] = {}
         self.joules: dict[str, float] = {}
-        self.reconfigure(domains, self_integrated)
+        self.accelerator_domain: str | None = None
+        self.reason = "start"  # in force since the last `integrate`
+        self.reconfigure(domains, self_integrated, accelerator_domain)
 
     # -- configuration ---------------------------------------------------------------------
 
-    def reconfigure(self, domains: Iterable[DomainConfig], self_integrated: Iterable[str] = ()) -> None:
+    def reconfigure(self, domains: Iterable[DomainConfig], self_integrated: Iterable[str] = (),
+                    accelerator_domain: str | None = None) -> None:
         self._domains = tuple(domains)
+        self.accelerator_domain = accelerator_domain
         self.self_integrated = frozenset(self_integrated)
         names = [d.name for d in self._domains]
         self.joules = {name: self.joules.get(name, 0.0) for name in names}
@@ -78,8 +96,7 @@ class EnergyLedger:
         """Energy integrated by a part itself (between its own readings)."""
         if joules <= 0 or domain not in self.joules:
             return
-        self.joules[domain] += joules
-        self._metrics.domain_energy.labels(domain).inc(joules)
+        self._account(domain, joules)
 
     def restore(self, joules: Mapping[str, float]) -> list[str]:
         """Add totals saved by an earlier run; returns the domains that are no longer configured."""
@@ -92,8 +109,9 @@ class EnergyLedger:
             self._metrics.domain_energy.labels(domain).inc(amount)
         return dropped
 
-    def integrate(self, now: float) -> None:
-        """Rectangles since the last call, at the watts read now."""
+    def integrate(self, now: float, reason: str | None = None) -> None:
+        """Rectangles since the last call, at the watts read now; then `reason` (None: unchanged)
+        is the one in force until the next call."""
         last, self._last = self._last, now
         dt = 0.0 if last is None or now <= last else now - last
         for d in self._domains:
@@ -107,9 +125,15 @@ class EnergyLedger:
             self.watts[d.name] = watts
             if dt <= 0 or d.name in self.self_integrated:
                 continue
-            joules = watts * dt
-            self.joules[d.name] += joules
-            self._metrics.domain_energy.labels(d.name).inc(joules)
+            self._account(d.name, watts * dt)
+        if reason is not None:
+            self.reason = reason
+
+    def _account(self, domain: str, joules: float) -> None:
+        self.joules[domain] += joules
+        self._metrics.domain_energy.labels(domain).inc(joules)
+        if domain == self.accelerator_domain:
+            self._metrics.accelerator_energy.labels(reason_label(self.reason)).inc(joules)
 
     def export_power(self) -> None:
         for d in self._domains:

@@ -49,6 +49,11 @@ class Metrics:
         self.domain_energy = Counter(
             "cerebellumd_domain_energy_joules", "Energy used by a domain in joules since start.",
             ["domain"], registry=r)
+        self.accelerator_energy = Counter(
+            "cerebellumd_accelerator_energy_joules",
+            "Energy of the accelerator's domain ([power] accelerator_domain) since start, by the reason behind the "
+            "policy's target while it was used (hold:* and learned:* collapse to hold and learned).",
+            ["reason"], registry=r)
         self.wakes = Counter("cerebellumd_wakes", "Accelerator wake cycles by reason.", ["reason"], registry=r)
         self.sleeps = Counter(
             "cerebellumd_sleeps", "Accelerator step-downs by resting state and reason.",

@@ -465,7 +465,7 @@ def _run_policy(
                 run.steps += 1
                 target = decision.target
             target, filtered_by = shell.filtered(target)
-            label = filtered_by or ("path:paused" if shell.paused
+            label = filtered_by or ("paused" if shell.paused
                                     else decision.reason if decision is not None else None)
         if label is not None and (not run.reasons or run.reasons[-1][1] != label):
             run.reasons.append((now, label))
