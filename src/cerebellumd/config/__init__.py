@@ -283,9 +283,9 @@ class PowerConfig(Section):
         None, description="Rail map: which rail is a total and which are its parts (never summed twice).")
     rail_interval_ms: PositiveMs = Field(1000, description="How often the rail sensors are read.")
     accelerator_domain: str = Field(
-        "accelerator", description="The domain that is the accelerator's: its energy is also counted by the reason "
-        "behind the policy's target (cerebellumd_accelerator_energy_joules_total{reason}). A name no domain has: "
-        "not counted.")
+        "accelerator", description="The domain that is the accelerator's: lease energy caps (max_energy_wh) count "
+        "its energy, and it is also counted by the reason behind the policy's target "
+        "(cerebellumd_accelerator_energy_joules_total{reason}). A name no domain has: neither.")
 
 
 LeasePriorityName = Literal["safety", "normal", "power_saver"]

@@ -60,8 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The power domain whose energy lease energy caps count.
-ACCELERATOR_DOMAIN = "accelerator"
 #: A stop step that takes longer is abandoned (and counted as failed) so the rest still run.
 STOP_STEP_TIMEOUT_S = 10.0
 
@@ -182,11 +180,13 @@ class Assembly:
         return self.vehicle_power.budget_wh() if self.vehicle_power is not None else None
 
     def _accelerator_joules(self, config: Config) -> Callable[[], float] | None:
-        """The accelerator domain's energy for lease energy caps (None without such a domain)."""
-        if not any(dm.name == ACCELERATOR_DOMAIN for dm in config.power.domains):
+        """The accelerator domain's energy (`[power] accelerator_domain`) for lease energy caps
+        (None without such a domain)."""
+        domain = config.power.accelerator_domain
+        if not any(dm.name == domain for dm in config.power.domains):
             return None
-        d = self.daemon  # read at each call: a reload of [power] gives the ledger a new dict
-        return lambda: d.joules.get(ACCELERATOR_DOMAIN, 0.0)
+        d = self.daemon  # read at each call: a reload of [power] gives the ledger a new dict, or a new domain
+        return lambda: d.joules.get(d.config.power.accelerator_domain, 0.0)
 
     async def _async_wake_at(self, when: float | None) -> None:
         """A next-wake request from the lease socket, to the MCU link (started after the leases)."""
