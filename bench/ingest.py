@@ -213,23 +213,21 @@ def measure(frames: int, rate: float, uvloop: bool = False, floor: bool = False,
     print(f"bare: {bare_n} frames, {bare_cpu:.3f} CPU s; CanIngest: {d_n} frames, "
           f"{d_cpu:.3f} CPU s (sent {frames} at {rate:.0f}/s)", file=sys.stderr)
     bare_per = bare_cpu / bare_n if bare_n else float("nan")
-    d_per = d_cpu / d_n if d_n else float("nan")
-    result = {
-        "frames": frames,
-        "daemon_frames_per_s": round(1 / d_per) if d_per > 0 else None,
-        "bare_frames_per_s": round(1 / bare_per) if bare_per > 0 else None,
-        "cpu_ratio": round(d_per / bare_per, 2) if bare_per > 0 and d_n else None,
-    }
+
+    def against_bare(n: int, cpu: float) -> tuple[int | None, float | None]:
+        """Frames per CPU-second, and CPU per frame over the bare loop's (None where undefined)."""
+        return (round(n / cpu) if n and cpu > 0 else None,
+                round((cpu / n) / bare_per, 2) if n and bare_per > 0 else None)
+
+    result: dict[str, Any] = {"frames": frames, "bare_frames_per_s": round(1 / bare_per) if bare_per > 0 else None}
+    result["daemon_frames_per_s"], result["cpu_ratio"] = against_bare(d_n, d_cpu)
     if floor:
-        f_n, f_cpu = asyncio.run(loop_floor(frames, rate))
-        result["floor_frames_per_s"] = round(f_n / f_cpu) if f_cpu > 0 else None
         # The design the daemon follows (reads on the loop), doing nothing with the frames: its
         # CPU per frame against the bare loop's is the least a cpu_ratio on this loop can be.
-        result["floor_cpu_ratio"] = round((f_cpu / f_n) / bare_per, 2) if f_n and bare_per > 0 else None
+        result["floor_frames_per_s"], result["floor_cpu_ratio"] = against_bare(*asyncio.run(loop_floor(frames, rate)))
     if threaded:
-        t_n, t_cpu = thread_floor(frames, rate)
-        result["thread_floor_frames_per_s"] = round(t_n / t_cpu) if t_cpu > 0 else None
-        result["thread_floor_cpu_ratio"] = round((t_cpu / t_n) / bare_per, 2) if t_n and bare_per > 0 else None
+        result["thread_floor_frames_per_s"], result["thread_floor_cpu_ratio"] = against_bare(
+            *thread_floor(frames, rate))
     return result
 
 
