@@ -154,17 +154,22 @@ def library_floor(*, cli_env: dict[str, str], notify: socket.socket, udp_port: i
     port = free_port()
     argv = [sys.executable, str(Path(__file__).with_name("library_floor.py")), str(dbc), "udp_multicast",
             GROUP, str(udp_port), str(port)]
-    for warm in (True, False):  # the first start byte-compiles it into the private cache
-        floor = subprocess.Popen(argv, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(floor)
-        wait_ready(notify, floor)
-        if warm:
-            stop(floor)
+    stop(start_ready(argv, cli_env, notify, procs))  # the first start byte-compiles it into the private cache
+    floor = start_ready(argv, cli_env, notify, procs)
     samples, _ = sample_rss(floor, sim, warmup_s, seconds)
     frames = scrape(port).get("floor_frames_total", 0)
     if floor.poll() is not None or frames == 0:
         raise RuntimeError("the library floor decoded no frame from the plant: not a fed run")
     return {"floor_rss_mb": round(statistics.median(samples) / 1024, 1), "floor_frames": int(frames)}
+
+
+def start_ready(argv: list[str], env: dict[str, str], notify: socket.socket,
+                procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """Start a process that tells READY=1 on `notify` (kept in `procs`, stopped at the end) and wait for it."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    procs.append(proc)
+    wait_ready(notify, proc)
+    return proc
 
 
 def wait_ready(notify: socket.socket, daemon: subprocess.Popen[bytes]) -> None:
@@ -209,18 +214,12 @@ def measure(warmup_s: float, seconds: float, optimize: int = 0) -> dict[str, Any
         sim = subprocess.Popen([*cli, "sim", "--config", str(root / "sim.toml")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(sim)
+        run = [*cli, "run", "--config", str(config)]
         t0 = time.monotonic()
-        first = subprocess.Popen([*cli, "run", "--config", str(config)], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(first)
-        wait_ready(notify, first)  # every module `run` imports up to READY=1 is now byte-compiled
-        stop(first)
+        stop(start_ready(run, env, notify, procs))  # every module `run` imports up to READY=1 is now byte-compiled
         bytecode_warmup = time.monotonic() - t0
         t0 = time.monotonic()
-        daemon = subprocess.Popen([*cli, "run", "--config", str(config)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs.append(daemon)
-        wait_ready(notify, daemon)
+        daemon = start_ready(run, env, notify, procs)
         ready = time.monotonic() - t0
         deadline = time.monotonic() + 10
         first_tick = None
