@@ -33,7 +33,7 @@ import pytest
 
 from cerebellumd.accel import AccelState
 from cerebellumd.config import load_config
-from cerebellumd.sim.breakdown import breakdown
+from cerebellumd.sim.breakdown import breakdown, by_reason
 from cerebellumd.sim.cycles import load_cycle
 from cerebellumd.sim.evaluate import run_evaluation
 from cerebellumd.sim.events import build_scenario
@@ -175,9 +175,7 @@ def test_evaluator_and_daemon_agree_on_a_scenario_with_key_offs(tmp_path: Path) 
     # the same energy split by reason: every joule under one reason, and the reasons of the
     # evaluator's breakdown (the daemon does not name the clamps: their time is the policy's)
     assert sum(d_by_reason.values()) == pytest.approx(d_energy, rel=0.01, abs=0.5), d_by_reason
-    e_by_reason: dict[str, float] = {}
-    for share in breakdown(mine.accelerator.charges, mine.reasons):
-        e_by_reason[share.reason] = e_by_reason.get(share.reason, 0.0) + share.energy_j
+    e_by_reason = by_reason(breakdown(mine.accelerator.charges, mine.reasons))
     print(json.dumps({"daemon": d_by_reason, "evaluator": e_by_reason}))
     big = {r for r, j in e_by_reason.items() if j > 0.05 * e_energy}  # the reasons that matter
     assert len(big) >= 2, e_by_reason

@@ -197,15 +197,16 @@ def breakdown_table(shares: dict[str, Any], mine: str) -> Table:
     """One row per reason, most energy first: its joules, their share, and the time in each state."""
     from rich.table import Table
 
+    from .breakdown import by_reason
+
     def rows(runs: Any) -> list[tuple[str, float, str]]:
-        per: dict[str, list[Any]] = {}
-        for share in runs:
-            per.setdefault(share.reason, []).append(share)
-        out = [(reason, sum(x.energy_j for x in group),
-                ", ".join(f"{x.state} {x.seconds:,.1f} s" for x in sorted(group, key=lambda x: -x.seconds)
-                          if x.seconds))
-               for reason, group in per.items()]
-        return sorted(out, key=lambda row: -row[1])
+        """(reason, joules, time by state), most joules first."""
+        joules = by_reason(runs)
+        states: dict[str, list[str]] = {reason: [] for reason in joules}
+        for x in sorted(runs, key=lambda x: -x.seconds):
+            if x.seconds:
+                states[x.reason].append(f"{x.state} {x.seconds:,.1f} s")
+        return sorted(((r, j, ", ".join(states[r])) for r, j in joules.items()), key=lambda row: -row[1])
 
     total = sum(x.energy_j for x in shares[mine])
     title = f"where {mine}'s {total:,.0f} J went"
