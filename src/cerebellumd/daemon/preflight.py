@@ -43,6 +43,7 @@ from ..drivers import registry
 from ..drivers.hwmon import HwmonSensor
 from ..drivers.preflight_checks import character_device
 from .security import check_files
+from .sources import ADDRESS_NOT_YET
 
 Loc = tuple[str | int, ...]
 SYS_NET = Path("/sys/class/net")
@@ -176,7 +177,7 @@ def _bind_issue(loc: Loc, what: str, family: int, kind: int, host: str, port: in
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             return _warning(loc, f"{what} {host}:{port} is in use by another socket (a running cerebellumd?)")
-        if exc.errno in (errno.EADDRNOTAVAIL, errno.ENODEV):
+        if exc.errno in ADDRESS_NOT_YET:
             return _error(loc, f"{what} {host} is not an address of this machine ({exc.strerror}); "
                                "the daemon would keep retrying to bind it")
         return _error(loc, f"{what} {host}:{port}: {exc.strerror}")

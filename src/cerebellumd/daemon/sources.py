@@ -71,7 +71,7 @@ SOMEIP_ERROR_KINDS = (*SOMEIP_DECODE_ERRORS, "socket_errors", "callback_errors",
 #: Bind errors that say the endpoint's address or interface is not there yet (a VLAN of the vehicle
 #: network configured after the daemon started): the endpoint binds later, with backoff, instead of
 #: failing the start. Any other bind error (the port taken, no permission) fails the start.
-_ADDRESS_NOT_YET = frozenset({errno.EADDRNOTAVAIL, errno.ENODEV})
+ADDRESS_NOT_YET = frozenset({errno.EADDRNOTAVAIL, errno.ENODEV})
 _BIND_RETRY_S = 0.5
 _BIND_RETRY_MAX_S = 30.0
 MCU_LINK_ERROR_KINDS = ("open_failures", "connections_lost", "stale", "ack_timeouts", "nacks", "listener_errors",
@@ -147,7 +147,7 @@ class SomeIpSource:
         try:
             await self.receiver.async_start()
         except OSError as exc:
-            if exc.errno not in _ADDRESS_NOT_YET:
+            if exc.errno not in ADDRESS_NOT_YET:
                 raise
             self.bind_failures += 1
             log.error("SOME/IP endpoint %s: cannot bind udp %s yet (%s); retrying from %.1f s, doubling up to %.0f s",
