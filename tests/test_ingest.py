@@ -209,6 +209,43 @@ async def test_a_bus_that_cannot_be_opened_at_start_is_opened_later_and_the_star
         await broken.async_start()
 
 
+async def test_a_bus_that_stays_unopenable_goes_silent_while_it_is_retried() -> None:
+    """The silence watch does not stop while the supervisor retries an open: an adapter missing
+    for longer than the silence timeout is flagged silent (counted once) between its attempts,
+    and the first frame after it opens clears the flag."""
+    ch = channel()
+    plugged = {"in": False}
+    attempts: list[float] = []
+
+    def factory(**kwargs: object) -> can.BusABC:
+        attempts.append(time.monotonic())
+        if not plugged["in"]:
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        return can.Bus(**kwargs)  # type: ignore[arg-type]
+
+    config = CanBusConfig(name="vehicle", interface="virtual", channel=ch, reconnect_backoff_ms=50,
+                          silence_timeout_ms=200)
+    metrics = Metrics(buses=["vehicle"])
+    got: list[tuple[str, float]] = []
+    ingest = CanIngest(config, DB, {("VehicleDynamics", "VehicleSpeed"): "speed_kmh"},
+                       lambda s, t: got.extend(s), metrics, bus_factory=factory)
+    await ingest.async_start()
+    try:
+        await until(lambda: ingest.silent, what="the unopenable bus flagged silent")
+        retries_when_silent = ingest.errors["reconnect"]
+        await until(lambda: ingest.errors["reconnect"] > retries_when_silent + 1, what="retries after the flag")
+        assert ingest.errors["silent"] == 1 and not ingest.connected
+        plugged["in"] = True
+        await until(lambda: ingest.connected, what="the bus opened")
+        await speed_arrives(ch, got, 4)
+        await until(lambda: not ingest.silent, what="the flag cleared by a frame")
+    finally:
+        await ingest.async_stop()
+    assert ingest.errors["silent"] == 1
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert all(later >= earlier * 0.9 for earlier, later in itertools.pairwise(gaps[:4])), gaps  # backing off
+
+
 def test_kernel_filters_cover_exactly_the_wanted_ids() -> None:
     ingest, _ = make_ingest(channel(), lambda s, t: None)
     ids = sorted(f["can_id"] for f in ingest.can_filters)

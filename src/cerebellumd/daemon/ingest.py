@@ -660,12 +660,16 @@ class CanIngest:
 
     async def _supervise(self) -> None:
         """Silence and failure watch: a silent bus is flagged and counted once per episode; a
-        failed bus is recreated with exponential backoff."""
+        failed bus is recreated with exponential backoff. Both watches run every period, so a
+        bus that stays unopenable still goes silent (and is counted so) while it is retried."""
         timeout = self.config.silence_timeout_ms / 1000
         backoff = self.config.reconnect_backoff_ms / 1000
         started = self._now()
+        period = min(timeout / 4, 0.25)
+        retry_at: float | None = None  # while the bus is down: when to try opening it again
         while True:
-            await asyncio.sleep(min(timeout / 4, 0.25))
+            wait = period if retry_at is None else min(period, max(0.0, retry_at - self._now()))
+            await asyncio.sleep(wait)
             self._count_kernel_drops()
             self.publish_frames()
             now = self._now()
@@ -674,20 +678,22 @@ class CanIngest:
                 self.silent = True
                 self._count_error("silent")
                 log.warning("bus %s: silent for %.1f s", self.name, now - last)
-            if self._bus_failed.is_set():
+            if retry_at is None and self._bus_failed.is_set():
                 await self._async_disconnect()
                 self._stop.clear()
-                while True:
-                    self._count_error("reconnect")
-                    try:
-                        await self._async_connect()
-                        log.info("bus %s: reconnected", self.name)
-                        backoff = self.config.reconnect_backoff_ms / 1000
-                        break
-                    except Exception as exc:  # adapter still gone: keep trying, slower
-                        log.warning("bus %s: reconnect failed (%s); next in %.1f s", self.name, exc, backoff)
-                        await asyncio.sleep(backoff)
-                        backoff = min(backoff * 2, _MAX_RECONNECT_BACKOFF_S)
+                retry_at = now
+            if retry_at is None or now < retry_at:
+                continue
+            self._count_error("reconnect")
+            try:
+                await self._async_connect()
+            except Exception as exc:  # adapter still gone: keep trying, slower
+                log.warning("bus %s: reconnect failed (%s); next in %.1f s", self.name, exc, backoff)
+                retry_at = self._now() + backoff
+                backoff = min(backoff * 2, _MAX_RECONNECT_BACKOFF_S)
+                continue
+            log.info("bus %s: reconnected", self.name)
+            retry_at, backoff = None, self.config.reconnect_backoff_ms / 1000
 
 
 def _readable_fd(bus: can.BusABC) -> int | None:
