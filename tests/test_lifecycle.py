@@ -93,10 +93,15 @@ async def test_failed_resumes_climb_the_ladder_give_up_and_stay_safe_until_asked
         await until(lambda: daemon.decisions > 20)
         assert daemon.actuator.goal is AccelState.OFF
         assert len(daemon.driver.commands) == commands  # type: ignore[attr-defined]
+        # its energy is the alarm's, named as the evaluator names it, not the hold's
+        assert daemon.actuator.clamped_by == "path:watchdog_alarm"
+        alarm_energy = {"reason": "path:watchdog_alarm"}
+        await until(lambda: (sample(daemon, "cerebellumd_accelerator_energy_joules_total", alarm_energy) or 0) > 0)
         # an operator asks again: the alarm clears and the daemon tries once more
         wake(daemon, "w2", owner="op2")
         await until(lambda: lc.alarm is None)
         assert sample(daemon, "cerebellumd_accelerator_alarm") == 0
+        assert daemon.actuator.clamped_by is None
         await until(lambda: len(daemon.driver.commands) > commands)  # type: ignore[attr-defined]
     finally:
         await daemon.async_stop()

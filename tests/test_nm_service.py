@@ -155,6 +155,9 @@ async def test_two_ecus_then_silence_bus_sleep_then_wake_frame() -> None:
         deepest = daemon.params.deepest_state
         await until(lambda: daemon.actuator.state is deepest, 5, "accelerator in its deepest state")
         assert metric(daemon, "cerebellumd_nm_state", state="bus_sleep") == 1
+        # prepare-bus-sleep's ticks went to the clamp (then "paused"), as the evaluator names them
+        assert daemon.actuator.clamped_by == "path:quiet_bus"
+        assert metric(daemon, "cerebellumd_accelerator_energy_joules_total", reason="path:quiet_bus") > 0
         assert metric(daemon, "cerebellumd_nm_state", state="ready_sleep") == 0
         assert metric(daemon, "cerebellumd_nm_transitions_total", state="bus_sleep") == 1
         # The collision signal (on_stale = wake) went stale because the bus went to sleep:

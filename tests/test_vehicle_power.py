@@ -370,12 +370,16 @@ async def test_an_empty_budget_powers_down_holds_the_accelerator_off_and_runs_th
         # Even an awake hold cannot bring the accelerator back: the target filter holds it off.
         d.commands.handle_payload('{"command": "wake", "owner": "op", "id": "x", "ttl_s": 60}', d.clock.now())
         await until(lambda: d.actuator.state is AccelState.OFF, 10, "accelerator off")
+        assert d.actuator.clamped_by == "path:power_down"
+        await until(lambda: rig.metric("cerebellumd_accelerator_energy_joules_total", reason="path:power_down") > 0,
+                    10, "the power-down's energy named")
         await until(lambda: out.exists(), 10, "the hook ran")
         assert await asyncio.to_thread(out.read_text) == "budget"
         assert rig.metric("cerebellumd_battery_power_down_hook_runs_total", result="ok") == 1
         rig.values["BodyStatus"]["Ignition"] = 1  # key-on lifts it
         await until(lambda: vp.power_down_reason is None, 10, "lifted at key-on")
         assert rig.metric("cerebellumd_battery_power_down", reason="budget") == 0
+        await until(lambda: d.actuator.clamped_by is None, 10, "the filter lets go")
 
 
 async def test_listen_only_bus_refuses_and_counts_every_send() -> None:

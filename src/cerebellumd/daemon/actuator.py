@@ -43,10 +43,12 @@ class Actuator:
         self._poll_s = poll_s
         self._wake_started: float | None = None
         self.last_wake_latency_s: float | None = None
-        # Hooks for other parts (lifecycle, NM): filters may replace a requested target (a
-        # watchdog's safe state, NM bus sleep); listeners hear each measured transition
-        # (target, seconds from command to read-back) and each failure (target, kind).
-        self._filters: Hooks[Callable[[AccelState], AccelState]] = Hooks()
+        # Hooks for other parts (lifecycle, NM, vehicle power): a named filter may override a
+        # requested target (a watchdog's safe state, NM bus sleep, a power-down); listeners hear
+        # each measured transition (target, seconds from command to read-back) and each failure
+        # (target, kind).
+        self._filters: Hooks[tuple[str, Callable[[], AccelState | None]]] = Hooks()
+        self.clamped_by: str | None = None  # the filter whose override stands (None: the request)
         self._transition_listeners: Hooks[Callable[[AccelState, float], None]] = Hooks()
         self._failure_listeners: Hooks[Callable[[AccelState, str], None]] = Hooks()
         self._wanted: AccelState | None = None  # the last target asked for, before the filters
@@ -56,8 +58,11 @@ class Actuator:
         """The target being driven (after the filters); None when no command is wanted."""
         return self._goal
 
-    def add_target_filter(self, keep_out: Callable[[AccelState], AccelState]) -> Undo:
-        return self._filters.add(keep_out)
+    def add_target_filter(self, name: str, override: Callable[[], AccelState | None]) -> Undo:
+        """`override` returns the state it holds the accelerator in, or None while it does not
+        engage. Of the engaged filters the last added stands, and `clamped_by` names it (the
+        evaluator's `path:*` reasons; the assembly adds them in the evaluator's precedence)."""
+        return self._filters.add((name, override))
 
     def on_transition(self, listener: Callable[[AccelState, float], None]) -> Undo:
         return self._transition_listeners.add(listener)
@@ -107,8 +112,12 @@ class Actuator:
 
     def request(self, target: AccelState) -> None:
         self._wanted = target
-        for keep_out in self._filters:
-            target = keep_out(target)
+        clamped_by = None
+        for name, override in self._filters:
+            forced = override()
+            if forced is not None:
+                target, clamped_by = forced, name
+        self.clamped_by = clamped_by
         if target is self._goal:
             return
         self._from = self.state if self.state not in (AccelState.WAKING, AccelState.SUSPENDING) else self._from

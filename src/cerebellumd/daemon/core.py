@@ -358,6 +358,12 @@ class DaemonCore:
             return self.params.latency_budget_s
         return self.policy.unannounced_budget_s(self._state)
 
+    def _energy_reason(self) -> str:
+        """What the accelerator's energy goes to from now: a path filter that holds the target
+        (NM quiet bus, power-down, the watchdog's alarm) before the policy's reason, as the
+        evaluator names them."""
+        return self.actuator.clamped_by or self._last_reason
+
     # -- host interface: the bus (network management) -------------------------------------------
 
     def pause(self) -> None:
@@ -380,7 +386,7 @@ class DaemonCore:
             return
         self.paused = False
         now = self.clock.now()
-        self.ledger.integrate(now, self._last_reason)
+        self.ledger.integrate(now, self._energy_reason())
         if reset and self._state is not None:
             self.samples.clear()
             self._state = self.policy.initial_state(now, self._state.target, self._state.calibration,
@@ -437,7 +443,7 @@ class DaemonCore:
             ingest.drain()
         now = self.clock.now()
         self._decide(now, fast_path=False)
-        self.ledger.integrate(now, self._last_reason)
+        self.ledger.integrate(now, self._energy_reason())
         for hook in self._tick_hooks:
             hook(now)
         if self._watchdog_every and info.index % self._watchdog_every == 0 and self._notifier is not None:

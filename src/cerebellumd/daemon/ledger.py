@@ -12,7 +12,8 @@ its last value, as Prometheus counters must).
 
 The accelerator's domain (`[power] accelerator_domain`) is also counted by reason: each interval
 between two `integrate` calls goes to the reason passed at the first of them, the one in force
-while the energy was used. Reasons that carry an application's or a context's name (`hold:<owner>`,
+while the energy was used (the daemon passes a path clamp's name, `path:*`, while one holds the
+target). Reasons that carry an application's or a context's name (`hold:<owner>`,
 `learned:<context>`) are counted under their prefix, so the label stays a bounded set.
 """
 

@@ -99,7 +99,7 @@ class Lifecycle:
     async def async_start(self) -> None:
         act, host = self._actuator, self._host
         self._undo += [
-            act.add_target_filter(self._filter),
+            act.add_target_filter("path:watchdog_alarm", self._filter),
             act.on_transition(self._on_transition),
             act.on_failure(self._on_failure),
             host.on_tick(self._on_tick),
@@ -132,10 +132,8 @@ class Lifecycle:
 
     # -- hooks ------------------------------------------------------------------------------
 
-    def _filter(self, target: AccelState) -> AccelState:
-        if self.alarm is not None:
-            return self.ladder.spec.safe_state
-        return target
+    def _filter(self) -> AccelState | None:
+        return self.ladder.spec.safe_state if self.alarm is not None else None
 
     def _on_tick(self, now: float) -> None:
         if self.alarm is not None:

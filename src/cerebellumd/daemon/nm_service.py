@@ -107,7 +107,7 @@ class NmService:
             self._ingest.add_tap(self._tap),
             self._host.on_tick(self._on_tick),
             self._host.on_input_while_paused(self._on_input),
-            self._actuator.add_target_filter(self._clamp),
+            self._actuator.add_target_filter("path:quiet_bus", self._clamp),
         ]
         if self._leases is not None:  # a lease may need the bus while it sleeps
             self._undo.append(self._leases.on_change(self._on_lease_change))
@@ -267,10 +267,10 @@ class NmService:
     def _deepest(self) -> AccelState:
         return self._host.deepest_state
 
-    def _clamp(self, target: AccelState) -> AccelState:
+    def _clamp(self) -> AccelState | None:
         if self.state is not None and self.state.mode in QUIET_MODES:
             return self._deepest()
-        return target
+        return None
 
     def _transmit(self, control: int, pn_info: bytes) -> None:
         msg = encode_nm_frame(self.config.node_id, self.layout, control, pn_info)

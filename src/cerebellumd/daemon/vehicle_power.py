@@ -178,7 +178,7 @@ class VehiclePower:
             self._host.on_tick(self.step),
             self._host.on_input_while_paused(self._on_input),
             self._host.on_decision(self._on_decision),
-            self._actuator.add_target_filter(self._clamp),
+            self._actuator.add_target_filter("path:power_down", self._clamp),
             self._actuator.on_transition(self._on_transition),
         ]
         self.step(self._clock.now())
@@ -444,8 +444,8 @@ class VehiclePower:
             return
         self.m_link.labels("revoked" if result.acked else "unacked").inc()
 
-    def _clamp(self, target: AccelState) -> AccelState:
-        return AccelState.OFF if self.power_down_reason is not None else target
+    def _clamp(self) -> AccelState | None:
+        return AccelState.OFF if self.power_down_reason is not None else None
 
     async def _run_hook(self, reason: str) -> None:
         argv = [*self.battery_config.power_down_command, reason]
