@@ -8,7 +8,7 @@ import math
 import pytest
 
 from cerebellumd.accel import AccelState
-from cerebellumd.config import builtin_example, parse_config
+from cerebellumd.config import builtin_example, parse_config, policy_params
 from cerebellumd.policies.calibration import (
     Calibration,
     CalibrationParams,
@@ -185,11 +185,101 @@ def test_a_surprise_served_on_time_teaches_when_it_allowed_less_than_its_deadlin
     state = _step(core, state, 10.05, AccelState.ACTIVE, crit=1.0, served_reports=(0.8,))
     cal = state.calibration
     assert cal.budget_s == pytest.approx(0.7) and cal.late_wakes == 0 and cal.first_late_at == 10.05
-    # One that allowed the whole configured deadline teaches nothing.
+    # One that allowed the whole configured deadline teaches no budget: it confirms the configured one.
     fits = core.initial_state(0.0, AccelState.IDLE)
     fits = _step(core, fits, 10.0, AccelState.IDLE, crit=1.0)
     fits = _step(core, fits, 10.05, AccelState.ACTIVE, crit=1.0, served_reports=(1.5,))
-    assert fits.calibration == Calibration()
+    assert fits.calibration == Calibration(trusted=True)
+
+
+def _timers(core: CerebellumFirst, state: PolicyState, now: float, until: float) -> list[float]:
+    """The times `next_timer` names from `now` on with unchanged state (rounded to the ms)."""
+    out: list[float] = []
+    t = core.next_timer(state, now)
+    while t is not None and t <= until:
+        out.append(round(t, 3))
+        t = core.next_timer(state, t)
+    return out
+
+
+def _on_probation(probation_s: float = 60.0) -> CerebellumFirst:
+    return CerebellumFirst(params(release_s=1.0, calibration=CalibrationParams(probation_s=probation_s),
+                                  entry_risk=EntryRiskParams(late_share=0.0)), model())
+
+
+def test_probation_rests_at_idle_for_its_seconds_of_rest_then_trusts_the_budget() -> None:
+    core = _on_probation(60.0)
+    state = core.initial_state(0.0, AccelState.IDLE)
+    state = _step(core, state, 0.0, AccelState.IDLE)  # sleep would pay off, but the budget is not confirmed yet
+    assert state.target is AccelState.IDLE and state.reason == "cap:probation" and state.probation_since == 0.0
+    assert 60.0 in _timers(core, state, 0.0, 100.0)  # the evaluator steps when it runs out
+    # A demand in between: its active time is no probation time.
+    state = _step(core, state, 30.0, AccelState.IDLE, norm=1.0)
+    state = _step(core, state, 30.3, AccelState.IDLE, norm=1.0)
+    # (rest until the demand is confirmed: 30.3 s)
+    assert state.target is AccelState.ACTIVE and state.calibration.probation_used_s == pytest.approx(30.3)
+    state = _step(core, state, 30.35, AccelState.ACTIVE, norm=1.0)  # on time: nothing learned
+    assert state.calibration.budget_s is None and not state.calibration.trusted  # (its 1.0 s tests no budget)
+    state = _step(core, state, 40.0, AccelState.ACTIVE)
+    state = _step(core, state, 41.0, AccelState.ACTIVE)  # released
+    assert state.reason == "cap:probation" and not state.calibration.trusted
+    assert 70.7 in _timers(core, state, 41.0, 100.0)
+    state = _step(core, state, 70.0, AccelState.IDLE)
+    assert state.calibration.probation_used_s == pytest.approx(59.3) and state.target is AccelState.IDLE
+    state = _step(core, state, 70.7, AccelState.IDLE)
+    assert state.calibration.trusted and state.target is AccelState.SLEEP and state.reason == "rest:sleep"
+    # Off (0 s, the library default): sleep from the start, as before probation existed.
+    off = _on_probation(0.0)
+    plain = _step(off, off.initial_state(0.0, AccelState.IDLE), 1.0, AccelState.IDLE)  # after the dwell
+    assert plain.target is AccelState.SLEEP and plain.probation_since is None
+
+
+def test_an_unannounced_challenge_met_on_probation_ends_it_and_its_report_teaches() -> None:
+    core = _on_probation(600.0)
+    state = core.initial_state(0.0, AccelState.IDLE)
+    state = _step(core, state, 0.0, AccelState.IDLE)
+    assert state.reason == "cap:probation"
+    # A surprise met from idle 50 ms later, its consumer saying it allowed the configured 1.5 s:
+    # the budget is confirmed and sleep follows at the next rest.
+    ok = _step(core, state, 110.0, AccelState.IDLE, crit=1.0)
+    ok = _step(core, ok, 110.05, AccelState.ACTIVE, crit=1.0, served_reports=(1.5,))
+    assert ok.calibration.trusted and ok.calibration.budget_s is None
+    ok = _step(core, _step(core, ok, 115.0, AccelState.ACTIVE), 300.0, AccelState.IDLE)
+    assert ok.target is AccelState.SLEEP
+    # The same surprise allowing 0.8 s: tightened before any wake from sleep came late.
+    tight = _step(core, state, 110.0, AccelState.IDLE, crit=1.0)
+    tight = _step(core, tight, 110.05, AccelState.ACTIVE, crit=1.0, served_reports=(0.8,))
+    assert tight.calibration.trusted and tight.calibration.budget_s == pytest.approx(0.7)
+    tight = _step(core, _step(core, tight, 115.0, AccelState.ACTIVE), 300.0, AccelState.IDLE)
+    assert tight.target is AccelState.IDLE and tight.reason == "rest:idle" and tight.calibration.late_wakes == 0
+    # A challenge whose own deadline is under the budget (perception: 1.0 s) confirms nothing.
+    short = _step(core, state, 110.0, AccelState.IDLE, norm=1.0)
+    short = _step(core, short, 110.3, AccelState.IDLE, norm=1.0)
+    short = _step(core, short, 110.35, AccelState.ACTIVE, norm=1.0)
+    assert short.wake_onset is None and not short.calibration.trusted
+
+
+def test_probation_is_persisted_so_a_car_pays_it_once() -> None:
+    core = _on_probation(60.0)
+    state = core.initial_state(0.0, AccelState.IDLE)
+    for t in (0.0, 30.0):
+        state = _step(core, state, t, AccelState.IDLE)
+    saved = state.calibration.to_dict(now=30.0)
+    assert saved["probation_used_s"] == pytest.approx(30.0) and saved["trusted"] is False
+    restored = parse_calibration(saved, 0.0)  # another boot: the other 30 s are left
+    assert restored is not None and restored.probation_used_s == pytest.approx(30.0)
+    again = _step(core, core.initial_state(0.0, AccelState.IDLE, calibration=restored), 0.0, AccelState.IDLE)
+    assert again.reason == "cap:probation" and 30.0 in _timers(core, again, 0.0, 100.0)
+    assert _step(core, again, 30.0, AccelState.IDLE).target is AccelState.SLEEP
+    done = parse_calibration({**saved, "trusted": True}, 0.0)
+    fresh = core.initial_state(0.0, AccelState.IDLE, calibration=done)
+    assert _step(core, fresh, 1.0, AccelState.IDLE).target is AccelState.SLEEP  # after the dwell
+    assert parse_calibration({**saved, "trusted": "yes"}, 0.0) is None
+    assert parse_calibration({**saved, "probation_used_s": -1.0}, 0.0) is None
+    assert parse_calibration({**saved, "probation_used_s": float("inf")}, 0.0) is None
+    # What an older daemon saved (neither key): the probation starts over, once.
+    old = parse_calibration({"budget_s": None, "late_wakes": 0, "worst_lateness_s": 0.0}, 0.0)
+    assert old is not None and not old.trusted and old.probation_used_s == 0.0
 
 
 def test_learned_budget_bounds_the_depth_during_anticipation() -> None:
@@ -219,7 +309,7 @@ def test_tight_world_is_learned_and_served_after_adaptation(config) -> None:  # 
     result = evaluate(config, build_scenario(load_cycle("udds"), 101, tight, name="tight"), causal_baselines=False)
     cal = result["calibration"]
     assert cal["learned"] and cal["budget_s"] < 1.0  # below sleep's exit: idle while unannounced
-    assert cal["late_reports"] >= 1 and cal["adapted_at_s"] is not None
+    assert cal["late_reports"] >= 1 and cal["adapted_at_s"] is not None and cal["trusted"]
     assert cal["events_after_adaptation"] > 10 and cal["readiness_after_adaptation"] == 1.0
     # A restored calibration (as the daemon persists it) serves the drive from the start.
     learned = Calibration(budget_s=cal["budget_s"])
@@ -230,6 +320,27 @@ def test_tight_world_is_learned_and_served_after_adaptation(config) -> None:  # 
     assert warm["results"][0]["readiness"] == 1.0
 
 
+def test_a_probation_serves_the_first_surprise_of_a_tight_world_and_learns_from_it(config) -> None:  # type: ignore[no-untyped-def]
+    """`[policy] budget_probation_s`: the drive's first surprise finds the accelerator at idle,
+    not asleep, so it is served, and its consumer's report teaches the 800 ms before any miss."""
+    text = builtin_example().replace("[policy]\n", "[policy]\nbudget_probation_s = 54\n", 1)
+    on_probation = parse_config(text)
+    assert policy_params(on_probation).calibration.probation_s == 54.0
+    assert policy_params(config).calibration.probation_s == 0.0  # off by default
+    tight = EventModel(surprise_rate_per_h=30.0, surprise_deadline_ms=800)
+    scenario = build_scenario(load_cycle("udds"), 1, tight, name="tight")
+    before = evaluate(config, scenario, causal_baselines=False)
+    after = evaluate(on_probation, scenario, causal_baselines=False)
+    assert before["results"][0]["readiness"] < 1.0 and before["calibration"]["late_reports"] >= 1
+    assert after["results"][0]["readiness"] == 1.0
+    cal = after["calibration"]
+    assert cal["learned"] and cal["late_wakes"] == 0 and cal["late_reports"] == 0 and cal["trusted"]
+    assert 0 < cal["probation_used_s"] < 54.0  # ended by the surprise, before its time ran out
+    # The price: idle instead of sleep for at most those seconds of rest.
+    extra_j = after["results"][0]["accelerator_energy_j"] - before["results"][0]["accelerator_energy_j"]
+    assert extra_j > 0
+
+
 def test_default_world_without_late_wakes_learns_nothing(config) -> None:  # type: ignore[no-untyped-def]
     result = evaluate(config, build_scenario(load_cycle("hwfet"), 101), causal_baselines=False)
     assert result["calibration"]["late_wakes"] == 0 and not result["calibration"]["learned"]
@@ -237,14 +348,19 @@ def test_default_world_without_late_wakes_learns_nothing(config) -> None:  # typ
     assert math.isclose(result["calibration"]["budget_s"], 1.5)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_event_driven_equals_plain_loop_with_late_reports(config, seed: int) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("seed", "probation_s"), [(1, 0), (2, 0), (1, 20), (3, 20)])
+def test_event_driven_equals_plain_loop_with_late_reports(config, seed: int, probation_s: int) -> None:  # type: ignore[no-untyped-def]
+    """The evaluator steps only at input changes and `next_timer`: the probation's end is one."""
     from .test_evaluate import _short_cycle
 
+    if probation_s:
+        text = builtin_example().replace("[policy]\n", f"[policy]\nbudget_probation_s = {probation_s}\n")
+        config = parse_config(text)
     model_ = EventModel(surprise_rate_per_h=240.0, surprise_deadline_ms=300, false_precursor_rate_per_h=60.0)
     scenario = build_scenario(_short_cycle(), seed, model_)
     fast = evaluate(config, scenario, causal_baselines=False)
     assert fast == evaluate(config, scenario, event_driven=False, causal_baselines=False)
+    assert fast["calibration"]["probation_used_s"] <= probation_s
 
 
 def test_consumers_report_challenges_served_on_time_by_a_wake_and_how_late_the_rest() -> None:

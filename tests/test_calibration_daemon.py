@@ -66,12 +66,14 @@ async def test_a_late_wake_tightens_exports_persists_and_is_restored(tmp_path: P
         body = json.loads(state_payload(rig.daemon.snapshot(), part(rig.daemon).state_extra()))
         assert body["calibration"]["unannounced_budget_s"] == round(learned, 3)
         assert body["calibration"]["late_wakes"] == 1
+        assert body["calibration"]["trusted"] is True  # the collision tested the budget
         # The collision was a challenge, and an unannounced one: above the prior share of 0.3.
         assert body["calibration"]["challenges"] >= 1 and body["calibration"]["unannounced_share"] > 0.3
     finally:
         await rig.close()
     saved = json.loads(await asyncio.to_thread(state_file.read_text))
     assert saved["sections"]["calibration"]["budget_s"] == learned
+    assert saved["sections"]["calibration"]["trusted"] is True  # a probation would not start again
     # The clean stretch run so far is kept, for the next start to continue (not restart) it.
     assert 0.0 <= saved["sections"]["calibration"]["clean_s"] < 900.0
     # Entry risk's counts: the collision was a challenge, and an unannounced one.

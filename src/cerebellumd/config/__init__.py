@@ -27,6 +27,7 @@ from ..accel import AccelState
 from ..drivers.mcu_link import McuLinkOptions
 from ..drivers.someip_options import SomeIpOptions
 from ..drivers.someip_sd_options import SdOptions
+from ..policies.calibration import CalibrationParams
 from ..policies.entry_risk import EntryRiskParams
 from ..policies.expr import ExpressionError, compile_expression
 from ..policies.learned import LearnedParams
@@ -197,6 +198,13 @@ class PolicyConfig(Section):
     mid_entry_prior_challenges: float = Field(
         5.0, gt=0, description="Weight of that prior, in challenges: how many counted challenges it takes for "
         "the counted share to outweigh it.")
+    budget_probation_s: float = Field(
+        0.0, ge=0,
+        description="Before the world has confirmed `latency_budget_ms`, rest no deeper than idle for this many "
+        "seconds of rest (seconds the policy would otherwise have rested deeper): an unannounced challenge met "
+        "in that time tells, through its consumer's report, what it allowed, and ends the probation. Persisted "
+        "with the calibration, so a car pays it once, not at every start (policies/calibration.py; measured in "
+        "docs/PERFORMANCE.md, \"Probation\"). 0 (the default) trusts the budget from the start.")
     timeout_idle_s: float = Field(30.0, gt=0, description="Idle timeout of the `timeout` baseline.")
     timeout_state: Literal["off", "sleep", "idle"] = Field("sleep", description="Rest state of the `timeout` baseline.")
     learned_anticipation: LearnedAnticipationConfig | None = Field(
@@ -791,6 +799,7 @@ def policy_params(config: Config) -> PolicyParams:
         entry_risk=EntryRiskParams(late_share=p.mid_entry_late_share, burst_s=p.mid_entry_burst_ms / 1000,
                                    prior_challenges=p.mid_entry_prior_challenges,
                                    prior_unannounced_share=p.mid_entry_prior_unannounced_share),
+        calibration=CalibrationParams(probation_s=p.budget_probation_s),
         guards=Guards(
             battery_signal=g.battery_signal,
             battery_min_v=g.battery_min_v,

@@ -126,7 +126,9 @@ class CalibrationPart:
         # this drive keeps).
         learned: dict[str, Any] = {} if calibration is None else {
             "budget_s": calibration.budget_s, "late_wakes": calibration.late_wakes,
-            "worst_lateness_s": calibration.worst_lateness_s}
+            "worst_lateness_s": calibration.worst_lateness_s,
+            # the budget's probation: whether the world has confirmed it, and the rest seconds spent at idle so far
+            "trusted": calibration.trusted, "probation_used_s": round(calibration.probation_used_s, 1)}
         risk = self._host.entry_risk()
         if risk is not None:  # what spaces out entries into sleep (policies/entry_risk.py)
             learned["challenges"] = round(risk.challenges, 3)

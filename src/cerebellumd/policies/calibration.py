@@ -23,6 +23,15 @@ challenge that allowed less than the configured budget by more than `margin_s`; 
 challenge allowed the configured budget arrived mid-entry, and is only counted (`note_late`):
 keeping such arrivals rare is entry risk's job.
 
+Probation (`probation_s`, `[policy] budget_probation_s`): a policy that has never met an
+unannounced challenge has only the config's word for what such a challenge allows. Until it
+has, it rests no deeper than idle for `probation_s` seconds of rest (counted only while the
+probation is what holds it at idle), so that the first unannounced challenge is met from idle
+and its consumer's report can tighten the budget before a wake from sleep comes late. The first
+unannounced challenge met whose configured deadline tests the budget ends it (`trusted`), as
+does any tightening; so does the time running out. `trusted` and the time used are persisted: a
+car pays the probation once, not at every start.
+
 Only what the world taught is persisted: a challenge that allowed *less* than the configured
 budget by more than `margin_s` (`deadline_lesson`). A tightening whose challenges all allowed
 about the configured budget says only that one arrived while an entry was under way (the
@@ -47,6 +56,10 @@ class CalibrationParams:
     relax_after_s: float = 900.0  # a clean stretch this long relaxes one step
     relax_step_s: float = 0.1
     floor_s: float = 0.0  # never learn a budget below this
+    #: Until the world has confirmed the configured budget, rest no deeper than idle for this
+    #: many seconds of rest (the time an unannounced challenge would find the accelerator
+    #: resting deeper); the first unannounced challenge served confirms it sooner.
+    probation_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +73,13 @@ class Calibration:
     first_late_at: float | None = None  # when the first lesson (late or served report) tightened: adaptation start
     #: Since the last untightening, a lesson showed a challenge allowing less than the configured budget.
     deadline_lesson: bool = False
+    #: Seconds of rest spent held at idle by the probation so far; and whether the configured
+    #: budget is trusted (probation over: served, or `probation_s` of rest without a challenge).
+    probation_used_s: float = 0.0
+    trusted: bool = False
+
+    def on_probation(self, p: CalibrationParams) -> bool:
+        return p.enabled and not self.trusted and self.budget_s is None and self.probation_used_s < p.probation_s
 
     def effective(self, configured_s: float) -> tuple[float, bool]:
         """(latency budget, whether the worst case of a mid-entry challenge counts)."""
@@ -75,7 +95,8 @@ class Calibration:
         never relax a budget it once tightened."""
         kept = self.budget_s if self.deadline_lesson else None  # a mid-entry coincidence stays with its drive
         out: dict[str, Any] = {"budget_s": kept, "late_wakes": self.late_wakes,
-                               "worst_lateness_s": self.worst_lateness_s}
+                               "worst_lateness_s": self.worst_lateness_s,
+                               "trusted": self.trusted, "probation_used_s": round(self.probation_used_s, 3)}
         if now is not None and kept is not None and math.isfinite(self.since):
             out["clean_s"] = max(0.0, now - self.since)
         return out
@@ -91,6 +112,8 @@ class Calibration:
             # A restored lesson was learned before: adaptation counts from the restore.
             first_late_at=None if budget is None else now,
             deadline_lesson=budget is not None,  # only those are persisted
+            probation_used_s=float(data.get("probation_used_s", 0.0)),
+            trusted=bool(data.get("trusted", False)),
         )
 
 
@@ -113,6 +136,8 @@ def tighten(
         worst_lateness_s=max(cal.worst_lateness_s, lateness_s),
         first_late_at=cal.first_late_at if cal.first_late_at is not None else now,
         deadline_lesson=(cal.deadline_lesson and cal.budget_s is not None) or allowed_s < configured_s - p.margin_s,
+        probation_used_s=cal.probation_used_s,
+        trusted=True,  # the world has spoken: the learned budget rules from here
     )
 
 
@@ -148,16 +173,18 @@ def next_relax(cal: Calibration, p: CalibrationParams) -> float | None:
 
 def parse_calibration(raw: Any, now: float) -> Calibration | None:
     """A persisted calibration (`Calibration.to_dict`) read back, or None where it does not read
-    back: not an object, a budget, lateness or clean stretch that is no finite non-negative
-    number, a count that is no non-negative integer."""
+    back: not an object, a budget, lateness, clean stretch or probation that is no finite
+    non-negative number, a count that is no non-negative integer, a `trusted` that is no boolean."""
     if not isinstance(raw, dict):
         return None
     budget = raw.get("budget_s")
     late = raw.get("late_wakes", 0)
     worst = raw.get("worst_lateness_s", 0.0)
-    numbers = [v for v in (budget, worst, raw.get("clean_s")) if v is not None]
+    numbers = [v for v in (budget, worst, raw.get("clean_s"), raw.get("probation_used_s")) if v is not None]
     if any(not is_finite_number(v) or v < 0 for v in numbers):
         return None
     if isinstance(late, bool) or not isinstance(late, int) or late < 0:
+        return None
+    if not isinstance(raw.get("trusted", False), bool):
         return None
     return Calibration.from_dict(raw, now)

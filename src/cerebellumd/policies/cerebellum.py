@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from ..accel import RESTING_STATES, AcceleratorModel, AccelState
-from .calibration import Calibration, next_relax, note_late, relax, tighten
+from .calibration import Calibration, CalibrationParams, next_relax, note_late, relax, tighten
 from .entry_risk import EntryRisk, count_challenge, entry_window_s, spend
 from .expr import Value
 from .learned import Learned, context_of, explains, label, next_change, observe, teach
@@ -34,6 +34,8 @@ from .types import (
 _HOUR_S = 3600.0
 #: Times are float seconds; comparisons of durations allow this much rounding.
 _EPS = 1e-9
+#: The reason while the probation holds the rest target at idle (calibration.py).
+_PROBATION = "cap:probation"
 _STALE_RANK = {OnStale.IGNORE: 0, OnStale.HOLD: 1, OnStale.WAKE: 2}
 
 
@@ -67,6 +69,8 @@ class PolicyState:
     learned: Learned = field(default_factory=Learned)
     # Entry risk (policies/entry_risk.py): challenges seen, and the window seconds entries may take.
     entry_risk: EntryRisk = field(default_factory=EntryRisk)
+    # Probation (calibration.py): since when the rest target is held at idle by it (None: not held).
+    probation_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +202,7 @@ class CerebellumFirst:
         p = self.params
         ev = self._evaluate(state, inputs, now)
         cal, wake, learned = self._calibrate(state, inputs, now)
+        cal = _served_probation(cal, state.probation_since, now, p.calibration)
         risk = self._count_challenges(state, ev, now)
         # Highest priority decides; at equal priority awake beats sleep (fail-safe, the lease
         # rule), whatever order the hold sources (operator store, leases) listed them in.
@@ -314,6 +319,7 @@ class CerebellumFirst:
             last_wake_late=wake.last_wake_late,
             learned=learned,
             entry_risk=risk,
+            probation_since=now if reason == _PROBATION else None,
         )
         decision = Decision(
             target=want,
@@ -345,6 +351,8 @@ class CerebellumFirst:
         relax_at = next_relax(state.calibration, p.calibration)
         if relax_at is not None:
             times.append(relax_at)
+        if state.probation_since is not None:
+            times.append(state.probation_since + p.calibration.probation_s - state.calibration.probation_used_s)
         for rest in RESTING_STATES:  # an entry waiting for its window seconds
             window = entry_window_s(self.model, rest, p.latency_budget_s)
             refilled = state.entry_risk.available_at(window, now, p.entry_risk) if window > 0 else None
@@ -393,6 +401,10 @@ class CerebellumFirst:
             if state.wake_unannounced and late > _EPS:
                 cal = lesson(state.wake_deadline_s, late)
                 counted = True
+            if state.wake_unannounced and not cal.trusted and state.wake_deadline_s >= configured - cp.margin_s:
+                # An unannounced challenge that tests the configured budget was met: its consumer's
+                # report (this step or later) says whether the world allows that budget.
+                cal = replace(cal, trusted=True)
             wake = replace(
                 state,
                 wake_onset=None,
@@ -487,6 +499,9 @@ class CerebellumFirst:
         # An unannounced challenge may come during an anticipation as well: its depth also fits
         # the budget for those (with the mid-entry worst case once calibration has tightened it).
         unannounced, capped = self._deepest_unannounced(predicted, budget, whole_entry, state.target, risk, now)
+        probation = cal.on_probation(p.calibration) and _deeper(unannounced, AccelState.IDLE)
+        if probation:
+            unannounced = AccelState.IDLE
         if anticipatory or hint is not None:
             named = [(d.deadline_s, f"anticipate:{d.name}") for d in anticipatory]
             if hint is not None:
@@ -498,6 +513,8 @@ class CerebellumFirst:
             return chosen, why
         if held is not None:
             return _shallower(self.model.deepest_state(predicted, held), unannounced), "anticipate:release"
+        if probation:
+            return unannounced, _PROBATION
         if capped:
             return unannounced, "cap:entry_risk"  # a deeper entry waits for its window seconds
         return unannounced, f"rest:{unannounced.value}"
@@ -548,6 +565,14 @@ class CerebellumFirst:
             if spec.demand_class is not DemandClass.ANTICIPATORY:
                 yield (spec, before.active or before.pending_since is not None,
                        after.active or after.pending_since is not None)
+
+
+def _served_probation(cal: Calibration, since: float | None, now: float, p: CalibrationParams) -> Calibration:
+    """The rest held at idle by the probation since the last step, counted; trusted once it is served."""
+    if since is None or cal.trusted:
+        return cal
+    used = cal.probation_used_s + max(0.0, now - since)
+    return replace(cal, probation_used_s=used, trusted=used >= p.probation_s - _EPS)
 
 
 def _deeper(a: AccelState, b: AccelState) -> bool:

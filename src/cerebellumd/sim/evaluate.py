@@ -745,6 +745,8 @@ def _calibration_figures(run: PolicyRun, scenario: Scenario, core: CerebellumFir
         "late_wakes": cal.late_wakes,
         "late_reports": len(run.late_reports),
         "worst_lateness_s": round(cal.worst_lateness_s, 6),
+        "trusted": cal.trusted,
+        "probation_used_s": round(cal.probation_used_s, 3),
         "adapted_at_s": None if cal.first_late_at is None else round(cal.first_late_at, 3),
         "events_after_adaptation": len(after),
         "readiness_after_adaptation": round(served / len(after), 6) if after else 1.0,
