@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..accel import AccelState
 from . import subprocess_run
-from .base import DriverError
+from .base import DriverError, options_of
 from .preflight_checks import Problem, program
 
 _LOG = logging.getLogger(__name__)
@@ -51,15 +51,12 @@ class CommandAccelerator:
     @staticmethod
     def preflight(options: CommandOptions | Mapping[str, Any]) -> list[Problem]:
         """`check --here`: every program it would run is there to run."""
-        opts = options if isinstance(options, CommandOptions) else CommandOptions.model_validate(options)
+        opts = options_of(CommandOptions, options)
         argvs = [(f"commands.{state}", argv) for state, argv in opts.commands.items()] + [("status", opts.status)]
         return [p for what, argv in argvs if (p := program(argv, what)) is not None]
 
     def __init__(self, options: CommandOptions | Mapping[str, Any]) -> None:
-        self.options = (
-            options if isinstance(options, CommandOptions)
-            else CommandOptions.model_validate(options)
-        )
+        self.options = options_of(CommandOptions, options)
         for state, argv in self.options.commands.items():
             if not argv:
                 raise ValueError(f"empty argv for state {state!r}")

@@ -38,7 +38,7 @@ from pydantic import Field
 
 from ..accel import AccelState
 from .accel_gpio import RequestOpener, open_gpiod_request
-from .base import DriverError
+from .base import DriverError, options_of
 from .pci_backend import PciBackend, PciBackendOptions, pci_backend_problems
 from .pci_sysfs import D3_STATES
 from .preflight_checks import Problem
@@ -56,12 +56,12 @@ class CoralAccelerator(PciBackend):
     @staticmethod
     def preflight(options: CoralOptions | Mapping[str, Any]) -> list[Problem]:
         """`check --here`: the PCI function and the rail's chip."""
-        opts = options if isinstance(options, CoralOptions) else CoralOptions.model_validate(options)
+        opts = options_of(CoralOptions, options)
         return pci_backend_problems(opts)
 
     def __init__(self, options: CoralOptions | Mapping[str, Any], *,
                  rail_opener: RequestOpener = open_gpiod_request) -> None:
-        self.options = options if isinstance(options, CoralOptions) else CoralOptions.model_validate(options)
+        self.options = options_of(CoralOptions, options)
         super().__init__(self.options, rail_opener)
         self._running = AccelState.ACTIVE  # label of a bound, active function: active or idle
 

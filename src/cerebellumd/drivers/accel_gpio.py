@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..accel import AccelState
 from ._poll import PollTimeout, poll_until
-from .base import DriverError
+from .base import DriverError, options_of
 from .preflight_checks import Problem, character_device
 
 LineId = int | str
@@ -118,7 +118,7 @@ class GpioAccelerator:
     @staticmethod
     def preflight(options: GpioOptions | Mapping[str, Any]) -> list[Problem]:
         """`check --here`: the GPIO chip (blocking stat)."""
-        opts = options if isinstance(options, GpioOptions) else GpioOptions.model_validate(options)
+        opts = options_of(GpioOptions, options)
         problem = character_device(opts.chip, "GPIO chip", "gpiodetect lists the chips")
         return [problem] if problem else []
 
@@ -128,9 +128,7 @@ class GpioAccelerator:
         *,
         opener: RequestOpener = open_gpiod_request,
     ) -> None:
-        self.options = (
-            options if isinstance(options, GpioOptions) else GpioOptions.model_validate(options)
-        )
+        self.options = options_of(GpioOptions, options)
         self._opener = opener
         self._request: LineRequestLike | None = None
         self._powered_label = AccelState.ACTIVE

@@ -41,7 +41,7 @@ from pydantic import Field
 
 from ..accel import AccelState
 from .accel_gpio import RequestOpener, open_gpiod_request
-from .base import DriverError
+from .base import DriverError, options_of
 from .pci_backend import PciBackend, PciBackendOptions, pci_backend_problems
 from .pci_sysfs import D3_STATES, PciDevice, holders
 from .preflight_checks import Problem
@@ -70,7 +70,7 @@ class HailoAccelerator(PciBackend):
     def preflight(options: HailoOptions | Mapping[str, Any]) -> list[Problem]:
         """`check --here`: the PCI function, the rail's chip, and the device node hailo_pci makes
         (absent while the driver is not bound: a warning)."""
-        opts = options if isinstance(options, HailoOptions) else HailoOptions.model_validate(options)
+        opts = options_of(HailoOptions, options)
         found = pci_backend_problems(opts)
         if not opts.device_node.exists():
             found.append(("warning", f"{opts.device_node} does not exist (is hailo_pci loaded and bound?)"))
@@ -78,7 +78,7 @@ class HailoAccelerator(PciBackend):
 
     def __init__(self, options: HailoOptions | Mapping[str, Any], *,
                  rail_opener: RequestOpener = open_gpiod_request) -> None:
-        self.options = options if isinstance(options, HailoOptions) else HailoOptions.model_validate(options)
+        self.options = options_of(HailoOptions, options)
         super().__init__(self.options, rail_opener)
         self._fd: int | None = None
         self._running = AccelState.ACTIVE

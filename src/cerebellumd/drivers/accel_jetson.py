@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..accel import AccelState
 from . import subprocess_run
 from ._poll import PollTimeout, poll_until
-from .base import DriverError
+from .base import DriverError, options_of
 from .preflight_checks import Problem, program
 
 _TAIL = 300
@@ -78,7 +78,7 @@ class JetsonAccelerator:
     @staticmethod
     def preflight(options: JetsonOptions | Mapping[str, Any]) -> list[Problem]:
         """`check --here`: every program it would run is there to run."""
-        opts = options if isinstance(options, JetsonOptions) else JetsonOptions.model_validate(options)
+        opts = options_of(JetsonOptions, options)
         argvs = [("suspend", opts.suspend), ("wake", opts.wake), ("status", opts.status),
                  ("power_on", opts.power_on), ("power_off", opts.power_off),
                  ("nvpmodel", opts.nvpmodel if opts.modes else None),
@@ -86,7 +86,7 @@ class JetsonAccelerator:
         return [p for what, argv in argvs if (p := program(argv, what)) is not None]
 
     def __init__(self, options: JetsonOptions | Mapping[str, Any]) -> None:
-        self.options = options if isinstance(options, JetsonOptions) else JetsonOptions.model_validate(options)
+        self.options = options_of(JetsonOptions, options)
         self.mode = self.options.mode
         self._running = AccelState.ACTIVE
         self._lock = asyncio.Lock()

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..accel import AccelState
-from .base import DriverError, PowerReading
+from .base import DriverError, PowerReading, options_of
 from .mcu_link import McuLink, McuLinkOptions
 from .mcu_protocol import Message, Readings
 from .preflight_checks import Problem, character_device
@@ -77,17 +77,14 @@ class McuAccelerator:
     @staticmethod
     def preflight(options: McuAcceleratorOptions | Mapping[str, Any]) -> list[Problem]:
         """`check --here`: the serial port of a link the driver owns."""
-        opts = options if isinstance(options, McuAcceleratorOptions) else McuAcceleratorOptions.model_validate(options)
+        opts = options_of(McuAcceleratorOptions, options)
         problem = character_device(opts.link.port, "MCU serial port") if opts.link is not None else None
         return [problem] if problem else []
 
     def __init__(
         self, options: McuAcceleratorOptions | Mapping[str, Any], link: McuLink | None = None
     ) -> None:
-        self.options = (
-            options if isinstance(options, McuAcceleratorOptions)
-            else McuAcceleratorOptions.model_validate(options)
-        )
+        self.options = options_of(McuAcceleratorOptions, options)
         self._owns_link = link is None
         self.link = link if link is not None else _own_link(self.options.link, "McuAccelerator")
         self._powered_label = AccelState.ACTIVE
@@ -157,10 +154,7 @@ class McuPowerSensor:
     def __init__(
         self, options: McuPowerSensorOptions | Mapping[str, Any], link: McuLink | None = None
     ) -> None:
-        self.options = (
-            options if isinstance(options, McuPowerSensorOptions)
-            else McuPowerSensorOptions.model_validate(options)
-        )
+        self.options = options_of(McuPowerSensorOptions, options)
         self._owns_link = link is None
         self.link = link if link is not None else _own_link(self.options.link, "McuPowerSensor")
         self.counters: dict[str, int] = dict.fromkeys(("reads", "stale"), 0)

@@ -41,7 +41,7 @@ from pydantic import Field
 
 from ..accel import AccelState
 from ._poll import PollTimeout, poll_until
-from .base import DriverError
+from .base import DriverError, options_of
 from .pci_sysfs import ControlKeeper, PciOptions, PciSteps
 from .preflight_checks import Problem
 
@@ -69,15 +69,12 @@ class PcieRuntimePmAccelerator:
     @staticmethod
     def preflight(options: PcieRuntimePmOptions | Mapping[str, Any]) -> list[Problem]:
         """`check --here`: the PCI function is enumerated (blocking stat)."""
-        opts = options if isinstance(options, PcieRuntimePmOptions) else PcieRuntimePmOptions.model_validate(options)
+        opts = options_of(PcieRuntimePmOptions, options)
         problem = opts.presence_problem()
         return [problem] if problem else []
 
     def __init__(self, options: PcieRuntimePmOptions | Mapping[str, Any]) -> None:
-        self.options = (
-            options if isinstance(options, PcieRuntimePmOptions)
-            else PcieRuntimePmOptions.model_validate(options)
-        )
+        self.options = options_of(PcieRuntimePmOptions, options)
         self.counters: dict[str, int] = dict.fromkeys(
             ("control_writes", "removes", "rescans", "settle_timeouts", "rebinds"), 0)
         self.steps = PciSteps(self.options, self.counters)

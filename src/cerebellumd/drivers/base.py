@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel
 
 from ..accel import AccelState
 
@@ -75,3 +77,12 @@ class PowerSensor(Protocol):
 
 #: Options given to a driver factory: the `options` table of its config section.
 DriverOptions = Mapping[str, Any]
+
+
+_Options = TypeVar("_Options", bound=BaseModel)
+
+
+def options_of(model: type[_Options], options: _Options | Mapping[str, Any]) -> _Options:
+    """A driver's options: as given when already validated (the config did), else validated by
+    `model` (a mapping from a test, a tool or `check --here`)."""
+    return options if isinstance(options, model) else model.model_validate(options)

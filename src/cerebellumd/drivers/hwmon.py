@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import PowerReading
+from .base import PowerReading, options_of
 
 _LOG = logging.getLogger(__name__)
 
@@ -92,9 +92,7 @@ class HwmonSensor:
     kind: ClassVar[str] = "hwmon"
 
     def __init__(self, options: HwmonOptions | Mapping[str, Any]) -> None:
-        self.options = (
-            options if isinstance(options, HwmonOptions) else HwmonOptions.model_validate(options)
-        )
+        self.options = options_of(HwmonOptions, options)
         self.counters: dict[str, int] = dict.fromkeys(("reads", *ERROR_KINDS), 0)
         self._channel: _Channel | None = None
         self._failing = False

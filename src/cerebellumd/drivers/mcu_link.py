@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import DriverError
+from .base import DriverError, options_of
 from .mcu_protocol import (
     Ack,
     Body,
@@ -96,10 +96,7 @@ class McuLink:
         options: McuLinkOptions | Mapping[str, Any],
         on_message: MessageListener | None = None,
     ) -> None:
-        self.options = (
-            options if isinstance(options, McuLinkOptions)
-            else McuLinkOptions.model_validate(options)
-        )
+        self.options = options_of(McuLinkOptions, options)
         self.parser = FrameParser()
         self.counters: dict[str, int] = dict.fromkeys(
             (

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
+from .base import options_of
 from .someip_options import ERROR_KINDS, SomeIpFieldSpec, SomeIpOptions
 
 _LOG = logging.getLogger(__name__)
@@ -275,9 +276,7 @@ class SomeIpReceiver:
     yields at least one sample; bad datagrams are counted (`counters`) and dropped."""
 
     def __init__(self, options: SomeIpOptions | Mapping[str, object], callback: SampleCallback):
-        self.options = (
-            options if isinstance(options, SomeIpOptions) else SomeIpOptions.model_validate(options)
-        )
+        self.options = options_of(SomeIpOptions, options)
         self.decoder = SomeIpDecoder(self.options.fields)
         self._callback = callback
         self._transport: asyncio.DatagramTransport | None = None
