@@ -202,7 +202,7 @@ class CerebellumFirst:
         p = self.params
         ev = self._evaluate(state, inputs, now)
         cal, wake, learned = self._calibrate(state, inputs, now)
-        cal = _served_probation(cal, state.probation_since, now, p.calibration)
+        cal = _count_probation(cal, state.probation_since, now, p.calibration)
         risk = self._count_challenges(state, ev, now)
         # Highest priority decides; at equal priority awake beats sleep (fail-safe, the lease
         # rule), whatever order the hold sources (operator store, leases) listed them in.
@@ -567,8 +567,8 @@ class CerebellumFirst:
                        after.active or after.pending_since is not None)
 
 
-def _served_probation(cal: Calibration, since: float | None, now: float, p: CalibrationParams) -> Calibration:
-    """The rest held at idle by the probation since the last step, counted; trusted once it is served."""
+def _count_probation(cal: Calibration, since: float | None, now: float, p: CalibrationParams) -> Calibration:
+    """The rest held at idle by the probation since the last step, counted; trusted once its time is spent."""
     if since is None or cal.trusted:
         return cal
     used = cal.probation_used_s + max(0.0, now - since)
