@@ -242,8 +242,7 @@ async def test_a_bus_that_stays_unopenable_goes_silent_while_it_is_retried() -> 
     finally:
         await ingest.async_stop()
     assert ingest.errors["silent"] == 1
-    gaps = [b - a for a, b in itertools.pairwise(attempts)]
-    assert all(later >= earlier * 0.9 for earlier, later in itertools.pairwise(gaps[:4])), gaps  # backing off
+    assert len(attempts) == ingest.errors["reconnect"] + 1  # the start's open, then one per counted retry
 
 
 def test_kernel_filters_cover_exactly_the_wanted_ids() -> None:
