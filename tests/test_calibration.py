@@ -8,7 +8,7 @@ import math
 import pytest
 
 from cerebellumd.accel import AccelState
-from cerebellumd.config import builtin_example, parse_config, policy_params
+from cerebellumd.config import Config, builtin_example, parse_config, policy_params
 from cerebellumd.policies.calibration import (
     Calibration,
     CalibrationParams,
@@ -320,11 +320,15 @@ def test_tight_world_is_learned_and_served_after_adaptation(config) -> None:  # 
     assert warm["results"][0]["readiness"] == 1.0
 
 
+def _demo_on_probation(probation_s: float) -> Config:
+    """The demo config with `[policy] budget_probation_s` set."""
+    return parse_config(builtin_example().replace("[policy]\n", f"[policy]\nbudget_probation_s = {probation_s}\n", 1))
+
+
 def test_a_probation_serves_the_first_surprise_of_a_tight_world_and_learns_from_it(config) -> None:  # type: ignore[no-untyped-def]
     """`[policy] budget_probation_s`: the drive's first surprise finds the accelerator at idle,
     not asleep, so it is served, and its consumer's report teaches the 800 ms before any miss."""
-    text = builtin_example().replace("[policy]\n", "[policy]\nbudget_probation_s = 54\n", 1)
-    on_probation = parse_config(text)
+    on_probation = _demo_on_probation(54)
     assert policy_params(on_probation).calibration.probation_s == 54.0
     assert policy_params(config).calibration.probation_s == 0.0  # off by default
     tight = EventModel(surprise_rate_per_h=30.0, surprise_deadline_ms=800)
@@ -354,8 +358,7 @@ def test_event_driven_equals_plain_loop_with_late_reports(config, seed: int, pro
     from .test_evaluate import _short_cycle
 
     if probation_s:
-        text = builtin_example().replace("[policy]\n", f"[policy]\nbudget_probation_s = {probation_s}\n")
-        config = parse_config(text)
+        config = _demo_on_probation(probation_s)
     model_ = EventModel(surprise_rate_per_h=240.0, surprise_deadline_ms=300, false_precursor_rate_per_h=60.0)
     scenario = build_scenario(_short_cycle(), seed, model_)
     fast = evaluate(config, scenario, causal_baselines=False)

@@ -125,11 +125,13 @@ async def test_silent_bus_is_flagged_and_counted_once() -> None:
         await ingest.async_stop()
 
 
-def virtual_speed_ingest(ch: str, factory: Callable[..., can.BusABC]
+def virtual_speed_ingest(ch: str, factory: Callable[..., can.BusABC], **bus: Any
                          ) -> tuple[CanIngest, Metrics, list[tuple[str, float]]]:
-    """A virtual-bus ingest of the vehicle speed whose bus `factory` opens, reopened after 10 ms;
-    the samples it hands on go to the returned list."""
-    config = CanBusConfig(name="vehicle", interface="virtual", channel=ch, reconnect_backoff_ms=10)
+    """A virtual-bus ingest of the vehicle speed whose bus `factory` opens, reopened after 10 ms
+    (`bus`: other `CanBusConfig` fields, or these overridden); the samples it hands on go to the
+    returned list."""
+    config = CanBusConfig(**{"name": "vehicle", "interface": "virtual", "channel": ch, "reconnect_backoff_ms": 10,
+                             **bus})
     metrics = Metrics(buses=["vehicle"])
     got: list[tuple[str, float]] = []
     ingest = CanIngest(config, DB, {("VehicleDynamics", "VehicleSpeed"): "speed_kmh"},
@@ -223,12 +225,7 @@ async def test_a_bus_that_stays_unopenable_goes_silent_while_it_is_retried() -> 
             raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
         return can.Bus(**kwargs)  # type: ignore[arg-type]
 
-    config = CanBusConfig(name="vehicle", interface="virtual", channel=ch, reconnect_backoff_ms=50,
-                          silence_timeout_ms=200)
-    metrics = Metrics(buses=["vehicle"])
-    got: list[tuple[str, float]] = []
-    ingest = CanIngest(config, DB, {("VehicleDynamics", "VehicleSpeed"): "speed_kmh"},
-                       lambda s, t: got.extend(s), metrics, bus_factory=factory)
+    ingest, _metrics, got = virtual_speed_ingest(ch, factory, reconnect_backoff_ms=50, silence_timeout_ms=200)
     await ingest.async_start()
     try:
         await until(lambda: ingest.silent, what="the unopenable bus flagged silent")
